@@ -1,0 +1,1 @@
+"""Embedded data, tokenizers and grain input pipelines."""

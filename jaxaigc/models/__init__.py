@@ -1,0 +1,1 @@
+"""Networks assembled from ``jaxaigc.nn``; each takes one frozen config dataclass."""

@@ -1,0 +1,20 @@
+"""Reusable layers shared by every model; each parameter carries logical axis names."""
+
+from jaxaigc.nn.attention import MultiHeadAttention, causal_mask, combine_masks
+from jaxaigc.nn.layers import ACTIVATIONS, MLP, activation, dense, layer_norm, partitioned
+from jaxaigc.nn.transformer import REMAT_POLICIES, Transformer, TransformerBlock
+
+__all__ = [
+    "ACTIVATIONS",
+    "MLP",
+    "REMAT_POLICIES",
+    "MultiHeadAttention",
+    "Transformer",
+    "TransformerBlock",
+    "activation",
+    "causal_mask",
+    "combine_masks",
+    "dense",
+    "layer_norm",
+    "partitioned",
+]

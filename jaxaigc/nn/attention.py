@@ -1,0 +1,144 @@
+"""Multi-head attention with a dense path and a KV-cache decode path.
+
+Masks are boolean (True = may attend) and come in two kinds that combine with a logical AND:
+- a *mask builder* ``mask_fn(q_pos, k_pos) -> bool [q, k]``, a module attribute for the structure
+  that depends only on positions (causal, DALL-E's sparse patterns); in decode mode it is evaluated
+  at the cache positions, so one definition serves training and sampling;
+- a data-dependent ``mask`` array broadcastable to ``[b, heads, q, k]`` (padding), a call argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxaigc.nn.layers import partitioned
+
+MaskFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def causal_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """Each query attends to keys at its own position or earlier. Returns bool [q, k]."""
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+    """Logical AND of the masks that are not None (None if all are)."""
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0]
+    for m in present[1:]:
+        out = jnp.logical_and(out, m)
+    return out
+
+
+class HeadsDense(nn.Module):
+    """Projection into heads (``[b, t, d] -> [b, t, h, k]``, kernel ``[embed, heads, kv]``) or out of
+    them (``[b, t, h, k] -> [b, t, d]``, kernel ``[heads, kv, embed]``).
+
+    Explicit parameters rather than ``nn.DenseGeneral``, whose flattened-kernel init trips over
+    multi-axis logical constraints under a mesh.
+    """
+
+    features: tuple[int, ...]
+    direction: str  # "in" or "out"
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.direction == "in":
+            shape, axes, n_in = (x.shape[-1], *self.features), ("embed", "heads", "kv"), 1
+            init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+            spec = "btd,dhk->bthk"
+        else:
+            shape, axes, n_in = (*x.shape[-2:], *self.features), ("heads", "kv", "embed"), 2
+            init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+            spec = "bthk,hkd->btd"
+        kernel = self.param("kernel", partitioned(init, axes), shape, jnp.float32)
+        y = jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias_axes = axes[n_in:]
+            bias = self.param(
+                "bias", partitioned(nn.initializers.zeros, bias_axes), shape[n_in:], jnp.float32
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head (self- or cross-) attention with separate q/k/v projections.
+
+    Parameters: query/key/value kernels ``[embed, heads, kv]``, out kernel ``[heads, kv, embed]``.
+    With ``decode=True`` keys and values are written to a ``cache`` collection sized by the input
+    given to ``init``; each call then appends its tokens at the cache index (prefill or one step).
+    """
+
+    num_heads: int
+    mask_fn: MaskFn | None = None
+    use_bias: bool = True
+    dropout_rate: float = 0.0
+    deterministic: bool = True
+    decode: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Args: x [b, q, d]; context [b, k, d] for cross-attention (default x); mask as above."""
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
+        head_dim = width // self.num_heads
+        context = x if context is None else context
+
+        def projection(name: str, inputs: jax.Array) -> jax.Array:
+            return HeadsDense(
+                (self.num_heads, head_dim), "in", self.use_bias, self.dtype, name=name
+            )(inputs)
+
+        q = projection("query", x)  # (b, q, h, k)
+        k = projection("key", context)
+        v = projection("value", context)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+
+        q_len, k_len = q.shape[1], k.shape[1]
+        q_pos, k_pos = jnp.arange(q_len), jnp.arange(k_len)
+        if self.decode:
+            k, v, q_pos, k_pos, filled = self._update_cache(k, v)
+            mask = combine_masks(mask, filled[None, None, None, :])
+        if self.mask_fn is not None:
+            mask = combine_masks(mask, self.mask_fn(q_pos, k_pos)[None, None])
+
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (b, q, h, k)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+        out = HeadsDense((width,), "out", self.use_bias, self.dtype, name="out")(out)
+        return nn.Dropout(self.dropout_rate)(out, deterministic=self.deterministic)
+
+    def _update_cache(self, k: jax.Array, v: jax.Array):
+        """Writes k, v at the cache index; returns full caches, positions and the filled mask."""
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        max_len = cached_key.value.shape[1]
+        if not initialized:  # init: the input only sizes the cache
+            return k, v, jnp.arange(k.shape[1]), jnp.arange(max_len), jnp.ones(max_len, bool)
+        step = k.shape[1]
+        start = index.value
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, start, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, start, 0, 0))
+        index.value = start + step
+        k_pos = jnp.arange(max_len)
+        return (
+            cached_key.value,
+            cached_value.value,
+            start + jnp.arange(step),
+            k_pos,
+            k_pos < start + step,
+        )

@@ -1,0 +1,127 @@
+"""Pre-LN Transformer block and stack, with optional ``nn.scan`` over layers and rematerialisation.
+
+Block (GPT-2 / CLIP): x + attn(ln_1(x)); x + mlp(ln_2(x)). Parameter names follow OpenAI's CLIP
+(``ln_1``, ``attn``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``) so checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxaigc.nn.attention import MaskFn, MultiHeadAttention
+from jaxaigc.nn.layers import MLP, layer_norm
+
+# Names of rematerialisation policies accepted in configs; "none" stores every activation, "full"
+# recomputes the whole block in the backward pass.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class TransformerBlock(nn.Module):
+    """One pre-LN residual block: self-attention then MLP."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"
+    ln_eps: float = 1e-5
+    dropout_rate: float = 0.0
+    mask_fn: MaskFn | None = None
+    deterministic: bool = True
+    decode: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x [b, t, d] -> [b, t, d]."""
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        h = layer_norm(eps=self.ln_eps, dtype=self.dtype, name="ln_1")(x)
+        h = MultiHeadAttention(
+            self.num_heads,
+            mask_fn=self.mask_fn,
+            dropout_rate=self.dropout_rate,
+            deterministic=self.deterministic,
+            decode=self.decode,
+            dtype=self.dtype,
+            name="attn",
+        )(h, mask=mask)
+        x = x + h
+        h = layer_norm(eps=self.ln_eps, dtype=self.dtype, name="ln_2")(x)
+        h = MLP(
+            int(x.shape[-1] * self.mlp_ratio),
+            activation=self.activation,
+            dropout_rate=self.dropout_rate,
+            deterministic=self.deterministic,
+            dtype=self.dtype,
+            name="mlp",
+        )(h)
+        return x + h
+
+
+class _ScannedBlock(TransformerBlock):
+    """A block with the ``(carry, x) -> (carry, y)`` signature ``nn.scan`` needs."""
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None):
+        return super().__call__(x, mask), None
+
+
+class Transformer(nn.Module):
+    """A stack of ``num_layers`` blocks.
+
+    ``scan_layers`` compiles one block and loops over stacked parameters (leading ``layers`` axis):
+    compile time independent of depth, the usual choice for big models. ``remat_policy`` names an
+    entry of ``REMAT_POLICIES``. Parameter layout: ``resblocks_{i}`` unscanned, ``resblocks`` scanned.
+    """
+
+    num_layers: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"
+    ln_eps: float = 1e-5
+    dropout_rate: float = 0.0
+    mask_fn: MaskFn | None = None
+    deterministic: bool = True
+    decode: bool = False
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"unknown remat policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}"
+            )
+        block_args = dict(
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            activation=self.activation,
+            ln_eps=self.ln_eps,
+            dropout_rate=self.dropout_rate,
+            mask_fn=self.mask_fn,
+            deterministic=self.deterministic,
+            decode=self.decode,
+            dtype=self.dtype,
+        )
+        block_cls = _ScannedBlock if self.scan_layers else TransformerBlock
+        if self.remat_policy != "none":
+            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat_policy])
+        if not self.scan_layers:
+            for i in range(self.num_layers):
+                x = block_cls(**block_args, name=f"resblocks_{i}")(x, mask)
+            return x
+        scanned = nn.scan(
+            block_cls,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,),
+            length=self.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = scanned(**block_args, name="resblocks")(x, mask)
+        return x

@@ -1,0 +1,1 @@
+"""Objectives: pure ``loss(params, batch, rng) -> (loss, metrics)`` functions and their terms."""

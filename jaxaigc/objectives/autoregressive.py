@@ -1,0 +1,39 @@
+"""Next-token prediction (the language-model and DALL-E transformer objective)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def next_token_nll(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Per-example summed negative log-likelihood and token counts.
+
+    Args: logits [b, t, v]; targets int [b, t]; weights [b, t] (1 = counted), default all ones.
+    Returns: (nll [b], count [b]).
+    """
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    weights = jnp.ones_like(nll) if weights is None else weights.astype(jnp.float32)
+    return (nll * weights).sum(-1), weights.sum(-1)
+
+
+def lm_loss_fn(model: nn.Module) -> Callable:
+    """``loss_fn(params, batch, rng)`` for ``batch = {"tokens": int32 [b, t + 1]}`` (optional
+    ``"weights"`` [b, t]): mean next-token NLL over counted tokens."""
+
+    def loss_fn(params, batch, rng):
+        tokens = batch["tokens"]
+        logits = model.apply({"params": params}, tokens[:, :-1], train=True, rngs={"dropout": rng})
+        targets = tokens[:, 1:]
+        nll, count = next_token_nll(logits, targets, batch.get("weights"))
+        loss = nll.sum() / jnp.maximum(count.sum(), 1.0)
+        accuracy = (logits.argmax(-1) == targets).mean()
+        return loss, {"nll": loss, "accuracy": accuracy}
+
+    return loss_fn

@@ -1,0 +1,1 @@
+"""End-to-end pipelines: model + objective + data assembled from one run config."""

@@ -1,0 +1,1 @@
+"""State, optimizer, the jitted train step, checkpoints, metrics and the generic loop."""

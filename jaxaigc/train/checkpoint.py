@@ -1,0 +1,125 @@
+"""Orbax checkpoints of the train state, the data iterator's position and the run config.
+
+Saves are asynchronous: the step loop continues while arrays are written. Restores take an abstract
+target (``ShapeDtypeStruct``s with shardings), so a checkpoint written on one mesh loads onto any
+other. A latest checkpoint that fails to restore (corrupt, partial) is reported, moved aside into
+``<directory>/../corrupt_checkpoints`` (never deleted), and the previous one is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in the directory could be restored."""
+
+
+class Checkpointer:
+    """A ``CheckpointManager`` with items ``state`` (arrays), ``data`` and ``config`` (JSON)."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        save_every: int,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+    ):
+        self.directory = Path(directory).absolute()
+        self.save_every = save_every
+        self._options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every,
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.directory, options=self._options, item_names=("state", "data", "config")
+        )
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        return step % self.save_every == 0
+
+    def save(
+        self, step: int, state: Any, *, data_state: dict, config: dict, force: bool = False
+    ) -> bool:
+        """Starts an asynchronous save; returns whether one was started."""
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config),
+            ),
+            force=force,
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Restores ``(state, data_state)`` at ``step`` onto the shardings in ``abstract_state``."""
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["state"], restored["data"]
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+        """The newest checkpoint that restores, as ``(step, state, data_state)``; None if none exist.
+
+        Raises CheckpointError if checkpoints exist but none restores.
+        """
+        steps = self.all_steps()
+        for step in reversed(steps):
+            try:
+                state, data_state = self.restore(step, abstract_state)
+            except Exception as error:  # orbax raises many types for damaged files
+                self._quarantine(step, error)
+                continue
+            return step, state, data_state
+        if steps:
+            raise CheckpointError(
+                f"none of the checkpoints {steps} in {self.directory} could be restored; "
+                "they were moved to corrupt_checkpoints/"
+            )
+        return None
+
+    def _quarantine(self, step: int, error: Exception) -> None:
+        message = (
+            f"checkpoint at step {step} in {self.directory} is corrupt or partial and was skipped "
+            f"({type(error).__name__}: {str(error)[:300]})"
+        )
+        log.error(message)
+        print(f"WARNING: {message}", flush=True)
+        if jax.process_index() == 0:
+            aside = self.directory.parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), aside)
+            print(f"WARNING: moved it to {aside}", flush=True)
+        ocp.multihost.sync_global_processes(f"jaxaigc_quarantine_{step}")
+        self.manager.close()
+        self.manager = self._open()
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,232 @@
+"""The generic training loop: any objective, any mesh, resumable and preemption-safe.
+
+Flow: config -> mesh and logical rules -> sharded state (fresh, or restored from the latest good
+checkpoint together with the data iterator's position) -> one jitted step -> metrics, progress bar
+and asynchronous checkpoints. Same config and seed give the same run, across kills and resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from jaxaigc import parallel
+from jaxaigc.train.checkpoint import Checkpointer
+from jaxaigc.train.metrics import MetricsWriter
+from jaxaigc.train.optim import make_optimizer
+from jaxaigc.train.state import TrainState, create_sharded_state
+from jaxaigc.train.step import jit_train_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stopped without saving the bad state."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What the loop trains: variables from ``init(rng)`` (logically annotated) and an objective.
+
+    ``loss_fn`` has the plain or, with ``has_model_state``, the stateful signature of
+    :mod:`jaxaigc.train.step`.
+    """
+
+    init: Callable[[jax.Array], Any]
+    loss_fn: Callable
+    has_model_state: bool = False
+
+
+class Batches(Protocol):
+    """A host-local batch iterator whose position can be saved and restored (e.g. grain's)."""
+
+    def __next__(self) -> Any: ...
+    def get_state(self) -> dict: ...
+    def set_state(self, state: dict) -> None: ...
+
+
+# A hook runs after every step: hook(step, state, metrics). Metrics are device arrays.
+Hook = Callable[[int, TrainState, dict], None]
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+    """The ``seed``, ``mesh``, ``optim`` and ``train`` sections every experiment starts from."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mesh = ml_collections.ConfigDict({"shape": {"data": -1, "fsdp": 1, "tensor": 1}, "rules": {}})
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            peak_lr=1e-3,
+            warmup_steps=10,
+            end_lr_ratio=0.1,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            clip_norm=1.0,
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=100,
+            batch_size=32,  # global, over all processes
+            accum_steps=1,
+            ema_decay=0.0,  # 0 disables the parameter EMA
+            log_every=10,
+            checkpoint_every=50,
+            keep_checkpoints=3,
+            async_checkpoint=True,
+        )
+    )
+    return c
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop polls, so the run can save and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(loss: jax.Array, step: int, checkpointer: Checkpointer) -> None:
+    value = float(loss)
+    if not np.isfinite(value):
+        checkpointer.wait()
+        good = checkpointer.all_steps()
+        raise NonFiniteLossError(
+            f"loss is {value} at step {step}; stopped without saving. Last good checkpoint: "
+            f"{good[-1] if good else 'none'} in {checkpointer.directory}"
+        )
+
+
+def train(
+    task: Task,
+    batches: Batches,
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    hooks: Sequence[Hook] = (),
+    mesh: jax.sharding.Mesh | None = None,
+) -> TrainState:
+    """Trains ``task`` for ``config.train.steps`` updates in ``workdir``, resuming if possible."""
+    workdir = Path(workdir)
+    tc, oc = config.train, config.optim
+    mesh = mesh or parallel.make_mesh(config.mesh.shape.to_dict())
+    rules = parallel.make_rules(config.mesh.rules.to_dict())
+    parallel.check_global_batch(tc.batch_size, mesh)
+    tx, schedule = make_optimizer(
+        peak_lr=oc.peak_lr,
+        total_steps=tc.steps,
+        warmup_steps=oc.warmup_steps,
+        end_lr_ratio=oc.end_lr_ratio,
+        b1=oc.b1,
+        b2=oc.b2,
+        eps=oc.eps,
+        weight_decay=oc.weight_decay,
+        clip_norm=oc.clip_norm,
+    )
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    use_ema = tc.ema_decay > 0
+    _, shardings, abstract = create_sharded_state(
+        task.init, tx, init_rng, mesh, rules, use_ema=use_ema, materialize=False
+    )
+    checkpointer = Checkpointer(
+        workdir / "checkpoints",
+        save_every=tc.checkpoint_every,
+        max_to_keep=tc.keep_checkpoints,
+        async_save=tc.async_checkpoint,
+    )
+    restored = checkpointer.restore_latest(abstract)
+    if restored is None:
+        state, _, _ = create_sharded_state(task.init, tx, init_rng, mesh, rules, use_ema=use_ema)
+        start = 0
+    else:
+        start, state, data_state = restored
+        batches.set_state(data_state)
+        print(f"resumed from step {start} ({checkpointer.directory})", flush=True)
+
+    step_fn = make_train_step(
+        task.loss_fn,
+        tx,
+        rng=step_rng,
+        has_model_state=task.has_model_state,
+        accum_steps=tc.accum_steps,
+        ema_decay=tc.ema_decay if use_ema else None,
+    )
+    writer = MetricsWriter(workdir)
+    config_json = config.to_dict()
+    jitted = None
+    pending: tuple[int, jax.Array] | None = None  # the previous step's loss, checked one step late
+    window_start, window_steps = time.perf_counter(), 0
+    bar = tqdm(total=tc.steps, initial=start, desc="train", disable=jax.process_index() != 0)
+    try:
+        with _Preemption() as preemption:
+            for step in range(start + 1, tc.steps + 1):
+                batch = parallel.shard_batch(next(batches), mesh)
+                if jitted is None:
+                    jitted = jit_train_step(step_fn, mesh, rules, shardings, batch)
+                state, metrics = jitted(state, batch)
+                window_steps += 1
+                # Checking the previous step keeps one step in flight: no per-step host sync.
+                if pending is not None:
+                    _check_finite(pending[1], pending[0], checkpointer)
+                pending = (step, metrics["train/loss"])
+
+                if step % tc.log_every == 0 or step == tc.steps:
+                    host = jax.device_get(metrics)
+                    elapsed = time.perf_counter() - window_start
+                    host["train/steps_per_sec"] = window_steps / elapsed
+                    host["train/lr"] = float(schedule(step - 1))
+                    writer.write(step, host)
+                    bar.set_postfix(loss=f"{host['train/loss']:.4f}", refresh=False)
+                    window_start, window_steps = time.perf_counter(), 0
+                bar.update(1)
+
+                stop = preemption.requested
+                if checkpointer.should_save(step) or step == tc.steps or stop:
+                    _check_finite(metrics["train/loss"], step, checkpointer)
+                    checkpointer.save(
+                        step,
+                        state,
+                        data_state=batches.get_state(),
+                        config=config_json,
+                        force=True,
+                    )
+                for hook in hooks:
+                    hook(step, state, metrics)
+                if stop:
+                    print(f"SIGTERM: saved step {step} and stopped", flush=True)
+                    break
+            else:
+                if pending is not None:
+                    _check_finite(pending[1], pending[0], checkpointer)
+    finally:
+        bar.close()
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+    return state

@@ -1,0 +1,146 @@
+"""The train step for any objective, and the one place it is jitted.
+
+Objectives are pure functions. The plain form is ``loss_fn(params, batch, rng) -> (loss, metrics)``.
+Models with non-parameter state (BatchNorm statistics) use the stateful form
+``loss_fn(params, model_state, batch, rng) -> (loss, (metrics, new_model_state))``.
+``metrics`` is a flat dict of scalars; the step prefixes its keys with ``train/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from jaxaigc import parallel
+from jaxaigc.train.state import TrainState
+
+StepFn = Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def _as_stateful(loss_fn: Callable, has_model_state: bool) -> Callable:
+    if has_model_state:
+        return loss_fn
+
+    def stateful(params, model_state, batch, rng):
+        loss, metrics = loss_fn(params, batch, rng)
+        return loss, (metrics, model_state)
+
+    return stateful
+
+
+def _split_microbatches(batch: Any, accum_steps: int) -> Any:
+    """[B, ...] -> [accum, B / accum, ...] taking rows with stride ``accum_steps``.
+
+    Strided rows keep every microbatch spread evenly over the data-parallel shards, so no
+    resharding is needed (contiguous chunks would each live on a few devices).
+    """
+
+    def split(x: jax.Array) -> jax.Array:
+        if x.shape[0] % accum_steps:
+            raise ValueError(
+                f"batch size {x.shape[0]} is not divisible by accum_steps={accum_steps}"
+            )
+        x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    *,
+    rng: jax.Array,
+    has_model_state: bool = False,
+    accum_steps: int = 1,
+    ema_decay: float | None = None,
+) -> StepFn:
+    """Returns a pure ``step(state, batch) -> (state, metrics)``.
+
+    The step's key is ``fold_in(rng, state.step)``: a resumed run draws the same randomness.
+    With ``accum_steps > 1`` gradients are averaged over microbatches in a ``lax.scan`` (one update).
+    """
+    objective = _as_stateful(loss_fn, has_model_state)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        step_rng = jax.random.fold_in(rng, state.step)
+        if accum_steps == 1:
+            (loss, (metrics, model_state)), grads = grad_fn(
+                state.params, state.model_state, batch, step_rng
+            )
+        else:
+
+            def accumulate(carry, micro):
+                index, model_state, grad_sum = carry
+                (loss, (metrics, model_state)), grads = grad_fn(
+                    state.params, model_state, micro, jax.random.fold_in(step_rng, index)
+                )
+                grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+                return (index + 1, model_state, grad_sum), (loss, metrics)
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (_, model_state, grad_sum), (losses, metrics) = jax.lax.scan(
+                accumulate,
+                (jnp.zeros((), jnp.int32), state.model_state, zeros),
+                _split_microbatches(batch, accum_steps),
+            )
+            grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
+            loss = losses.mean()
+            metrics = jax.tree.map(jnp.mean, metrics)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = state.ema_params
+        if ema_decay is not None:
+            ema_params = jax.tree.map(
+                lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params
+            )
+        metrics = {f"train/{k}": v for k, v in metrics.items()}
+        metrics |= {
+            "train/loss": loss,
+            "train/grad_norm": optax.global_norm(grads),
+            "train/update_norm": optax.global_norm(updates),
+            "train/param_norm": optax.global_norm(params),
+        }
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            model_state=model_state,
+            ema_params=ema_params,
+        )
+        return new_state, metrics
+
+    return step
+
+
+def jit_train_step(
+    step: StepFn, mesh: Mesh, rules: parallel.Rules, state_shardings: Any, batch_example: Any
+) -> StepFn:
+    """Jits ``step`` with the state's shardings in and out, the batch sharded over the batch axes
+    and the old state donated (its buffers are reused for the new one)."""
+    batch_shardings = jax.tree.map(lambda x: parallel.batch_sharding(mesh, x.ndim), batch_example)
+
+    def traced(state, batch):
+        with nn.logical_axis_rules(rules):
+            return step(state, batch)
+
+    jitted = jax.jit(
+        traced,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
+
+    def run(state: TrainState, batch: Any):
+        with jax.set_mesh(mesh):
+            return jitted(state, batch)
+
+    return run
