@@ -2,8 +2,8 @@
 
 Every mesh and axis decision of the project lives here. Models annotate parameters with *logical*
 axis names (``embed``, ``mlp``, ``heads`` ...); the rules below map them onto the physical mesh axes
-``data``, ``fsdp`` and ``tensor``. Meshes use ``AxisType.Auto`` (GSPMD propagation), the mode Linen's
-logical constraints assume.
+``data``, ``fsdp`` and ``tensor``. Meshes use ``AxisType.Auto`` (GSPMD propagation), the mode
+Linen's logical constraints assume.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
 
 
 class HeadsDense(nn.Module):
-    """Projection into heads (``[b, t, d] -> [b, t, h, k]``, kernel ``[embed, heads, kv]``) or out of
-    them (``[b, t, h, k] -> [b, t, d]``, kernel ``[heads, kv, embed]``).
+    """Projection into heads (``[b, t, d] -> [b, t, h, k]``, kernel ``[embed, heads, kv]``) or
+    out of them (``[b, t, h, k] -> [b, t, d]``, kernel ``[heads, kv, embed]``).
 
     Explicit parameters rather than ``nn.DenseGeneral``, whose flattened-kernel init trips over
     multi-axis logical constraints under a mesh.

@@ -57,7 +57,7 @@ def dense(
     axes: tuple[str, str],
     *,
     use_bias: bool = True,
-    kernel_init: Initializer = nn.initializers.lecun_normal(),
+    kernel_init: Initializer | None = None,
     dtype: jnp.dtype = jnp.float32,
     name: str | None = None,
 ):
@@ -67,7 +67,7 @@ def dense(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=partitioned(kernel_init, axes),
+        kernel_init=partitioned(kernel_init or nn.initializers.lecun_normal(), axes),
         bias_init=partitioned(nn.initializers.zeros, axes[1:]),
         name=name,
     )

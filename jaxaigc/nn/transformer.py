@@ -75,7 +75,7 @@ class Transformer(nn.Module):
 
     ``scan_layers`` compiles one block and loops over stacked parameters (leading ``layers`` axis):
     compile time independent of depth, the usual choice for big models. ``remat_policy`` names an
-    entry of ``REMAT_POLICIES``. Parameter layout: ``resblocks_{i}`` unscanned, ``resblocks`` scanned.
+    entry of ``REMAT_POLICIES``. Parameters: ``resblocks_{i}`` unscanned, ``resblocks`` scanned.
     """
 
     num_layers: int

@@ -82,7 +82,7 @@ class Checkpointer:
         return restored["state"], restored["data"]
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """The newest checkpoint that restores, as ``(step, state, data_state)``; None if none exist.
+        """The newest checkpoint that restores, as ``(step, state, data_state)``, or None.
 
         Raises CheckpointError if checkpoints exist but none restores.
         """

@@ -55,9 +55,9 @@ def create_sharded_state(
 ) -> tuple[TrainState | None, Any, Any]:
     """Returns ``(state, shardings, abstract_state)``.
 
-    Shapes come from ``jax.eval_shape`` and shardings from the logical annotations, then the state is
-    initialised directly into its shards by a jitted init: no unsharded copy exists at any point.
-    ``abstract_state`` holds ``ShapeDtypeStruct``s carrying the shardings (a checkpoint restore target).
+    Shapes come from ``jax.eval_shape`` and shardings from the logical annotations, then the state
+    is initialised directly into its shards by a jitted init: no unsharded copy exists at any point.
+    ``abstract_state`` holds ``ShapeDtypeStruct``s with the shardings (a checkpoint restore target).
     With ``materialize=False`` no array is allocated and ``state`` is None (sizing, lowering).
     """
 

@@ -64,7 +64,7 @@ def make_train_step(
     """Returns a pure ``step(state, batch) -> (state, metrics)``.
 
     The step's key is ``fold_in(rng, state.step)``: a resumed run draws the same randomness.
-    With ``accum_steps > 1`` gradients are averaged over microbatches in a ``lax.scan`` (one update).
+    With ``accum_steps > 1`` gradients are averaged over microbatches in a ``lax.scan``.
     """
     objective = _as_stateful(loss_fn, has_model_state)
     grad_fn = jax.value_and_grad(objective, has_aux=True)
