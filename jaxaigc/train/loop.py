@@ -176,6 +176,7 @@ def train(
         has_model_state=task.has_model_state,
         accum_steps=tc.accum_steps,
         ema_decay=tc.ema_decay if use_ema else None,
+        schedule=schedule,
     )
     writer = MetricsWriter(workdir)
     config_json = config.to_dict()
@@ -200,7 +201,6 @@ def train(
                     host = jax.device_get(metrics)
                     elapsed = time.perf_counter() - window_start
                     host["train/steps_per_sec"] = window_steps / elapsed
-                    host["train/lr"] = float(schedule(step - 1))
                     writer.write(step, host)
                     bar.set_postfix(loss=f"{host['train/loss']:.4f}", refresh=False)
                     window_start, window_steps = time.perf_counter(), 0

@@ -60,6 +60,7 @@ def make_train_step(
     has_model_state: bool = False,
     accum_steps: int = 1,
     ema_decay: float | None = None,
+    schedule: optax.Schedule | None = None,
 ) -> StepFn:
     """Returns a pure ``step(state, batch) -> (state, metrics)``.
 
@@ -109,6 +110,8 @@ def make_train_step(
             "train/update_norm": optax.global_norm(updates),
             "train/param_norm": optax.global_norm(params),
         }
+        if schedule is not None:
+            metrics["train/lr"] = schedule(state.step)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -128,12 +131,12 @@ def jit_train_step(
     and the old state donated (its buffers are reused for the new one)."""
     batch_shardings = jax.tree.map(lambda x: parallel.batch_sharding(mesh, x.ndim), batch_example)
 
-    def traced(state, batch):
+    def train_step(state, batch):
         with nn.logical_axis_rules(rules):
             return step(state, batch)
 
     jitted = jax.jit(
-        traced,
+        train_step,
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),

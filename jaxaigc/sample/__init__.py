@@ -1,0 +1,1 @@
+"""Sampling from the generative models: autoregressive decoding with a KV cache."""

@@ -1,0 +1,29 @@
+"""Test set-up: 8 emulated CPU devices (set before jax is imported) and shared fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxaigc import parallel  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def devices():
+    if len(jax.devices()) < 8:
+        pytest.fail("the tests need 8 emulated devices: XLA_FLAGS was set after jax was imported")
+    return jax.devices()
+
+
+@pytest.fixture(scope="session")
+def mesh_2x2x2(devices):
+    return parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices=devices)
+
+
+@pytest.fixture(scope="session")
+def mesh_1(devices):
+    return parallel.make_mesh({"data": 1}, devices=devices[:1])

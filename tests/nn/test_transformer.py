@@ -1,0 +1,102 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxaigc.models.gpt import GPT, GPTConfig
+from jaxaigc.nn import MultiHeadAttention, Transformer, causal_mask
+
+
+def reference_attention(params, x, mask):
+    """Multi-head attention written out in NumPy (float64)."""
+    x = np.asarray(x, np.float64)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    q = np.einsum("btd,dhk->bthk", x, p["query"]["kernel"]) + p["query"]["bias"]
+    k = np.einsum("btd,dhk->bthk", x, p["key"]["kernel"]) + p["key"]["bias"]
+    v = np.einsum("btd,dhk->bthk", x, p["value"]["kernel"]) + p["value"]["bias"]
+    scores = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(mask, scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    out = np.einsum("bhqs,bshk->bqhk", weights, v)
+    return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def test_attention_matches_reference_with_causal_and_padding_masks():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+    attention = MultiHeadAttention(num_heads=4, mask_fn=causal_mask)
+    params = nn.meta.unbox(attention.init(jax.random.key(1), x)["params"])
+    padding = np.ones((2, 1, 1, 6), bool)
+    padding[1, ..., 4:] = False  # the last two keys of example 1 are padding
+    out = attention.apply({"params": params}, x, mask=jnp.asarray(padding))
+    causal = np.tril(np.ones((6, 6), bool))[None, None]
+    expected = reference_attention(params, x, causal & padding)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def _stack(unscanned, layers):
+    """Parameters of resblocks_0..n-1 stacked along a leading layers axis (scan layout)."""
+    blocks = [unscanned[f"resblocks_{i}"] for i in range(layers)]
+    return {"resblocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+@pytest.mark.parametrize("remat_policy", ["none", "full", "dots"])
+def test_scan_and_remat_compute_the_same_function(remat_policy):
+    x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+    kwargs = dict(num_layers=3, num_heads=4, mask_fn=causal_mask)
+    plain = Transformer(**kwargs)
+    params = nn.meta.unbox(plain.init(jax.random.key(1), x)["params"])
+    scanned = Transformer(**kwargs, scan_layers=True, remat_policy=remat_policy)
+    stacked = _stack(params, 3)
+
+    def loss(module, p):
+        return (module.apply({"params": p}, x) ** 2).mean()
+
+    np.testing.assert_allclose(loss(plain, params), loss(scanned, stacked), rtol=1e-6)
+    grads = jax.grad(lambda p: loss(plain, p))(params)
+    scanned_grads = jax.grad(lambda p: loss(scanned, p))(stacked)
+    # Absolute tolerance: the key-bias gradient is exactly zero in exact arithmetic.
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        _stack(grads, 3),
+        scanned_grads,
+    )
+
+
+def test_scanned_parameters_carry_a_layers_axis():
+    model = Transformer(num_layers=2, num_heads=2, scan_layers=True)
+    boxed = model.init(jax.random.key(0), jnp.zeros((1, 4, 8)))["params"]
+    assert boxed["resblocks"]["mlp"]["c_fc"]["kernel"].names == ("layers", "embed", "mlp")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_kv_cache_decoding_equals_the_full_forward(scan_layers):
+    config = GPTConfig(vocab_size=50, context_length=12, width=32, layers=2, heads=4)
+    config = config.replace(scan_layers=scan_layers)
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 50)
+    params = GPT(config).init(jax.random.key(1), tokens)["params"]
+    full = GPT(config).apply({"params": params}, tokens)
+
+    decoder = GPT(config.replace(decode=True))
+    cache = decoder.init(jax.random.key(1), tokens)["cache"]
+    outputs, cache = decoder.apply(
+        {"params": params, "cache": cache}, tokens[:, :4], mutable="cache"
+    )
+    outputs = [outputs]
+    for t in range(4, 12):  # prefill 4 tokens, then one token at a time
+        logits, cache = decoder.apply(
+            {"params": params, "cache": cache["cache"]}, tokens[:, t : t + 1], mutable="cache"
+        )
+        outputs.append(logits)
+    np.testing.assert_allclose(np.concatenate(outputs, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_named():
+    model = GPT(GPTConfig(context_length=8))
+    with pytest.raises(ValueError, match="exceeds the context length 8"):
+        model.init(jax.random.key(0), jnp.zeros((1, 9), jnp.int32))
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        Transformer(num_layers=1, num_heads=1, remat_policy="some").init(
+            jax.random.key(0), jnp.zeros((1, 2, 4))
+        )
