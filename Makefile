@@ -19,7 +19,7 @@ install-test: $(PY)
 	$(PIP) install --quiet --no-deps "openai-clip==1.0.1" "DALL-E==0.1"
 
 demo: install
-	$(PY) -m jaxaigc.demo --workdir $(WORKDIR)
+	$(PY) experiments/demo.py --workdir $(WORKDIR)
 
 lint: install-test
 	$(PY) -m ruff check .

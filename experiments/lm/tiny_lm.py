@@ -33,34 +33,22 @@ def get_config() -> ml_collections.ConfigDict:
     return config
 
 
-def evaluate(model_config: GPTConfig, params, lines: list[str], *, examples: int) -> dict:
-    """Exact-match accuracy of greedy completions of ``"a+b="`` against ``c`` for lines ``a+b=c``.
+def complete(model_config: GPTConfig, params, prompts: list[str], *, steps: int) -> list[str]:
+    """Greedy completions of ``prompts``, each up to the first newline (at most ``steps`` bytes).
 
-    Each prompt is ``"\\n" + "a+b="``, the start of a line as the corpus has it; prompts of equal
-    length are sampled as one batch (no padding inside the prompt).
+    Each prompt is preceded by ``"\\n"``, the start of a line as the corpus has it; prompts of
+    equal length are sampled as one batch, so none needs padding.
     """
-    questions, answers = zip(*(line.split("=") for line in lines), strict=True)
-    steps = max(map(len, answers)) + 1  # the longest sum and the newline that ends it
     groups = defaultdict(list)  # prompt length -> indices
-    for i, question in enumerate(questions):
-        groups[len(question)].append(i)
-    completions = [""] * len(lines)
+    for i, prompt in enumerate(prompts):
+        groups[len(prompt)].append(i)
+    completions = [""] * len(prompts)
     for indices in groups.values():
-        prompt = np.stack([encode_bytes(f"\n{questions[i]}=") for i in indices])  # (b, p)
-        tokens = sample(model_config, params, prompt, steps=steps, rng=jax.random.key(0))
-        for i, row in zip(indices, np.asarray(tokens), strict=True):
+        tokens = np.stack([encode_bytes("\n" + prompts[i]) for i in indices])  # (b, p)
+        generated = sample(model_config, params, tokens, steps=steps, rng=jax.random.key(0))
+        for i, row in zip(indices, np.asarray(generated), strict=True):
             completions[i] = decode_bytes(row).split("\n")[0]
-    correct = [c == a for c, a in zip(completions, answers, strict=True)]
-    return {
-        "accuracy": float(np.mean(correct)),
-        "prompts": len(lines),
-        "examples": [
-            {"prompt": f"{q}=", "completion": c, "answer": a, "correct": ok}
-            for q, c, a, ok in list(zip(questions, completions, answers, correct, strict=True))[
-                :examples
-            ]
-        ],
-    }
+    return completions
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -71,21 +59,33 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     params = state.params if state.ema_params is None else state.ema_params
 
     held_out = arithmetic_lines(config.eval.prompts, seed=config.data.seed + 1)
+    prompts, answers = zip(*(line.split("=") for line in held_out), strict=True)
+    prompts = [f"{p}=" for p in prompts]
+    steps = max(map(len, answers)) + 1  # the longest sum and the newline that ends it
+    completions = complete(model.config, params, prompts, steps=steps)
+    correct = np.array([c == a for c, a in zip(completions, answers, strict=True)])
     # Only 100 x 100 sums exist, so most held-out facts also occur in the training corpus.
-    seen = set(arithmetic_lines(config.data.lines, seed=config.data.seed))
+    unseen = ~np.isin(held_out, arithmetic_lines(config.data.lines, seed=config.data.seed))
     losses = [(r["step"], r["train/loss"]) for r in read_metrics(workdir) if "train/loss" in r]
     report = {
         "first_logged_loss": {"step": losses[0][0], "loss": losses[0][1]},
         "final_loss": {"step": losses[-1][0], "loss": losses[-1][1]},
-        **evaluate(model.config, params, held_out, examples=config.eval.examples),
-        "held_out_seen_in_training": float(np.mean([line in seen for line in held_out])),
+        "accuracy": float(correct.mean()),
+        "prompts": len(prompts),
+        "accuracy_unseen": float(correct[unseen].mean()) if unseen.any() else None,
+        "prompts_unseen": int(unseen.sum()),
+        "examples": [
+            {"prompt": p, "completion": c, "answer": a, "correct": bool(ok)}
+            for p, c, a, ok in zip(prompts, completions, answers, correct, strict=True)
+        ][: config.eval.examples],
     }
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     print(
-        f"loss {report['first_logged_loss']['loss']:.3f} (step {losses[0][0]}) -> "
-        f"{report['final_loss']['loss']:.3f} (step {losses[-1][0]}); "
-        f"exact-match accuracy {report['accuracy']:.1%} on {report['prompts']} held-out prompts"
+        f"loss {losses[0][1]:.3f} (step {losses[0][0]}) -> {losses[-1][1]:.3f} "
+        f"(step {losses[-1][0]}); exact-match accuracy {report['accuracy']:.1%} on "
+        f"{len(prompts)} held-out prompts ({report['accuracy_unseen'] or 0:.1%} on the "
+        f"{report['prompts_unseen']} not in the training corpus)"
     )
     for ex in report["examples"]:
         mark = "ok" if ex["correct"] else f"expected {ex['answer']}"

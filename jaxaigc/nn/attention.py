@@ -73,7 +73,8 @@ class HeadsDense(nn.Module):
 class MultiHeadAttention(nn.Module):
     """Multi-head (self- or cross-) attention with separate q/k/v projections.
 
-    Parameters: query/key/value kernels ``[embed, heads, kv]``, out kernel ``[heads, kv, embed]``.
+    Parameters: query/key/value kernels ``[embed, heads, kv]``, out kernel ``[heads, kv, embed]``;
+    biases on query, value and out (a key bias would not change the output: see below).
     With ``decode=True`` keys and values are written to a ``cache`` collection sized by the input
     given to ``init``; each call then appends its tokens at the cache index (prefill or one step).
     """
@@ -97,14 +98,16 @@ class MultiHeadAttention(nn.Module):
         head_dim = width // self.num_heads
         context = x if context is None else context
 
-        def projection(name: str, inputs: jax.Array) -> jax.Array:
-            return HeadsDense(
-                (self.num_heads, head_dim), "in", self.use_bias, self.dtype, name=name
-            )(inputs)
+        def projection(name: str, inputs: jax.Array, use_bias: bool) -> jax.Array:
+            return HeadsDense((self.num_heads, head_dim), "in", use_bias, self.dtype, name=name)(
+                inputs
+            )
 
-        q = projection("query", x)  # (b, q, h, k)
-        k = projection("key", context)
-        v = projection("value", context)
+        # No key bias: it adds q.b to every score of a query, which softmax ignores. Its gradient
+        # is zero up to rounding, which Adam would amplify into random drift.
+        q = projection("query", x, self.use_bias)  # (b, q, h, k)
+        k = projection("key", context, False)
+        v = projection("value", context, self.use_bias)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
         q_len, k_len = q.shape[1], k.shape[1]

@@ -74,9 +74,8 @@ def _sample(
     model = GPT(config)
     batch = prompt.shape[0]
     # A full-length input sizes the cache; XLA prunes the parameter initialisers, left unused.
-    cache = model.init(
-        jax.random.key(0), jnp.zeros((batch, config.context_length), jnp.int32)
-    )["cache"]
+    full = jnp.zeros((batch, config.context_length), jnp.int32)
+    cache = model.init(jax.random.key(0), full)["cache"]
 
     def forward(cache, tokens: jax.Array):
         """tokens [b, t] -> (cache with t more positions, last logits [b, vocab])."""

@@ -106,9 +106,9 @@ def make_train_step(
         metrics = {f"train/{k}": v for k, v in metrics.items()}
         metrics |= {
             "train/loss": loss,
-            "train/grad_norm": optax.global_norm(grads),
-            "train/update_norm": optax.global_norm(updates),
-            "train/param_norm": optax.global_norm(params),
+            "train/grad_norm": optax.tree.norm(grads),
+            "train/update_norm": optax.tree.norm(updates),
+            "train/param_norm": optax.tree.norm(params),
         }
         if schedule is not None:
             metrics["train/lr"] = schedule(state.step)

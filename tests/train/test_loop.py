@@ -1,0 +1,152 @@
+"""The generic loop: mesh equivalence, gradient accumulation, stateful objectives, bad input."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxaigc import parallel
+from jaxaigc.pipelines import lm
+from jaxaigc.train.loop import NonFiniteLossError, Task, default_train_config, train
+from jaxaigc.train.optim import decay_mask, make_optimizer
+from jaxaigc.train.state import create_sharded_state
+from jaxaigc.train.step import make_train_step
+from tests.helpers import max_relative_difference
+
+
+def tiny_lm_config(steps=20):
+    c = lm.get_config()
+    c.model.update(context_length=16, width=32, layers=2, heads=4)
+    c.data.lines = 2000
+    c.train.update(steps=steps, batch_size=8, log_every=1, checkpoint_every=10)
+    return c
+
+
+def run(config, workdir, mesh):
+    _, task, batches = lm.build(config)
+    losses = []
+    state = train(
+        task,
+        batches,
+        config,
+        workdir,
+        mesh=mesh,
+        hooks=[lambda step, state, m: losses.append(float(m["train/loss"]))],
+    )
+    return np.array(losses), jax.device_get(state.params)
+
+
+@pytest.mark.slow
+def test_one_device_and_2x2x2_mesh_train_identically(tmp_path, mesh_1, mesh_2x2x2):
+    config = tiny_lm_config()
+    losses_1, params_1 = run(config, tmp_path / "one", mesh_1)
+    losses_8, params_8 = run(config, tmp_path / "eight", mesh_2x2x2)
+    assert len(losses_1) == 20 and losses_1[-1] < losses_1[0] - 0.5  # it learns
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+    assert max_relative_difference(params_8, params_1) <= 1e-5
+
+
+def test_indivisible_batch_fails_before_compiling(tmp_path, mesh_2x2x2):
+    config = tiny_lm_config()
+    config.train.batch_size = 6
+    with pytest.raises(ValueError, match="global batch size 6 is not divisible by the data-par"):
+        train(*lm.build(config)[1:], config, tmp_path, mesh=mesh_2x2x2)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+class NaNAt:
+    """Batches of a regression task whose targets turn NaN from batch ``bad`` on."""
+
+    def __init__(self, bad):
+        self.index, self.bad = 0, bad
+
+    def __next__(self):
+        self.index += 1
+        x = np.random.default_rng(self.index).normal(size=(8, 4)).astype(np.float32)
+        y = x.sum(-1, keepdims=True) * (np.nan if self.index >= self.bad else 1.0)
+        return {"x": x, "y": y}
+
+    def get_state(self):
+        return {"index": self.index}
+
+    def set_state(self, state):
+        self.index = state["index"]
+
+
+def regression_task():
+    model = nn.Dense(
+        1, kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "mlp"))
+    )
+
+    def loss_fn(params, batch, rng):
+        loss = ((model.apply({"params": params}, batch["x"]) - batch["y"]) ** 2).mean()
+        return loss, {}
+
+    return Task(init=lambda rng: model.init(rng, jnp.zeros((1, 4))), loss_fn=loss_fn)
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, mesh_2x2x2):
+    config = default_train_config()
+    config.train.update(steps=20, batch_size=8, checkpoint_every=4)
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 7.*Last good checkpoint: 4"):
+        train(regression_task(), NaNAt(bad=7), config, tmp_path, mesh=mesh_2x2x2)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [4]
+
+
+def test_gradient_accumulation_equals_one_big_batch(mesh_2x2x2):
+    task = regression_task()
+    tx, _ = make_optimizer(peak_lr=0.1, total_steps=10)
+    rules = parallel.make_rules()
+    batch = parallel.shard_batch(next(NaNAt(bad=99)), mesh_2x2x2)
+    results = []
+    for accum in (1, 2):
+        state, _, _ = create_sharded_state(task.init, tx, jax.random.key(0), mesh_2x2x2, rules)
+        step = jax.jit(make_train_step(task.loss_fn, tx, rng=jax.random.key(1), accum_steps=accum))
+        for _ in range(3):
+            state, metrics = step(state, batch)
+        results.append((jax.device_get(state.params), float(metrics["train/loss"])))
+    assert max_relative_difference(results[1][0], results[0][0]) < 1e-6
+    assert results[1][1] == pytest.approx(results[0][1], rel=1e-6)
+
+
+class BatchNormNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train):
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
+        return nn.Dense(1)(x)
+
+
+def test_stateful_objective_updates_batch_statistics(tmp_path, mesh_2x2x2):
+    model = BatchNormNet()
+
+    def loss_fn(params, model_state, batch, rng):
+        out, updates = model.apply(
+            {"params": params, **model_state}, batch["x"], train=True, mutable=["batch_stats"]
+        )
+        return ((out - batch["y"]) ** 2).mean(), ({}, updates)
+
+    task = Task(
+        init=lambda rng: model.init(rng, jnp.zeros((1, 4)), train=False),
+        loss_fn=loss_fn,
+        has_model_state=True,
+    )
+    config = default_train_config()
+    config.train.update(steps=8, batch_size=8, checkpoint_every=4)
+    state = train(task, NaNAt(bad=99), config, tmp_path, mesh=mesh_2x2x2)
+    mean = np.asarray(state.model_state["batch_stats"]["BatchNorm_0"]["mean"])
+    assert np.abs(mean).max() > 0.05  # moved from its zero init towards the data mean
+
+
+def test_weight_decay_skips_biases_and_norm_scales():
+    params = {
+        "dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+        "ln": {"scale": jnp.ones(2)},
+        "stacked": {"bias": jnp.ones((3, 2))},  # a scanned bias is 2-D but must not decay
+    }
+    mask = decay_mask(params)
+    assert mask == {
+        "dense": {"kernel": True, "bias": False},
+        "ln": {"scale": False},
+        "stacked": {"bias": False},
+    }
