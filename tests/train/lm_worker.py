@@ -1,7 +1,7 @@
 """Trains the tiny LM in its own process, for the kill / preemption / resume tests.
 
-Writes ``final.npz`` (the final params) and ``compiles.json`` (compilations of the train step: in total,
-and after the first step of this process) into the workdir.
+Writes ``final.npz`` (the final params) and ``compiles.json`` (compilations of the train step,
+in total and after the first step of this process) into the workdir.
 """
 
 import argparse
