@@ -47,13 +47,14 @@ def main(argv: list[str]) -> None:
     report = tiny_lm.run(_LM.value, lm_dir)
 
     print(f"\n== outputs ({time.perf_counter() - start:.0f} s) ==")
-    for name, path in [
-        ("metrics", lm_dir / "metrics.jsonl"),
-        ("tensorboard", lm_dir / "tensorboard"),
-        ("checkpoints", lm_dir / "checkpoints"),
-        ("report", lm_dir / "report.json"),
+    steps = sorted(int(p.name) for p in (lm_dir / "checkpoints").iterdir() if p.name.isdigit())
+    for name, path, note in [
+        ("metrics", lm_dir / "metrics.jsonl", ""),
+        ("tensorboard", lm_dir / "tensorboard", ""),
+        ("checkpoints", lm_dir / "checkpoints", f"  (steps {', '.join(map(str, steps))})"),
+        ("report", lm_dir / "report.json", ""),
     ]:
-        print(f"  {name:<12} {path}")
+        print(f"  {name:<12} {path}{note}")
     first, final = report["first_logged_loss"], report["final_loss"]
     print(
         f"  lm: loss {first['loss']:.3f} at step {first['step']} -> {final['loss']:.3f} at step "

@@ -88,4 +88,3 @@ def test_all_checkpoints_corrupt_is_an_error(saved, mesh_2x2x2):
     _, _, abstract = sharded_state(mesh_2x2x2, materialize=False)
     with pytest.raises(CheckpointError, match=r"none of the checkpoints \[1, 2\]"):
         Checkpointer(directory, save_every=1).restore_latest(abstract)
-
