@@ -58,22 +58,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     state = train(task, batches, config, workdir)
     params = state.params if state.ema_params is None else state.ema_params
 
-    held_out = arithmetic_lines(config.eval.prompts, seed=config.data.seed + 1)
+    # Sums whose operand pairs never occur in the training text.
+    held_out = arithmetic_lines(config.eval.prompts, seed=config.data.seed + 1, split="held_out")
     prompts, answers = zip(*(line.split("=") for line in held_out), strict=True)
     prompts = [f"{p}=" for p in prompts]
     steps = max(map(len, answers)) + 1  # the longest sum and the newline that ends it
     completions = complete(model.config, params, prompts, steps=steps)
     correct = np.array([c == a for c, a in zip(completions, answers, strict=True)])
-    # Only 100 x 100 sums exist, so most held-out facts also occur in the training corpus.
-    unseen = ~np.isin(held_out, arithmetic_lines(config.data.lines, seed=config.data.seed))
     losses = [(r["step"], r["train/loss"]) for r in read_metrics(workdir) if "train/loss" in r]
     report = {
         "first_logged_loss": {"step": losses[0][0], "loss": losses[0][1]},
         "final_loss": {"step": losses[-1][0], "loss": losses[-1][1]},
         "accuracy": float(correct.mean()),
         "prompts": len(prompts),
-        "accuracy_unseen": float(correct[unseen].mean()) if unseen.any() else None,
-        "prompts_unseen": int(unseen.sum()),
         "examples": [
             {"prompt": p, "completion": c, "answer": a, "correct": bool(ok)}
             for p, c, a, ok in zip(prompts, completions, answers, correct, strict=True)
@@ -84,8 +81,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     print(
         f"loss {losses[0][1]:.3f} (step {losses[0][0]}) -> {losses[-1][1]:.3f} "
         f"(step {losses[-1][0]}); exact-match accuracy {report['accuracy']:.1%} on "
-        f"{len(prompts)} held-out prompts ({report['accuracy_unseen'] or 0:.1%} on the "
-        f"{report['prompts_unseen']} not in the training corpus)"
+        f"{len(prompts)} held-out sums (operand pairs never seen in training)"
     )
     for ex in report["examples"]:
         mark = "ok" if ex["correct"] else f"expected {ex['answer']}"

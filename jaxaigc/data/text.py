@@ -12,11 +12,27 @@ BYTE_VOCAB = 256
 NEWLINE = ord("\n")
 
 
-def arithmetic_lines(n: int, *, seed: int, max_operand: int = 99) -> list[str]:
-    """``n`` lines ``"a+b=c"`` with operands drawn uniformly from ``[0, max_operand]``."""
+def is_held_out(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The tenth of operand pairs that never appear in training text (for generalisation)."""
+    return (a + 3 * b) % 10 == 0
+
+
+def arithmetic_lines(
+    n: int, *, seed: int, split: str = "train", max_operand: int = 99
+) -> list[str]:
+    """``n`` lines ``"a+b=c"``, operands uniform on ``[0, max_operand]``.
+
+    ``split="train"`` draws only pairs outside :func:`is_held_out`, ``"held_out"`` only inside.
+    """
+    if split not in ("train", "held_out"):
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'held_out'")
     rng = np.random.default_rng(seed)
-    a, b = rng.integers(0, max_operand + 1, size=(2, n))
-    return [f"{x}+{y}={x + y}" for x, y in zip(a, b, strict=True)]
+    a, b = np.empty(0, np.int64), np.empty(0, np.int64)
+    while len(a) < n:
+        x, y = rng.integers(0, max_operand + 1, size=(2, 2 * n + 16))
+        keep = is_held_out(x, y) == (split == "held_out")
+        a, b = np.concatenate([a, x[keep]]), np.concatenate([b, y[keep]])
+    return [f"{x}+{y}={x + y}" for x, y in zip(a[:n], b[:n], strict=True)]
 
 
 def encode_bytes(text: str) -> np.ndarray:

@@ -26,7 +26,9 @@ class GPTConfig:
     scan_layers: bool = False  # one compiled block for any depth
     remat_policy: str = "none"
     dtype: str = "float32"  # compute dtype; parameters stay float32
-    decode: bool = False  # KV-cache mode for sampling: config.replace(decode=True)
+    # KV-cache mode for sampling: config.replace(decode=True). Decoding past context_length is the
+    # caller's to prevent (jaxaigc.sample.decode checks it): positions beyond it give NaN logits.
+    decode: bool = False
 
     def replace(self, **changes) -> GPTConfig:
         return dataclasses.replace(self, **changes)

@@ -31,9 +31,11 @@ def lm_loss_fn(model: nn.Module) -> Callable:
         tokens = batch["tokens"]
         logits = model.apply({"params": params}, tokens[:, :-1], train=True, rngs={"dropout": rng})
         targets = tokens[:, 1:]
-        nll, count = next_token_nll(logits, targets, batch.get("weights"))
-        loss = nll.sum() / jnp.maximum(count.sum(), 1.0)
-        accuracy = (logits.argmax(-1) == targets).mean()
+        weights = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
+        nll, count = next_token_nll(logits, targets, weights)
+        total = jnp.maximum(count.sum(), 1.0)
+        loss = nll.sum() / total
+        accuracy = ((logits.argmax(-1) == targets) * weights).sum() / total
         return loss, {"nll": loss, "accuracy": accuracy}
 
     return loss_fn

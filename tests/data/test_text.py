@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+
+from jaxaigc.data.pipeline import BatchIterator
+from jaxaigc.data.text import TokenWindows, arithmetic_lines, encode_bytes, is_held_out
+
+
+def operands(lines):
+    pairs = [line.split("=")[0].split("+") for line in lines]
+    return np.array(pairs, int).T
+
+
+def test_held_out_sums_never_appear_in_training_lines():
+    train = arithmetic_lines(5000, seed=0)
+    held_out = arithmetic_lines(300, seed=1, split="held_out")
+    assert not is_held_out(*operands(train)).any()
+    assert is_held_out(*operands(held_out)).all()
+    assert all(
+        int(a) + int(b) == int(c)
+        for a, b, c in (line.replace("=", "+").split("+") for line in train)
+    )
+    assert arithmetic_lines(50, seed=3) == arithmetic_lines(50, seed=3)
+    with pytest.raises(ValueError, match="unknown split"):
+        arithmetic_lines(5, seed=0, split="test")
+
+
+def test_batch_iterator_resumes_with_the_exact_next_batch():
+    windows = TokenWindows(encode_bytes("\n".join(arithmetic_lines(300, seed=0))), 16, name="t")
+    first = BatchIterator(windows, global_batch_size=8, seed=4)
+    for _ in range(5):
+        next(first)
+    state = first.get_state()
+    expected = [next(first)["tokens"] for _ in range(3)]
+    resumed = BatchIterator(windows, global_batch_size=8, seed=4)
+    resumed.set_state(state)
+    for batch in expected:
+        np.testing.assert_array_equal(next(resumed)["tokens"], batch)
+    other_seed = BatchIterator(windows, global_batch_size=8, seed=5)
+    assert not np.array_equal(
+        next(other_seed)["tokens"],
+        next(BatchIterator(windows, global_batch_size=8, seed=4))["tokens"],
+    )
