@@ -5,7 +5,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 WORKDIR ?= runs/demo
 
-.PHONY: demo test lint install install-test
+# Real data comes from Debian packages (no downloads at run time); installed where apt-get and root
+# are available, otherwise the data tests say which command to run.
+DEBIAN_DATA := fonts-noto-color-emoji dataset-fashion-mnist
+
+.PHONY: demo test lint install install-test data-packages
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +25,15 @@ install-test: $(PY)
 demo: install
 	$(PY) experiments/demo.py --workdir $(WORKDIR)
 
+data-packages:
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		dpkg -s $(DEBIAN_DATA) >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_DATA); }; \
+	else echo "note: not root or no apt-get; install with: apt-get install $(DEBIAN_DATA)"; fi
+
 lint: install-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: lint
+test: lint data-packages
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)

@@ -34,10 +34,6 @@ class MetricsWriter:
         for name, value in metrics.items():
             self._tensorboard.add_scalar(name, float(value), int(step))
 
-    def write_text(self, step: int, name: str, text: str) -> None:
-        if self.enabled:
-            self._tensorboard.add_text(name, text, int(step))
-
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
