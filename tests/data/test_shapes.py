@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+
+from jaxaigc.data import shapes
+from jaxaigc.data.shapes import Obj, Scene
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_judge_accepts_true_captions_and_rejects_one_attribute_changes(size):
+    images, captions, scenes = shapes.generate(300, size, seed=7, split="test")
+    rng = np.random.default_rng(0)
+    accepted = np.mean([shapes.check(im, c) for im, c in zip(images, captions, strict=True)])
+    wrong = [shapes.caption(shapes.perturb(s, rng), rng) for s in scenes]
+    rejected = np.mean([not shapes.check(im, c) for im, c in zip(images, wrong, strict=True)])
+    assert accepted >= 0.99 and rejected >= 0.99, (accepted, rejected)
+    assert images.shape == (300, size, size, 3) and images.dtype == np.uint8
+
+
+def test_generate_is_deterministic_by_seed_and_split():
+    a_images, a_captions, _ = shapes.generate(20, 32, seed=3)
+    b_images, b_captions, _ = shapes.generate(20, 32, seed=3)
+    np.testing.assert_array_equal(a_images, b_images)
+    assert a_captions == b_captions
+    for split in ("validation", "test"):
+        assert shapes.generate(20, 32, seed=3, split=split)[1] != a_captions
+    assert shapes.generate(20, 32, seed=4)[1] != a_captions
+    with pytest.raises(ValueError, match="unknown split"):
+        shapes.generate(1, 32, seed=0, split="held_out")
+
+
+def pairs(scenes):
+    return {(o.colour, o.shape) for s in scenes for o in s.objects}
+
+
+def test_held_out_pairs_never_in_train_and_common_in_test():
+    assert not pairs(shapes.generate(2000, 32, seed=0)[2]) & shapes.HELD_OUT
+    test_scenes = shapes.generate(200, 32, seed=0, split="test")[2]
+    assert pairs(test_scenes) >= shapes.HELD_OUT
+    assert np.mean([bool(pairs([s]) & shapes.HELD_OUT) for s in test_scenes]) > 0.4
+    custom = {("red", "square")}
+    assert ("red", "square") not in pairs(shapes.generate(500, 32, seed=0, held_out=custom)[2])
+
+
+def test_caption_parser_inverts_every_template():
+    rng = np.random.default_rng(0)
+    one = Scene((Obj("cross", "orange", "large", "top"),))
+    two = Scene((Obj("circle", "red", "small"), Obj("square", "blue", "large")), "right of")
+    texts = {scene: {shapes.caption(scene, rng) for _ in range(200)} for scene in (one, two)}
+    assert len(texts[one]) == len(shapes._ONE_TEMPLATES)
+    assert len(texts[two]) == 2 * len(shapes._TWO_TEMPLATES)
+    for scene, captions in texts.items():
+        assert all(shapes.parse_caption(c) == scene for c in captions)
+    with pytest.raises(ValueError, match="no caption template"):
+        shapes.parse_caption("a small red circle near a large blue square")
+
+
+def test_hand_written_scenes():
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[4:11, 2:9] = shapes.PALETTE["red"]  # small red square, top left
+    assert shapes.check(image, "a small red square on the left")
+    assert not shapes.check(image, "a small red square on the right")
+    image[10:23, 18:31][shapes._mask("circle", 13, 13)] = shapes.PALETTE["blue"]
+    assert shapes.check(image, "A small red square to the left of a large blue circle.")
+    assert shapes.check(image, "there is a large blue circle right of a small red square")
+    assert not shapes.check(image, "a small red square above a large blue circle")
+    assert not shapes.check(image, "a small red square left of a large blue diamond")
