@@ -73,9 +73,10 @@ def _sample(
 ) -> jax.Array:
     model = GPT(config)
     batch = prompt.shape[0]
-    # A full-length input sizes the cache; XLA prunes the parameter initialisers, left unused.
-    full = jnp.zeros((batch, config.context_length), jnp.int32)
-    cache = model.init(jax.random.key(0), full)["cache"]
+    # A full-length input sizes the cache; only shapes are traced (every cache entry starts at 0).
+    full = jax.ShapeDtypeStruct((batch, config.context_length), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), full)["cache"]
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def forward(cache, tokens: jax.Array):
         """tokens [b, t] -> (cache with t more positions, last logits [b, vocab])."""
