@@ -1,0 +1,284 @@
+"""Real images with captions, built offline with TFDS from Debian packages.
+
+``emoji``: the single-codepoint emoji of Noto Color Emoji (``fonts-noto-color-emoji``, SIL OFL
+1.1), captioned with their Unicode names ("grinning face"). ``fashion_mnist``: Fashion-MNIST
+(``dataset-fashion-mnist``, MIT; Xiao et al., 2017), captioned with the class name.
+
+Both are written once as ``array_record`` files and read back as random-access sources that grain
+samples from; neither TensorFlow nor the network is needed. Every record has ``image`` (uint8) and
+``caption`` (str); Fashion-MNIST adds ``label`` and emoji ``codepoint``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image, ImageDraw, ImageFont
+
+FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+# Readable names for captions and zero-shot prompts ("a photo of a {}").
+FASHION_MNIST_NAMES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+EMOJI_RESOLUTIONS = (16, 32, 64, 128)
+
+_GLYPH_SIZE = 109  # CBDT bitmap fonts load only at their strike size
+_GLYPH_WIDTH, _GLYPH_HEIGHT = 136, 128  # every glyph's box at that size; padded to a square
+_EMOJI_TEST_PERCENT = 10
+# Rendered by the font but not emoji on their own: keycap bases and the keycap mark, regional
+# indicator letters (pairs make flags) and skin-tone swatches.
+_NOT_EMOJI = {*range(0x80), 0x20E3, *range(0x1F1E6, 0x1F200), *range(0x1F3FB, 0x1F400)}
+
+
+class MissingDataError(FileNotFoundError):
+    """A Debian package that holds the raw data is not installed."""
+
+
+def _require(path: Path, package: str) -> Path:
+    if not path.exists():
+        raise MissingDataError(
+            f"{path} not found: install it with `sudo apt-get install -y {package}`"
+        )
+    return path
+
+
+def _png(image: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 ``(h, w, c)`` image; tfds encodes arrays only through TensorFlow."""
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def emoji_codepoints(font: ImageFont.FreeTypeFont) -> list[int]:
+    """Codepoints that have a Unicode name and a non-empty glyph in ``font``."""
+    found = []
+    for cp in range(0x110000):
+        if cp in _NOT_EMOJI or not unicodedata.name(chr(cp), ""):
+            continue
+        _, top, _, bottom = font.getbbox(chr(cp))
+        if bottom > top:  # a missing glyph has an empty box
+            found.append(cp)
+    return found
+
+
+def render_emoji(font: ImageFont.FreeTypeFont, codepoint: int, resolution: int) -> np.ndarray:
+    """``(resolution, resolution, 3)`` uint8 image of one emoji on white."""
+    glyph = Image.new("RGBA", (_GLYPH_WIDTH, _GLYPH_WIDTH), (255, 255, 255, 0))
+    draw = ImageDraw.Draw(glyph)
+    top = (_GLYPH_WIDTH - _GLYPH_HEIGHT) // 2
+    draw.text((0, top), chr(codepoint), font=font, embedded_color=True)
+    image = Image.alpha_composite(Image.new("RGBA", glyph.size, (255, 255, 255, 255)), glyph)
+    image = image.convert("RGB").resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return np.asarray(image)
+
+
+def _emoji_split(caption: str) -> str:
+    # Hashing the name keeps each emoji in its split whatever else a font release adds.
+    bucket = int(hashlib.sha256(caption.encode()).hexdigest(), 16) % 100
+    return "test" if bucket < _EMOJI_TEST_PERCENT else "train"
+
+
+class _OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A builder that reads local files only."""
+
+    # tfds 4.9.10 finds a builder's source path through `importlib_resources`, which it no longer
+    # installs on Python >= 3.9. The path only locates a checksums file, and nothing downloads.
+    code_path = None
+
+
+@dataclasses.dataclass(kw_only=True)
+class EmojiConfig(tfds.core.BuilderConfig):
+    """Emoji rendered ``resolution`` pixels square."""
+
+    resolution: int = 64
+
+
+class Emoji(_OfflineBuilder, skip_registration=True):
+    """Noto Color Emoji glyphs on white with their lowercased Unicode names."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [EmojiConfig(name=str(r), resolution=r) for r in EMOJI_RESOLUTIONS]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        r = self.builder_config.resolution
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Noto Color Emoji at {r}x{r} with Unicode names as captions.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(r, r, 3)),
+                    "caption": tfds.features.Text(),
+                    "codepoint": tfds.features.Scalar(np.int32),
+                }
+            ),
+            homepage="https://github.com/googlefonts/noto-emoji",
+            license="SIL Open Font License 1.1",
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        font = ImageFont.truetype(
+            str(_require(FONT_PATH, "fonts-noto-color-emoji")),
+            _GLYPH_SIZE,
+            layout_engine=ImageFont.Layout.BASIC,  # raqm fails on U+2029; no codepoint needs it
+        )
+        codepoints = emoji_codepoints(font)
+        return {
+            split: self._generate_examples(font, codepoints, split) for split in ("train", "test")
+        }
+
+    def _generate_examples(
+        self, font: ImageFont.FreeTypeFont, codepoints: list[int], split: str
+    ) -> Iterator[tuple[int, dict]]:
+        for cp in codepoints:
+            caption = unicodedata.name(chr(cp)).lower()
+            if _emoji_split(caption) == split:
+                image = render_emoji(font, cp, self.builder_config.resolution)
+                yield cp, {"image": _png(image), "caption": caption, "codepoint": cp}
+
+
+def _read_idx(path: Path, header: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        return np.frombuffer(f.read(), np.uint8, offset=header)
+
+
+class FashionMnist(_OfflineBuilder, skip_registration=True):
+    """Fashion-MNIST: 28x28 grey clothing images in 10 classes, 60,000 train and 10,000 test."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Fashion-MNIST (Xiao, Rasul and Vollgraf, 2017) with class-name captions.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(28, 28, 1)),
+                    "label": tfds.features.ClassLabel(names=FASHION_MNIST_CLASSES),
+                    "caption": tfds.features.Text(),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage="https://github.com/zalandoresearch/fashion-mnist",
+            license="MIT",
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        files = {}
+        for split, prefix in (("train", "train"), ("test", "t10k")):
+            files[split] = [
+                _require(FASHION_MNIST_DIR / f"{prefix}-{kind}-ubyte.gz", "dataset-fashion-mnist")
+                for kind in ("images-idx3", "labels-idx1")
+            ]
+        return {split: self._generate_examples(*paths) for split, paths in files.items()}
+
+    def _generate_examples(
+        self, images_path: Path, labels_path: Path
+    ) -> Iterator[tuple[int, dict]]:
+        # idx headers: 16 bytes (magic, count, rows, cols) for images, 8 for labels.
+        images = _read_idx(images_path, 16).reshape(-1, 28, 28, 1)
+        for i, label in enumerate(_read_idx(labels_path, 8)):
+            caption = FASHION_MNIST_NAMES[label]
+            yield i, {"image": _png(images[i]), "label": int(label), "caption": caption}
+
+
+def fashion_mnist_prompt(label: int, *, template: str = "a photo of a {}.") -> str:
+    """``template`` filled with the readable class name, with "an" before a vowel."""
+    name = FASHION_MNIST_NAMES[label]
+    text = template.format(name)
+    return text.replace(f"a {name}", f"an {name}") if name[0] in "aeiou" else text
+
+
+BUILDERS = {"emoji": Emoji, "fashion_mnist": FashionMnist}
+
+
+def default_data_dir() -> Path:
+    """``$JAXAIGC_DATA_DIR``, else ``~/.cache/jaxaigc/tensorflow_datasets``."""
+    default = Path("~/.cache/jaxaigc/tensorflow_datasets")
+    return Path(os.environ.get("JAXAIGC_DATA_DIR", default)).expanduser()
+
+
+class Source:
+    """One split of a built dataset as a grain random-access source; text fields are ``str``."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
+        self._records = builder.as_data_source(split)
+        self._name = f"{builder.info.full_name}:{split}"  # e.g. "emoji/32/1.0.0:train"
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self._records[index]
+        return {k: v.decode() if isinstance(v, bytes) else v for k, v in record.items()}
+
+    def __repr__(self) -> str:
+        # grain compares the repr on restore: it names the config, unlike the tfds source's.
+        return f"Source({self._name!r})"
+
+
+def load(name: str, *, split: str, data_dir: str | Path | None = None, **config: Any) -> Source:
+    """One split of ``name``, built into ``data_dir`` on first use and read from there after.
+
+    Args:
+      name: one of :data:`BUILDERS` (``"emoji"``, ``"fashion_mnist"``).
+      split: ``"train"`` or ``"test"``.
+      data_dir: where built datasets live; defaults to :func:`default_data_dir`.
+      **config: builder-config fields that pick a config, e.g. ``resolution=32`` for emoji.
+
+    Returns:
+      A random-access source of dicts with ``image`` (uint8 ``(h, w, c)``) and ``caption``.
+    """
+    if name not in BUILDERS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(BUILDERS))}")
+    cls = BUILDERS[name]
+    chosen = None
+    if config:
+        matches = [
+            c
+            for c in cls.BUILDER_CONFIGS
+            if all(getattr(c, k, None) == v for k, v in config.items())
+        ]
+        if not matches:
+            base = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+            options = [
+                {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name not in base}
+                for c in cls.BUILDER_CONFIGS
+            ]
+            raise ValueError(f"{name} has no config {config}; its configs: {options}")
+        chosen = matches[0].name
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    builder = cls(config=chosen, data_dir=str(data_dir), file_format="array_record")
+    builder.download_and_prepare()  # a no-op once built
+    return Source(builder, split)
