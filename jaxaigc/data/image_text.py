@@ -1,0 +1,111 @@
+"""Image-caption pairs for contrastive and text-to-image training: in-memory and TFDS sources,
+their concatenation, and the caption-tokenising transform.
+
+Every record is ``{"image": uint8 [h, w, c], "caption": str}``; sources have stable ``repr``s
+so grain can check a restored iterator state against them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxaigc.data import builders, shapes
+
+# Captions of the Fashion-MNIST *training* images. Zero-shot evaluation uses other templates
+# (jaxaigc.zero_shot.DEFAULT_TEMPLATES), so no evaluation prompt is ever a training caption.
+FASHION_TRAIN_TEMPLATES = (
+    "{}",
+    "a {}",
+    "a black and white photo of a {}.",
+    "a small grey picture of a {}.",
+    "a low resolution {}.",
+)
+
+
+class ArraySource:
+    """Images [n, h, w, c] uint8 with one caption each, held in memory."""
+
+    def __init__(self, images: np.ndarray, captions: Sequence[str], *, name: str):
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        self.images, self.captions, self.name = images, list(captions), name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.images[index], "caption": self.captions[index]}
+
+    def __repr__(self) -> str:
+        return f"ArraySource({self.name!r}, n={len(self)})"
+
+
+def shapes_source(n: int, size: int, *, seed: int, split: str) -> ArraySource:
+    """``n`` procedural scenes of ``split`` (see :mod:`jaxaigc.data.shapes`)."""
+    images, captions, _ = shapes.generate(n, size, seed=seed, split=split)
+    return ArraySource(images, captions, name=f"shapes/{size}/{split}/seed{seed}")
+
+
+def _stable_choice(index: int, options: Sequence[str]) -> str:
+    digest = hashlib.sha256(str(index).encode()).digest()
+    return options[int.from_bytes(digest[:4], "little") % len(options)]
+
+
+class CaptionedFashionMnist:
+    """Fashion-MNIST with a caption per image from ``templates``, fixed by the record index."""
+
+    def __init__(self, source: builders.Source, templates: Sequence[str]):
+        self.source, self.templates = source, tuple(templates)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.source[index]
+        template = _stable_choice(index, self.templates)
+        caption = builders.fashion_mnist_prompt(int(record["label"]), template=template)
+        return {"image": record["image"], "caption": caption}
+
+    def __repr__(self) -> str:
+        return f"CaptionedFashionMnist({self.source!r}, {self.templates!r})"
+
+
+class Concatenate:
+    """Records of several sources one after another, as one random-access source."""
+
+    def __init__(self, sources: Sequence[Any]):
+        if not sources:
+            raise ValueError("Concatenate needs at least one source")
+        self.sources = list(sources)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} records")
+        which = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        record = self.sources[which][index - int(self.offsets[which])]
+        return {"image": record["image"], "caption": record["caption"]}
+
+    def __repr__(self) -> str:
+        return f"Concatenate({self.sources!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenize(grain.transforms.Map):
+    """Replaces ``caption`` with ``tokens`` int32 [context_length] (long captions truncated)."""
+
+    encode: Callable[..., np.ndarray]
+    context_length: int
+
+    def map(self, element: dict) -> dict:
+        tokens = self.encode([element["caption"]], context_length=self.context_length, truncate=True)
+        return {"image": element["image"], "tokens": np.asarray(tokens[0], np.int32)}
