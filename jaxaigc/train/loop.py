@@ -40,12 +40,13 @@ class Task:
     """What the loop trains: variables from ``init(rng)`` (logically annotated) and an objective.
 
     ``loss_fn`` has the plain or, with ``has_model_state``, the stateful signature of
-    :mod:`jaxaigc.train.step`.
+    :mod:`jaxaigc.train.step`; with ``pass_step`` it also takes the keyword ``step``.
     """
 
     init: Callable[[jax.Array], Any]
     loss_fn: Callable
     has_model_state: bool = False
+    pass_step: bool = False
 
 
 class Batches(Protocol):
@@ -177,6 +178,7 @@ def train(
         accum_steps=tc.accum_steps,
         ema_decay=tc.ema_decay if use_ema else None,
         schedule=schedule,
+        pass_step=task.pass_step,
     )
     writer = MetricsWriter(workdir)
     config_json = config.to_dict()

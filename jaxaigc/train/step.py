@@ -4,10 +4,13 @@ Objectives are pure functions. The plain form is ``loss_fn(params, batch, rng) -
 Models with non-parameter state (BatchNorm statistics) use the stateful form
 ``loss_fn(params, model_state, batch, rng) -> (loss, (metrics, new_model_state))``.
 ``metrics`` is a flat dict of scalars; the step prefixes its keys with ``train/``.
+Objectives with step-dependent schedules (the dVAE's beta and temperature) take a keyword
+``step`` (the int32 update count) as well, given with ``make_train_step(..., pass_step=True)``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -61,16 +64,19 @@ def make_train_step(
     accum_steps: int = 1,
     ema_decay: float | None = None,
     schedule: optax.Schedule | None = None,
+    pass_step: bool = False,
 ) -> StepFn:
     """Returns a pure ``step(state, batch) -> (state, metrics)``.
 
     The step's key is ``fold_in(rng, state.step)``: a resumed run draws the same randomness.
     With ``accum_steps > 1`` gradients are averaged over microbatches in a ``lax.scan``.
+    With ``pass_step`` the objective is called with ``step=state.step`` (the updates applied so
+    far) as a keyword argument.
     """
-    objective = _as_stateful(loss_fn, has_model_state)
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        objective = functools.partial(loss_fn, step=state.step) if pass_step else loss_fn
+        grad_fn = jax.value_and_grad(_as_stateful(objective, has_model_state), has_aux=True)
         step_rng = jax.random.fold_in(rng, state.step)
         if accum_steps == 1:
             (loss, (metrics, model_state)), grads = grad_fn(

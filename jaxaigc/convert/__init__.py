@@ -1,0 +1,1 @@
+"""Converters between reference PyTorch checkpoints and jaxaigc variables."""

@@ -1,0 +1,176 @@
+"""The dVAE objective of DALL-E (Ramesh et al. 2021, Sec. 2.1 and App. A.2).
+
+The ELBO of a discrete VAE whose categorical posterior q(z | x) = softmax(encoder logits) is relaxed
+with gumbel-softmax (no straight-through in the paper), a uniform prior over the vocabulary, and a
+logit-Laplace likelihood. Per example, with D = H W C image dimensions:
+
+    loss = (NLL(x | relaxed z) + beta * KL(q(z | x) || uniform)) / D
+
+Dividing the summed ELBO by the constant D keeps beta's meaning (its weight relative to the summed
+NLL, as in the paper) while the loss no longer grows with the image size. beta rises 0 -> 6.6 over
+5k updates and the temperature falls 1 -> 1/16 over 150k updates, both on cosine schedules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxaigc.models.dvae import (
+    LOGIT_LAPLACE_EPS,
+    Decoder,
+    DVAEConfig,
+    Encoder,
+    logit_laplace_log_prob,
+    map_pixels,
+    reconstruct,
+    split_stats,
+    to_unit_range,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DVAEObjectiveConfig:
+    beta_max: float = 6.6  # KL weight; the paper found it promotes codebook usage
+    beta_steps: int = 5_000
+    temperature_start: float = 1.0
+    temperature_end: float = 1.0 / 16
+    temperature_steps: int = 150_000  # the paper found a linear (not cosine) annealing diverged
+    straight_through: bool = False  # the paper does not use it
+
+    def replace(self, **changes) -> DVAEObjectiveConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def cosine_schedule(start: float, end: float, steps: int) -> Callable[[jax.Array], jax.Array]:
+    """``step -> value``: half a cosine from ``start`` at step 0 to ``end`` at ``steps``, then
+    constant (``end`` throughout when ``steps <= 0``)."""
+
+    def schedule(step: jax.Array) -> jax.Array:
+        if steps <= 0:
+            return jnp.asarray(end, jnp.float32)
+        frac = jnp.clip(jnp.asarray(step, jnp.float32) / steps, 0.0, 1.0)
+        return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+    return schedule
+
+
+def beta_schedule(config: DVAEObjectiveConfig) -> Callable[[jax.Array], jax.Array]:
+    return cosine_schedule(0.0, config.beta_max, config.beta_steps)
+
+
+def temperature_schedule(config: DVAEObjectiveConfig) -> Callable[[jax.Array], jax.Array]:
+    start, end = config.temperature_start, config.temperature_end
+    return cosine_schedule(start, end, config.temperature_steps)
+
+
+def gumbel_softmax(
+    rng: jax.Array,
+    logits: jax.Array,
+    temperature: jax.Array | float,
+    *,
+    straight_through: bool = False,
+) -> jax.Array:
+    """A relaxed one-hot sample softmax((logits + g) / temperature), g ~ Gumbel(0, 1), over the
+    last axis. ``straight_through``: the forward value is the one-hot of the sample's argmax and
+    the gradient that of the relaxed sample."""
+    gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
+    soft = jax.nn.softmax((logits.astype(jnp.float32) + gumbel) / temperature, axis=-1)
+    if not straight_through:
+        return soft
+    hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
+    return soft + jax.lax.stop_gradient(hard - soft)
+
+
+def kl_to_uniform(logits: jax.Array) -> jax.Array:
+    """KL(softmax(logits) || uniform over the vocabulary), per position summed over all positions.
+
+    Args: logits [b, ..., vocab]. Returns: [b], in nats.
+    """
+    log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(log_q) * log_q, axis=-1) + math.log(logits.shape[-1])
+    return kl.reshape(kl.shape[0], -1).sum(-1)
+
+
+def logit_laplace_nll(x: jax.Array, stats: jax.Array) -> jax.Array:
+    """Negative log-likelihood of mapped pixels under the decoder's logit-Laplace distribution.
+
+    Args: x mapped pixels [b, H, W, c] in (eps, 1 - eps); stats decoder output [b, H, W, 2c].
+    Returns: [b], summed over pixels and channels, in nats.
+    """
+    mu, log_b = split_stats(stats)
+    return -logit_laplace_log_prob(x, mu, log_b).reshape(x.shape[0], -1).sum(-1)
+
+
+def psnr(images: jax.Array, targets: jax.Array) -> jax.Array:
+    """Peak signal-to-noise ratio in dB of images in [0, 1], per example: [b, ...] -> [b]."""
+    mse = jnp.mean(jnp.square(images - targets).reshape(images.shape[0], -1), axis=-1)
+    return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+
+
+def codebook_usage(ids: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
+    """(perplexity, fraction of the vocabulary used) of token ids int [...].
+
+    Perplexity is exp of the entropy of the code histogram over all the ids: the number of codes
+    the batch effectively uses (at most ``min(vocab_size, ids.size)``).
+    """
+    counts = jnp.bincount(ids.ravel(), length=vocab_size).astype(jnp.float32)
+    p = counts / ids.size
+    return jnp.exp(jnp.sum(jax.scipy.special.entr(p))), jnp.mean(counts > 0)
+
+
+def make_loss_fn(
+    config: DVAEConfig, objective: DVAEObjectiveConfig | None = None
+) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+    """``loss_fn(params, batch, rng, *, step) -> (loss, metrics)``; train it with
+    ``make_train_step(..., pass_step=True)``.
+
+    ``params = {"encoder": ..., "decoder": ...}`` (each half's ``"params"`` collection);
+    ``batch = {"images": [b, H, W, c]}``, uint8 or float in [0, 1], H and W multiples of
+    ``config.downsample``. Metrics: ``nll_bpd`` the reconstruction NLL in bits per 8-bit subpixel
+    (continuous density on [0, 1] + 8 bits of discretisation), ``kl_per_token`` in nats,
+    ``psnr`` of the relaxed reconstruction, codebook ``perplexity`` and ``codes_used`` of the
+    encoder's argmax tokens, and the scheduled ``beta`` and ``temperature``.
+    """
+    objective = objective or DVAEObjectiveConfig()
+    encoder, decoder = Encoder(config), Decoder(config)
+    beta_at, temperature_at = beta_schedule(objective), temperature_schedule(objective)
+    # log-density of [0, 1] pixels = that of the mapped pixels + log |d map / dx|.
+    log_jacobian = math.log(1.0 - 2.0 * LOGIT_LAPLACE_EPS)
+
+    def loss_fn(params, batch, rng, *, step):
+        images = to_unit_range(batch["images"])  # [b, H, W, c]
+        if images.shape[1] % config.downsample or images.shape[2] % config.downsample:
+            raise ValueError(
+                f"image size {images.shape[1:3]} is not a multiple of {config.downsample}"
+            )
+        x = map_pixels(images)
+        logits = encoder.apply({"params": params["encoder"]}, x)  # [b, h, w, vocab]
+        beta, temperature = beta_at(step), temperature_at(step)
+        codes = gumbel_softmax(
+            rng, logits, temperature, straight_through=objective.straight_through
+        )
+        stats = decoder.apply({"params": params["decoder"]}, codes)  # [b, H, W, 2c]
+
+        dims = math.prod(images.shape[1:])
+        nll = logit_laplace_nll(x, stats)  # [b]
+        kl = kl_to_uniform(logits)  # [b]
+        loss = jnp.mean((nll + beta * kl) / dims)  # the negative ELBO per dimension
+
+        perplexity, codes_used = codebook_usage(jnp.argmax(logits, -1), config.vocab_size)
+        metrics = {
+            "nll_bpd": (jnp.mean(nll) / dims - log_jacobian) / math.log(2.0) + 8.0,
+            "kl_per_token": jnp.mean(kl) / math.prod(logits.shape[1:-1]),
+            "psnr": jnp.mean(psnr(reconstruct(stats), images)),
+            "perplexity": perplexity,
+            "codes_used": codes_used,
+            "beta": beta,
+            "temperature": temperature,
+        }
+        return loss, metrics
+
+    return loss_fn

@@ -1,0 +1,180 @@
+"""The dVAE objective: its terms against NumPy, the schedules, the relaxation, short training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxaigc import parallel
+from jaxaigc.models.dvae import (
+    DVAEConfig,
+    as_dvae_variables,
+    decode,
+    encode,
+    init_train_variables,
+    map_pixels,
+)
+from jaxaigc.objectives import dvae
+from jaxaigc.train.state import create_sharded_state
+from jaxaigc.train.step import jit_train_step, make_train_step
+
+# 16 px images -> 4 x 4 tokens; small enough to compile and train in seconds.
+TINY = DVAEConfig(n_hid=16, n_blk_per_group=1, group_count=3, vocab_size=32, n_init=16)
+
+
+def test_kl_to_uniform_is_zero_for_uniform_logits_and_matches_numpy():
+    np.testing.assert_allclose(dvae.kl_to_uniform(jnp.full((2, 3, 3, 16), 0.7)), 0.0, atol=1e-5)
+    logits = np.random.default_rng(0).normal(size=(2, 3, 3, 16)) * 3
+    q = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    expected = (q * np.log(q * 16)).sum((1, 2, 3))
+    np.testing.assert_allclose(dvae.kl_to_uniform(jnp.float32(logits)), expected, rtol=1e-5)
+
+
+def test_logit_laplace_nll_equals_the_density_evaluated_directly():
+    rng = np.random.default_rng(0)
+    x = np.asarray(map_pixels(rng.uniform(size=(2, 4, 4, 3))), np.float64)
+    mu, log_b = rng.normal(size=(2, 2, 4, 4, 3))
+    b = np.exp(log_b)
+    logit = np.log(x / (1 - x))
+    density = np.exp(-np.abs(logit - mu) / b) / (2 * b * x * (1 - x))
+    stats = jnp.float32(np.concatenate([mu, log_b], -1))
+    nll = dvae.logit_laplace_nll(jnp.float32(x), stats)
+    np.testing.assert_allclose(nll, -np.log(density).sum((1, 2, 3)), rtol=1e-5)
+
+
+def test_logit_laplace_density_integrates_to_one():
+    x = np.linspace(1e-7, 1 - 1e-7, 2_000_001)
+    log_f = dvae.logit_laplace_log_prob(jnp.float32(x), jnp.float32(0.3), jnp.float32(-1.0))
+    assert np.trapezoid(np.exp(np.float64(log_f)), x) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_schedules_hit_their_endpoints():
+    config = dvae.DVAEObjectiveConfig()
+    beta, temperature = dvae.beta_schedule(config), dvae.temperature_schedule(config)
+    assert float(beta(0)) == 0.0
+    assert float(beta(2_500)) == pytest.approx(3.3)
+    assert float(beta(5_000)) == pytest.approx(6.6)
+    assert float(beta(50_000)) == pytest.approx(6.6)
+    assert float(temperature(0)) == 1.0
+    assert float(temperature(150_000)) == pytest.approx(1 / 16)
+    assert float(temperature(10**6)) == pytest.approx(1 / 16)
+    assert float(dvae.cosine_schedule(1.0, 2.0, 0)(0)) == 2.0
+
+
+def test_gumbel_softmax_sums_to_one_and_hardens_at_low_temperature():
+    logits = jax.random.normal(jax.random.key(0), (64, 10))
+    soft = dvae.gumbel_softmax(jax.random.key(1), logits, 1.0)
+    np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-5)
+    cold = dvae.gumbel_softmax(jax.random.key(1), logits, 1e-3)
+    assert float(cold.max(-1).min()) > 0.99
+    # Gumbel-max: the sample's argmax is distributed as softmax(logits).
+    logits = jnp.log(jnp.array([0.1, 0.2, 0.7]))
+    samples = dvae.gumbel_softmax(jax.random.key(2), jnp.tile(logits, (20_000, 1)), 1.0)
+    frequencies = np.bincount(np.asarray(samples.argmax(-1)), minlength=3) / 20_000
+    np.testing.assert_allclose(frequencies, [0.1, 0.2, 0.7], atol=0.015)
+
+
+def test_straight_through_is_one_hot_forward_with_the_soft_gradient():
+    logits = jax.random.normal(jax.random.key(0), (4, 8))
+    weights = jax.random.normal(jax.random.key(1), (4, 8))
+
+    def objective(logits, straight_through):
+        sample = dvae.gumbel_softmax(
+            jax.random.key(2), logits, 0.5, straight_through=straight_through
+        )
+        return jnp.sum(weights * sample), sample
+
+    (_, hard), hard_grad = jax.value_and_grad(objective, has_aux=True)(logits, True)
+    (_, soft), soft_grad = jax.value_and_grad(objective, has_aux=True)(logits, False)
+    np.testing.assert_array_equal(hard, jax.nn.one_hot(soft.argmax(-1), 8))
+    np.testing.assert_allclose(hard_grad, soft_grad, rtol=1e-6)
+
+
+def test_codebook_usage():
+    perplexity, used = dvae.codebook_usage(jnp.arange(16) % 8, 32)
+    assert float(perplexity) == pytest.approx(8.0) and float(used) == 0.25
+    perplexity, used = dvae.codebook_usage(jnp.zeros((4, 4), jnp.int32), 32)
+    assert float(perplexity) == pytest.approx(1.0) and float(used) == 1 / 32
+
+
+def test_psnr():
+    x = jnp.zeros((2, 4, 4, 3))
+    np.testing.assert_allclose(dvae.psnr(x + 0.1, x), 20.0, rtol=1e-5)
+
+
+def images(n: int = 8, size: int = 16) -> np.ndarray:
+    """Squares of random colour and place on a black background, uint8 [n, size, size, 3]."""
+    rng = np.random.default_rng(0)
+    out = np.zeros((n, size, size, 3), np.uint8)
+    for image in out:
+        y, x = rng.integers(0, size // 2, 2)
+        image[y : y + size // 2, x : x + size // 2] = rng.integers(64, 256, 3)
+    return out
+
+
+def train_state(mesh, objective):
+    tx = optax.adam(3e-3)
+    rules = parallel.make_rules()
+    state, shardings, _ = create_sharded_state(
+        lambda rng: init_train_variables(TINY, rng), tx, jax.random.key(0), mesh, rules
+    )
+    step = make_train_step(
+        dvae.make_loss_fn(TINY, objective), tx, rng=jax.random.key(1), pass_step=True
+    )
+    batch = parallel.shard_batch({"images": images()}, mesh)
+    return state, jit_train_step(step, mesh, rules, shardings, batch), batch
+
+
+OBJECTIVE = dvae.DVAEObjectiveConfig(beta_steps=10, temperature_steps=40)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(mesh_1):
+    """Parameters after the first step, the metrics of 40 steps and the final state on one
+    device."""
+    state, step, batch = train_state(mesh_1, OBJECTIVE)
+    history = []
+    for i in range(40):
+        state, metrics = step(state, batch)
+        history.append(jax.device_get(metrics))
+        if i == 0:
+            first_params = jax.device_get(state.params)
+    return first_params, history, state
+
+
+@pytest.mark.slow
+def test_loss_falls_and_the_schedules_follow_the_step(one_device_run):
+    _, history, _ = one_device_run
+    first, last = history[0], history[-1]
+    assert first["train/beta"] == 0.0 and last["train/beta"] == pytest.approx(6.6)
+    assert first["train/temperature"] == 1.0
+    assert last["train/temperature"] < 0.1
+    assert last["train/nll_bpd"] < first["train/nll_bpd"] - 1.0
+    assert last["train/psnr"] > first["train/psnr"]
+    assert 0.0 < last["train/codes_used"] <= 1.0
+
+
+@pytest.mark.slow
+def test_one_step_on_a_2x2x2_mesh_equals_one_device(one_device_run, mesh_2x2x2):
+    first_params, history, _ = one_device_run
+    state, step, batch = train_state(mesh_2x2x2, OBJECTIVE)
+    state, metrics = step(state, batch)
+    np.testing.assert_allclose(metrics["train/loss"], history[0]["train/loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(first_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_trained_params_encode_and_decode(one_device_run):
+    *_, state = one_device_run
+    variables = as_dvae_variables(jax.device_get(state.params))
+    ids = encode(TINY, variables, images())
+    assert ids.shape == (8, 4, 4)
+    assert decode(TINY, variables, ids).shape == (8, 16, 16, 3)
+
+
+def test_the_loss_needs_the_step():
+    loss_fn = dvae.make_loss_fn(TINY)
+    with pytest.raises(TypeError, match="step"):
+        loss_fn({}, {"images": images()}, jax.random.key(0))
