@@ -11,42 +11,13 @@ best time of a large jitted fp32 matmul measured in the same run, before and aft
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from timing import matmul_ceiling, median_times
 
 from jaxaigc.convert.dvae import dvae_from_torch
 from jaxaigc.models.dvae import decode, encode
-
-
-def median_times(fns, repeats: int) -> list[float]:
-    """Median seconds of each zero-argument ``fn``, after a warm-up call. The functions take turns
-    in every repeat, so a load change on a shared machine hits all of them alike."""
-    for fn in fns:
-        fn()  # warm-up (and compilation)
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, fn_times in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            fn()
-            fn_times.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
-def matmul_ceiling(n: int = 4096, repeats: int = 10) -> float:
-    """FLOP/s of the best of ``repeats`` jitted fp32 [n, n] @ [n, n]."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(matmul(a))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a))
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 def main():

@@ -12,6 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import matmul_ceiling
 
 from jaxaigc import parallel
 from jaxaigc.models.gpt import GPT, GPTConfig
@@ -19,22 +20,6 @@ from jaxaigc.objectives.autoregressive import lm_loss_fn
 from jaxaigc.train.optim import make_optimizer
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import jit_train_step, make_train_step
-
-
-def best_time(fn, *args, repeats=10):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def matmul_ceiling(n=4096) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    return 2 * n**3 / best_time(matmul, a, repeats=5)
 
 
 def main():
