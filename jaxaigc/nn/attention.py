@@ -48,17 +48,19 @@ class HeadsDense(nn.Module):
     direction: str  # "in" or "out"
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
+    init_scale: float = 1.0  # multiplies the LeCun-normal standard deviation of the kernel
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.direction == "in":
             shape, axes, n_in = (x.shape[-1], *self.features), ("embed", "heads", "kv"), 1
-            init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
-            spec = "btd,dhk->bthk"
+            in_axis, out_axis, spec = 0, (1, 2), "btd,dhk->bthk"
         else:
             shape, axes, n_in = (*x.shape[-2:], *self.features), ("heads", "kv", "embed"), 2
-            init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
-            spec = "bthk,hkd->btd"
+            in_axis, out_axis, spec = (0, 1), 2, "bthk,hkd->btd"
+        init = nn.initializers.variance_scaling(
+            self.init_scale**2, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
+        )
         kernel = self.param("kernel", partitioned(init, axes), shape, jnp.float32)
         y = jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
@@ -75,6 +77,8 @@ class MultiHeadAttention(nn.Module):
 
     Parameters: query/key/value kernels ``[embed, heads, kv]``, out kernel ``[heads, kv, embed]``;
     biases on query, value and out (a key bias would not change the output: see below).
+    ``out_features`` (default: the input width) sizes the output, e.g. CLIP's attention pooling;
+    ``out_init_scale`` scales the out kernel's initial standard deviation.
     With ``decode=True`` keys and values are written to a ``cache`` collection sized by the input
     given to ``init``; each call then appends its tokens at the cache index (prefill or one step).
     """
@@ -86,6 +90,8 @@ class MultiHeadAttention(nn.Module):
     deterministic: bool = True
     decode: bool = False
     dtype: jnp.dtype = jnp.float32
+    out_features: int | None = None
+    out_init_scale: float = 1.0
 
     @nn.compact
     def __call__(
@@ -120,7 +126,14 @@ class MultiHeadAttention(nn.Module):
 
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (b, q, h, k)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-        out = HeadsDense((width,), "out", self.use_bias, self.dtype, name="out")(out)
+        out = HeadsDense(
+            (self.out_features or width,),
+            "out",
+            self.use_bias,
+            self.dtype,
+            self.out_init_scale,
+            name="out",
+        )(out)
         return nn.Dropout(self.dropout_rate)(out, deterministic=self.deterministic)
 
     def _update_cache(self, k: jax.Array, v: jax.Array):

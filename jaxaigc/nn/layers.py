@@ -74,13 +74,17 @@ def dense(
 
 
 class MLP(nn.Module):
-    """Transformer feed-forward block: c_fc (width -> hidden) -> activation -> c_proj."""
+    """Transformer feed-forward block: c_fc (width -> hidden) -> activation -> c_proj.
+
+    ``out_init_scale`` multiplies the LeCun-normal standard deviation of the c_proj kernel.
+    """
 
     hidden: int
     activation: str = "gelu"
     dropout_rate: float = 0.0
     deterministic: bool = True
     dtype: jnp.dtype = jnp.float32
+    out_init_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -88,5 +92,7 @@ class MLP(nn.Module):
         h = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="c_fc")(x)
         h = activation(self.activation)(h)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-        h = dense(width, ("mlp", "embed"), dtype=self.dtype, name="c_proj")(h)
+        scale = self.out_init_scale**2
+        init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+        h = dense(width, ("mlp", "embed"), kernel_init=init, dtype=self.dtype, name="c_proj")(h)
         return nn.Dropout(self.dropout_rate)(h, deterministic=self.deterministic)

@@ -24,7 +24,12 @@ REMAT_POLICIES = {
 
 
 class TransformerBlock(nn.Module):
-    """One pre-LN residual block: self-attention then MLP."""
+    """One pre-LN residual block: self-attention then MLP.
+
+    ``residual_init_scale`` multiplies the initial standard deviation of the two projections that
+    write into the residual stream (attention out, mlp.c_proj); GPT-2 and CLIP use
+    ``(2 * num_layers) ** -0.5`` so the stream's variance does not grow with depth.
+    """
 
     num_heads: int
     mlp_ratio: float = 4.0
@@ -35,6 +40,7 @@ class TransformerBlock(nn.Module):
     deterministic: bool = True
     decode: bool = False
     dtype: jnp.dtype = jnp.float32
+    residual_init_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -48,6 +54,7 @@ class TransformerBlock(nn.Module):
             deterministic=self.deterministic,
             decode=self.decode,
             dtype=self.dtype,
+            out_init_scale=self.residual_init_scale,
             name="attn",
         )(h, mask=mask)
         x = x + h
@@ -58,6 +65,7 @@ class TransformerBlock(nn.Module):
             dropout_rate=self.dropout_rate,
             deterministic=self.deterministic,
             dtype=self.dtype,
+            out_init_scale=self.residual_init_scale,
             name="mlp",
         )(h)
         return x + h
@@ -76,6 +84,7 @@ class Transformer(nn.Module):
     ``scan_layers`` compiles one block and loops over stacked parameters (leading ``layers`` axis):
     compile time independent of depth, the usual choice for big models. ``remat_policy`` names an
     entry of ``REMAT_POLICIES``. Parameters: ``resblocks_{i}`` unscanned, ``resblocks`` scanned.
+    ``residual_init_scale`` as in :class:`TransformerBlock`.
     """
 
     num_layers: int
@@ -90,6 +99,7 @@ class Transformer(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     dtype: jnp.dtype = jnp.float32
+    residual_init_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -107,6 +117,7 @@ class Transformer(nn.Module):
             deterministic=self.deterministic,
             decode=self.decode,
             dtype=self.dtype,
+            residual_init_scale=self.residual_init_scale,
         )
         block_cls = _ScannedBlock if self.scan_layers else TransformerBlock
         if self.remat_policy != "none":
