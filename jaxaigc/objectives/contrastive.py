@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -122,3 +123,32 @@ def sigmoid_loss(
 
     loss = _sharded(local_rows, images, texts, scale, bias) / n
     return loss, {"logit_scale": scale, "logit_bias": bias}
+
+
+def clip_loss_fn(model: nn.Module, *, loss: str = "softmax") -> Callable:
+    """The stateful objective ``loss_fn(params, model_state, batch, rng)`` of a CLIP model.
+
+    ``batch = {"image": float [n, r, r, 3], "tokens": int32 [n, t]}``; ``model_state`` holds the
+    ResNet's ``batch_stats`` (empty for a ViT). ``loss`` is ``"softmax"`` (CLIP's InfoNCE) or
+    ``"sigmoid"`` (SigLIP; the model needs a ``logit_bias`` parameter).
+    """
+    if loss not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown contrastive loss {loss!r}; use 'softmax' or 'sigmoid'")
+
+    def loss_fn(params, model_state, batch, rng):
+        del rng  # CLIP uses no dropout
+        (images, texts, logit_scale), updates = model.apply(
+            {"params": params, **model_state},
+            batch["image"],
+            batch["tokens"],
+            train=True,
+            method="encode",
+            mutable=list(model_state),
+        )
+        if loss == "softmax":
+            value, metrics = clip_loss(images, texts, logit_scale)
+        else:
+            value, metrics = sigmoid_loss(images, texts, logit_scale, params["logit_bias"])
+        return value, (metrics, {**model_state, **updates})
+
+    return loss_fn

@@ -1,0 +1,167 @@
+"""Benchmark: CLIP image encoding and a full training step, jaxaigc against OpenAI's PyTorch
+``clip/model.py`` on this machine, in one run.
+
+    python experiments/bench/clip.py [--models ViT-B/32,RN50 --batch 16 --repeats 3]
+
+Both frameworks get the same random fp32 weights (converted with ``clip_from_torch``) and the same
+batch of 224 px images and 77-token texts. Rows: ``encode_image`` (inference; BatchNorm on running
+statistics) and a training step (both encoders, symmetric InfoNCE, backward, AdamW; BatchNorm on
+batch statistics). Times are medians of interleaved repeats after a warm-up; FLOPs come from XLA's
+cost analysis; the ceiling is the best jitted fp32 matmul, measured before and after the models.
+"""
+
+import argparse
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+from timing import matmul_ceiling, median_times
+
+from jaxaigc.convert.clip import clip_from_torch
+from jaxaigc.models.clip import CLIP, CLIPConfig
+from jaxaigc.objectives.contrastive import clip_loss_fn
+from jaxaigc.train.state import init_state
+from jaxaigc.train.step import make_train_step
+
+
+def openai_clip_module():
+    """OpenAI's ``clip/model.py``, imported by path (``clip/__init__`` needs torchvision)."""
+    # Not importlib.util.find_spec: this script's own directory (first on sys.path) has a clip.py.
+    here = Path(__file__).resolve().parent
+    search = [p for p in sys.path if Path(p or ".").resolve() != here]
+    spec = importlib.machinery.PathFinder.find_spec("clip", search)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("openai-clip is not installed: pip install --no-deps openai-clip==1.0.1")
+    path = Path(spec.submodule_search_locations[0]) / "model.py"
+    module_spec = importlib.util.spec_from_file_location("openai_clip_model", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def inputs(config: CLIPConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised-looking NHWC images and token rows ending in EOT (the largest id)."""
+    rng = np.random.default_rng(0)
+    r = config.image_resolution
+    images = rng.normal(size=(batch, r, r, 3)).astype(np.float32)
+    tokens = rng.integers(1, config.vocab_size - 2, (batch, config.context_length))
+    lengths = rng.integers(5, config.context_length, batch)
+    tokens[np.arange(batch), lengths] = config.vocab_size - 1
+    tokens[np.arange(config.context_length)[None, :] > lengths[:, None]] = 0
+    return images, tokens.astype(np.int32)
+
+
+def bench(name: str, batch: int, repeats: int, openai) -> list[dict]:
+    import torch
+
+    config = CLIPConfig.from_name(name)
+    torch.manual_seed(0)
+    t_model = openai.CLIP(
+        config.embed_dim,
+        config.image_resolution,
+        config.vision_layers,
+        config.vision_width,
+        config.vision_patch_size,
+        config.context_length,
+        config.vocab_size,
+        config.transformer_width,
+        config.transformer_heads,
+        config.transformer_layers,
+    )
+    _, variables = clip_from_torch(t_model.state_dict())
+    model = CLIP(config)
+    images, tokens = inputs(config, batch)
+    t_images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    t_tokens = torch.from_numpy(tokens.astype(np.int64))
+
+    # Inference.
+    encode = jax.jit(lambda v, x: model.apply(v, x, method="encode_image"))
+    encode_flops = encode.lower(variables, images).compile().cost_analysis()["flops"]
+
+    def jax_encode():
+        jax.block_until_ready(encode(variables, images))
+
+    def torch_encode():
+        t_model.eval()
+        with torch.no_grad():
+            t_model.encode_image(t_images)
+
+    # Training step: the library's own step (AdamW with the same hyperparameters as torch's).
+    tx = optax.adamw(1e-5, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2)
+    state = init_state(lambda _: variables, tx, jax.random.key(0), use_ema=False)
+    step = jax.jit(
+        make_train_step(clip_loss_fn(model), tx, rng=jax.random.key(1), has_model_state=True),
+        donate_argnums=0,
+    )
+    batch_arrays = {"image": images, "tokens": tokens}
+    step_flops = step.lower(state, batch_arrays).compile().cost_analysis()["flops"]
+    holder = {"state": state}
+
+    def jax_step():
+        holder["state"], metrics = step(holder["state"], batch_arrays)
+        jax.block_until_ready(metrics)
+
+    optimizer = torch.optim.AdamW(
+        t_model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2
+    )
+    labels = torch.arange(batch)
+
+    def torch_step():
+        t_model.train()
+        logits_per_image, logits_per_text = t_model(t_images, t_tokens)
+        loss = (
+            torch.nn.functional.cross_entropy(logits_per_image, labels)
+            + torch.nn.functional.cross_entropy(logits_per_text, labels)
+        ) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    rows = []
+    for row, fns, flops in [
+        ("encode_image", (jax_encode, torch_encode), encode_flops),
+        ("train step", (jax_step, torch_step), step_flops),
+    ]:
+        jax_s, torch_s = median_times(fns, repeats)
+        rows.append(dict(model=name, row=row, flops=flops, jax_s=jax_s, torch_s=torch_s))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="ViT-B/32,RN50")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    openai = openai_clip_module()
+    ceiling = matmul_ceiling()
+    rows = [
+        r for name in args.models.split(",") for r in bench(name, args.batch, args.repeats, openai)
+    ]
+    ceiling = max(ceiling, matmul_ceiling())
+
+    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    print(f"jax devices: {device}; torch {torch.__version__} with {args.threads} threads")
+    print(f"batch {args.batch}, fp32; matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
+    print("| model | row | GFLOP | jax ms | torch ms | jax/torch | jax/ceiling | torch/ceiling |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['row']} | {r['flops'] / 1e9:.0f} | {r['jax_s'] * 1e3:.0f} | "
+            f"{r['torch_s'] * 1e3:.0f} | {r['jax_s'] / r['torch_s']:.2f} | "
+            f"{r['flops'] / r['jax_s'] / ceiling:.2f} | {r['flops'] / r['torch_s'] / ceiling:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

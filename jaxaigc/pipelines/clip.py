@@ -1,0 +1,95 @@
+"""A small CLIP trained contrastively on the embedded image-caption data (shapes scenes, Noto
+emoji, captioned Fashion-MNIST)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxaigc.data import builders, image_text
+from jaxaigc.data.pipeline import BatchIterator
+from jaxaigc.data.preprocess import clip_ops
+from jaxaigc.data.tokenizers import ClipTokenizer
+from jaxaigc.models.clip import CLIP, CLIPConfig
+from jaxaigc.objectives.contrastive import clip_loss_fn
+from jaxaigc.train.loop import Task, default_train_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = default_train_config()
+    model = CLIPConfig.from_name("tiny-vit", context_length=32)
+    config.model = ml_collections.ConfigDict(dataclasses.asdict(model))
+    config.loss = "softmax"  # or "sigmoid" (SigLIP)
+    config.data = ml_collections.ConfigDict(
+        dict(
+            shapes=20_000,  # procedural scenes in the training mix
+            emoji_repeats=4,  # the ~1,230 training emoji, repeated to weigh them up
+            fashion_mnist=True,
+            data_dir=ml_collections.FieldReference(None, field_type=str),
+        )
+    )
+    config.optim.peak_lr = 1e-3
+    config.optim.weight_decay = 0.1
+    config.train.batch_size = 128
+    config.train.steps = 200
+    return config
+
+
+def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
+    fields = config.model.to_dict()
+    if isinstance(fields["vision_layers"], list):
+        fields["vision_layers"] = tuple(fields["vision_layers"])
+    return CLIPConfig(**fields)
+
+
+def training_source(config: ml_collections.ConfigDict) -> image_text.Concatenate:
+    """The training mix: image-caption records at any size (the transforms resize them)."""
+    data, resolution = config.data, config.model.image_resolution
+    sources = []
+    if data.shapes:
+        sources.append(
+            image_text.shapes_source(data.shapes, resolution, seed=config.seed, split="train")
+        )
+    if data.emoji_repeats:
+        emoji = builders.load("emoji", split="train", data_dir=data.data_dir, resolution=32)
+        sources.extend([emoji] * data.emoji_repeats)
+    if data.fashion_mnist:
+        fashion = builders.load("fashion_mnist", split="train", data_dir=data.data_dir)
+        sources.append(
+            image_text.CaptionedFashionMnist(fashion, image_text.FASHION_TRAIN_TEMPLATES)
+        )
+    if not sources:
+        raise ValueError("config.data selects no training data")
+    return image_text.Concatenate(sources)
+
+
+def build(config: ml_collections.ConfigDict) -> tuple[CLIP, Task, BatchIterator, ClipTokenizer]:
+    """The model, the task for :func:`jaxaigc.train.loop.train`, the batches and the tokenizer."""
+    model = CLIP(model_config(config))
+    cfg = model.config
+    tokenizer = ClipTokenizer()
+    if cfg.vocab_size != tokenizer.vocab_size:
+        raise ValueError(
+            f"the CLIP tokenizer has {tokenizer.vocab_size} tokens; config.model.vocab_size is "
+            f"{cfg.vocab_size}"
+        )
+
+    def init(rng: jax.Array):
+        images = jnp.zeros((1, cfg.image_resolution, cfg.image_resolution, 3), jnp.float32)
+        return model.init(rng, images, jnp.zeros((1, cfg.context_length), jnp.int32))
+
+    ops = [
+        image_text.Tokenize(tokenizer.encode, cfg.context_length),
+        *clip_ops(cfg.image_resolution, train=False),
+    ]
+    batches = BatchIterator(
+        training_source(config),
+        global_batch_size=config.train.batch_size,
+        seed=config.seed,
+        operations=ops,
+    )
+    task = Task(init=init, loss_fn=clip_loss_fn(model, loss=config.loss), has_model_state=True)
+    return model, task, batches, tokenizer
