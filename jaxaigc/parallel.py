@@ -36,7 +36,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("length", None),
     ("layers", None),
-    ("conv_in", "fsdp"),  # else FSDP would leave convolution kernels replicated
+    ("conv_in", None),
     ("conv_out", "tensor"),
     ("height", None),
     ("width", None),

@@ -113,7 +113,7 @@ def main():
     mesh = parallel.make_mesh({"fsdp": -1})
     # Shard convolution kernels along their input channels too: the ResNet's parameters are
     # mostly convolutions, which the default rules (conv_out -> tensor only) leave replicated.
-    rules = parallel.make_rules()
+    rules = parallel.make_rules({"conv_in": "fsdp"})
     global_batch = args.batch_per_device * jax.device_count()
     print(
         f"{jax.device_count()} x {jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}, "

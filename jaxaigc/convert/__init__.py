@@ -1,5 +1,13 @@
 """Converters between reference PyTorch checkpoints and jaxaigc variables."""
 
 from jaxaigc.convert.clip import clip_from_torch, clip_to_torch, load_clip
+from jaxaigc.convert.dvae import dvae_from_torch, dvae_to_torch, load_dvae_pickle
 
-__all__ = ["clip_from_torch", "clip_to_torch", "load_clip"]
+__all__ = [
+    "clip_from_torch",
+    "clip_to_torch",
+    "dvae_from_torch",
+    "dvae_to_torch",
+    "load_clip",
+    "load_dvae_pickle",
+]

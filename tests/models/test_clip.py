@@ -449,7 +449,7 @@ def test_full_size_train_step_compiles_sharded(devices, name):
     sizing = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sizing)
     mesh = parallel.make_mesh({"fsdp": 8}, devices=devices)
-    rules = parallel.make_rules()
+    rules = parallel.make_rules({"conv_in": "fsdp"})
     config = CLIPConfig.from_name(name, dtype="bfloat16", remat_policy="full", scan_layers=True)
     result = sizing.size_model(config, mesh, rules, global_batch=16)
     assert result["params"] == OPENAI_PARAMS[name] - key_bias_count(config)

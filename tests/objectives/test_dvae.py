@@ -18,6 +18,7 @@ from jaxaigc.models.dvae import (
 from jaxaigc.objectives import dvae
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import jit_train_step, make_train_step
+from tests.helpers import max_relative_difference
 
 # 16 px images -> 4 x 4 tokens; small enough to compile and train in seconds.
 TINY = DVAEConfig(n_hid=16, n_blk_per_group=1, group_count=3, vocab_size=32, n_init=16)
@@ -113,8 +114,8 @@ def images(n: int = 8, size: int = 16) -> np.ndarray:
     return out
 
 
-def train_state(mesh, objective):
-    tx = optax.adam(3e-3)
+def train_state(mesh, objective, tx=None):
+    tx = tx or optax.adam(3e-3)
     rules = parallel.make_rules()
     state, shardings, _ = create_sharded_state(
         lambda rng: init_train_variables(TINY, rng), tx, jax.random.key(0), mesh, rules
@@ -156,13 +157,17 @@ def test_loss_falls_and_the_schedules_follow_the_step(one_device_run):
 
 
 @pytest.mark.slow
-def test_one_step_on_a_2x2x2_mesh_equals_one_device(one_device_run, mesh_2x2x2):
-    first_params, history, _ = one_device_run
-    state, step, batch = train_state(mesh_2x2x2, OBJECTIVE)
-    state, metrics = step(state, batch)
-    np.testing.assert_allclose(metrics["train/loss"], history[0]["train/loss"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(first_params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+def test_one_step_on_a_2x2x2_mesh_equals_one_device(mesh_1, mesh_2x2x2):
+    # SGD, not Adam: Adam's first step is lr * sign(g), which turns the ~1e-9 reduction-order
+    # noise of near-zero gradient entries into lr-sized differences.
+    params, losses = [], []
+    for mesh in (mesh_1, mesh_2x2x2):
+        state, step, batch = train_state(mesh, OBJECTIVE, optax.sgd(0.1))
+        state, metrics = step(state, batch)
+        params.append(jax.device_get(state.params))
+        losses.append(float(metrics["train/loss"]))
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    assert max_relative_difference(params[1], params[0]) < 1e-5
 
 
 @pytest.mark.slow
