@@ -66,6 +66,9 @@ class CLIPConfig:
     scan_layers: bool = False  # scan identical layers: Transformer blocks, a ResNet stage's rest
     remat_policy: str = "none"  # for Transformer layers and ResNet Bottlenecks
     blur: str = "avg"  # ResNet downsampling: "avg" (OpenAI's weights) or "binomial" (BlurPool)
+    # SigLIP's learned logit bias (paper init -10, with logit_scale ln 10); None: none (OpenAI).
+    logit_bias_init: float | None = None
+    logit_scale_init: float = math.log(1 / 0.07)
 
     def __post_init__(self):
         if isinstance(self.vision_layers, list):  # keep the config hashable (a Module attribute)
@@ -293,8 +296,12 @@ class CLIP(nn.Module):
             (width, cfg.embed_dim),
         )
         self.logit_scale = self.param(
-            "logit_scale", partitioned(nn.initializers.constant(math.log(1 / 0.07)), ()), ()
+            "logit_scale", partitioned(nn.initializers.constant(cfg.logit_scale_init), ()), ()
         )
+        if cfg.logit_bias_init is not None:
+            self.logit_bias = self.param(
+                "logit_bias", partitioned(nn.initializers.constant(cfg.logit_bias_init), ()), ()
+            )
 
     def encode_image(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         """images float [b, r, r, 3] (normalised, NHWC) -> [b, embed_dim]."""

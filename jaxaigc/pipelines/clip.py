@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = default_train_config()
     model = CLIPConfig.from_name("tiny-vit", context_length=32)
     config.model = ml_collections.ConfigDict(dataclasses.asdict(model))
-    config.loss = "softmax"  # or "sigmoid" (SigLIP)
+    config.loss = "softmax"  # or "sigmoid" (SigLIP; set model.logit_bias_init, e.g. -10)
     config.data = ml_collections.ConfigDict(
         dict(
             shapes=20_000,  # procedural scenes in the training mix
@@ -70,6 +70,8 @@ def build(config: ml_collections.ConfigDict) -> tuple[CLIP, Task, BatchIterator,
     """The model, the task for :func:`jaxaigc.train.loop.train`, the batches and the tokenizer."""
     model = CLIP(model_config(config))
     cfg = model.config
+    if config.loss == "sigmoid" and cfg.logit_bias_init is None:
+        raise ValueError("the sigmoid loss needs a logit bias: set config.model.logit_bias_init")
     tokenizer = ClipTokenizer()
     if cfg.vocab_size != tokenizer.vocab_size:
         raise ValueError(

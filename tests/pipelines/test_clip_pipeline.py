@@ -19,9 +19,9 @@ except FileNotFoundError as error:
     pytest.skip(f"no CLIP vocabulary: {error}", allow_module_level=True)
 
 
-def _config(preset: str, steps: int):
+def _config(preset: str, steps: int, **changes):
     config = clip.get_config()
-    model = clip.CLIPConfig.from_name(preset, context_length=24)
+    model = clip.CLIPConfig.from_name(preset, context_length=24, **changes)
     config.model = ml_collections.ConfigDict(dataclasses.asdict(model))
     config.data.update(dict(shapes=512, emoji_repeats=0, fashion_mnist=False))
     config.train.update(dict(steps=steps, batch_size=32, log_every=5, checkpoint_every=1000))
@@ -29,9 +29,15 @@ def _config(preset: str, steps: int):
     return config
 
 
-@pytest.mark.parametrize("preset", ["tiny-vit", "tiny-rn"])
-def test_contrastive_loss_falls(preset, tmp_path):
-    config = _config(preset, steps=30)
+@pytest.mark.parametrize(
+    ("preset", "loss"), [("tiny-vit", "softmax"), ("tiny-rn", "softmax"), ("tiny-vit", "sigmoid")]
+)
+def test_contrastive_loss_falls(preset, loss, tmp_path):
+    changes = (
+        dict(logit_bias_init=-10.0, logit_scale_init=np.log(10.0)) if loss == "sigmoid" else {}
+    )
+    config = _config(preset, steps=30, **changes)
+    config.loss = loss
     _, task, batches, _ = clip.build(config)
     state = train(task, batches, config, tmp_path)
     losses = [r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r]
@@ -45,4 +51,7 @@ def test_unknown_loss_is_an_error():
     config = _config("tiny-vit", steps=1)
     config.loss = "triplet"
     with pytest.raises(ValueError, match="unknown contrastive loss 'triplet'"):
+        clip.build(config)
+    config.loss = "sigmoid"
+    with pytest.raises(ValueError, match="logit_bias_init"):
         clip.build(config)
