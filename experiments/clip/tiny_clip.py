@@ -18,10 +18,9 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
 
 from jaxaigc import zero_shot
+from jaxaigc.cli import run_experiment
 from jaxaigc.data import builders, image_text
 from jaxaigc.data.preprocess import clip_ops
 from jaxaigc.pipelines import clip
@@ -137,19 +136,5 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     return report
 
 
-FLAGS = flags.FLAGS
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
-        logging.set_verbosity(logging.WARNING)
-    run(FLAGS.config, FLAGS.workdir)
-
-
 if __name__ == "__main__":
-    config_flags.DEFINE_config_dict("config", get_config())
-    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, report.json.")
-    flags.mark_flag_as_required("workdir")
-    app.run(main)
+    run_experiment(run, get_config())
