@@ -172,8 +172,8 @@ def make_loss_fn(
     ``params = {"encoder": ..., "decoder": ...}`` (each half's ``"params"`` collection);
     ``batch = {"images": [b, H, W, c]}``, uint8 or float in [0, 1], H and W multiples of
     ``config.downsample``. Metrics: ``nll_bpd`` the reconstruction NLL (``objective.likelihood``)
-    in bits per 8-bit subpixel
-    (continuous density on [0, 1] + 8 bits of discretisation), ``kl_per_token`` in nats,
+    in bits per 8-bit subpixel (continuous density on [0, 1] + 8 bits of discretisation),
+    ``kl_per_token`` in nats,
     ``psnr`` of the relaxed reconstruction, codebook ``perplexity`` and ``codes_used`` of the
     encoder's argmax tokens, and the scheduled ``beta`` and ``temperature``.
     """

@@ -44,6 +44,24 @@ def test_logit_laplace_nll_equals_the_density_evaluated_directly():
     np.testing.assert_allclose(nll, -np.log(density).sum((1, 2, 3)), rtol=1e-5)
 
 
+def test_gaussian_nll_equals_the_density_evaluated_directly_and_ignores_log_b():
+    rng = np.random.default_rng(0)
+    x = np.asarray(map_pixels(rng.uniform(size=(2, 4, 4, 3))), np.float64)
+    mu, log_b = rng.normal(size=(2, 2, 4, 4, 3))
+    mean, scale = 1 / (1 + np.exp(-mu)), 0.1
+    density = np.exp(-0.5 * ((x - mean) / scale) ** 2) / (scale * np.sqrt(2 * np.pi))
+    objective = dvae.DVAEObjectiveConfig(likelihood="gaussian", gaussian_scale=scale)
+    for b in (log_b, 5 * log_b):
+        stats = jnp.float32(np.concatenate([mu, b], -1))
+        nll = dvae.reconstruction_nll(objective, jnp.float32(x), stats)
+        np.testing.assert_allclose(nll, -np.log(density).sum((1, 2, 3)), rtol=1e-5)
+
+
+def test_unknown_likelihood_is_an_error():
+    with pytest.raises(ValueError, match="unknown likelihood 'laplace'"):
+        dvae.DVAEObjectiveConfig(likelihood="laplace")
+
+
 def test_logit_laplace_density_integrates_to_one():
     x = np.linspace(1e-7, 1 - 1e-7, 2_000_001)
     log_f = dvae.logit_laplace_log_prob(jnp.float32(x), jnp.float32(0.3), jnp.float32(-1.0))

@@ -18,7 +18,9 @@ def test_short_run_learns_and_reports(tmp_path):
     config.model.update(dict(n_hid=16, vocab_size=64, n_init=16))
     config.data.update(dict(shapes=256, emoji_repeats=0))
     config.objective.update(dict(beta_steps=10, temperature_steps=40))
-    config.train.update(dict(steps=60, batch_size=16, log_every=10, checkpoint_every=1000))
+    config.train.update(
+        dict(steps=60, batch_size=16, ema_decay=0.0, log_every=10, checkpoint_every=1000)
+    )
     config.eval.shapes = 32
     report = train_dvae.run(config, tmp_path)
     records = [r for r in read_metrics(tmp_path) if "train/loss" in r]
