@@ -15,14 +15,16 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
+# openai-clip carries the CLIP BPE vocabulary (MIT); --no-deps because it declares torch/torchvision.
 install: $(PY)
 	$(PIP) install --quiet -e .
+	$(PIP) install --quiet --no-deps "openai-clip==1.0.1"
 
 install-test: $(PY)
 	$(PIP) install --quiet -e ".[test,reference]"
 	$(PIP) install --quiet --no-deps "openai-clip==1.0.1" "DALL-E==0.1"
 
-demo: install
+demo: install data-packages
 	$(PY) experiments/demo.py --workdir $(WORKDIR)
 
 data-packages:
