@@ -107,5 +107,7 @@ class Tokenize(grain.transforms.Map):
     context_length: int
 
     def map(self, element: dict) -> dict:
-        tokens = self.encode([element["caption"]], context_length=self.context_length, truncate=True)
+        tokens = self.encode(
+            [element["caption"]], context_length=self.context_length, truncate=True
+        )
         return {"image": element["image"], "tokens": np.asarray(tokens[0], np.int32)}
