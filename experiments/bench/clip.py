@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from timing import matmul_ceiling, median_times
 
-from jaxaigc.convert.clip import clip_from_torch
+from jaxaigc.convert.clip import clip_from_torch, openai_constructor_args
 from jaxaigc.models.clip import CLIP, CLIPConfig
 from jaxaigc.objectives.contrastive import clip_loss_fn
 from jaxaigc.train.state import init_state
@@ -61,18 +61,7 @@ def bench(name: str, batch: int, repeats: int, openai) -> list[dict]:
 
     config = CLIPConfig.from_name(name)
     torch.manual_seed(0)
-    t_model = openai.CLIP(
-        config.embed_dim,
-        config.image_resolution,
-        config.vision_layers,
-        config.vision_width,
-        config.vision_patch_size,
-        config.context_length,
-        config.vocab_size,
-        config.transformer_width,
-        config.transformer_heads,
-        config.transformer_layers,
-    )
+    t_model = openai.CLIP(*openai_constructor_args(config))
     _, variables = clip_from_torch(t_model.state_dict())
     model = CLIP(config)
     images, tokens = inputs(config, batch)

@@ -277,6 +277,22 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
+def openai_constructor_args(config: CLIPConfig) -> tuple:
+    """The positional arguments of OpenAI's ``clip.model.CLIP`` for the same architecture."""
+    return (
+        config.embed_dim,
+        config.image_resolution,
+        config.vision_layers,
+        config.vision_width,
+        config.vision_patch_size,
+        config.context_length,
+        config.vocab_size,
+        config.transformer_width,
+        config.transformer_heads,
+        config.transformer_layers,
+    )
+
+
 def clip_from_torch(state_dict: Mapping[str, Any], **changes: Any) -> tuple[CLIPConfig, dict]:
     """Converts an OpenAI CLIP state dict (NumPy arrays or torch tensors, any float type).
 

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from jaxaigc import parallel
-from jaxaigc.convert.clip import clip_from_torch, clip_to_torch, load_clip
+from jaxaigc.convert.clip import (
+    clip_from_torch,
+    clip_to_torch,
+    load_clip,
+    openai_constructor_args,
+)
 from jaxaigc.models.clip import CLIP, PRESETS, CLIPConfig
 from jaxaigc.nn.resnet import blur_pool
 from tests.helpers import assert_trees_equal, max_relative_difference
@@ -288,18 +293,7 @@ def openai():
 
 def openai_model(openai, config: CLIPConfig, *, device=None):
     torch, module = openai
-    args = (
-        config.embed_dim,
-        config.image_resolution,
-        config.vision_layers,
-        config.vision_width,
-        config.vision_patch_size,
-        config.context_length,
-        config.vocab_size,
-        config.transformer_width,
-        config.transformer_heads,
-        config.transformer_layers,
-    )
+    args = openai_constructor_args(config)
     if device is not None:
         with torch.device(device):
             return module.CLIP(*args)
