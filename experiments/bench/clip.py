@@ -1,12 +1,13 @@
 """Benchmark: CLIP image encoding and a full training step, jaxaigc against OpenAI's PyTorch
 ``clip/model.py`` on this machine, in one run.
 
-    python experiments/bench/clip.py [--models ViT-B/32,RN50 --batch 16 --repeats 3]
+    python experiments/bench/clip.py [--models ViT-B/32,RN50 --batch 16 --repeats 3 --system-malloc]
 
 Both frameworks get the same random fp32 weights (converted with ``clip_from_torch``) and the same
 batch of 224 px images and 77-token texts. Rows: ``encode_image`` (inference; BatchNorm on running
 statistics) and a training step (both encoders, symmetric InfoNCE, backward, AdamW; BatchNorm on
-batch statistics). Times are medians of interleaved repeats after a warm-up; FLOPs come from XLA's
+batch statistics). Times are medians of interleaved repeats after a warm-up, with
+``timing.RETAINING_MALLOC`` unless ``--system-malloc``; FLOPs come from XLA's
 cost analysis; the ceiling is the best jitted fp32 matmul, measured before and after the models.
 """
 
@@ -20,7 +21,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
-from timing import matmul_ceiling, median_times
+from timing import (
+    add_allocator_flag,
+    allocator_description,
+    matmul_ceiling,
+    median_times,
+    use_retaining_malloc,
+)
 
 from jaxaigc.convert.clip import clip_from_torch, openai_constructor_args
 from jaxaigc.models.clip import CLIP, CLIPConfig
@@ -127,7 +134,9 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    add_allocator_flag(parser)
     args = parser.parse_args()
+    use_retaining_malloc()
 
     import torch
 
@@ -142,6 +151,7 @@ def main():
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     print(f"jax devices: {device}; torch {torch.__version__} with {args.threads} threads")
     print(f"batch {args.batch}, fp32; matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
+    print(f"allocator: {allocator_description(args.system_malloc)}")
     print("| model | row | GFLOP | jax ms | torch ms | jax/torch | jax/ceiling | torch/ceiling |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -1,12 +1,13 @@
 """Benchmark: dVAE encode and decode, jaxaigc (jitted, fp32) against OpenAI's dall_e (PyTorch).
 
-    python experiments/bench/dvae.py [--size 256 --batch 1 --repeats 5 --threads N]
+    python experiments/bench/dvae.py [--size 256 --batch 1 --repeats 5 --threads N --system-malloc]
 
 Both run the released model's shapes (n_hid 256, 2 blocks per group, vocab 8192) with the same
 random weights on the same batch, on this machine's CPU. Encode = map pixels, encoder, argmax;
 decode = one-hot codes, decoder, unmapped sigmoid(mu). Times are medians of interleaved repeats
-after a warm-up. FLOPs come from XLA's cost analysis of the compiled functions; the ceiling is the
-best time of a large jitted fp32 matmul measured in the same run, before and after the models.
+after a warm-up, with ``timing.RETAINING_MALLOC`` unless ``--system-malloc``. FLOPs come from
+XLA's cost analysis of the compiled functions; the ceiling is the best time of a large jitted
+fp32 matmul measured in the same run, before and after the models.
 """
 
 import argparse
@@ -14,7 +15,13 @@ import os
 
 import jax
 import numpy as np
-from timing import matmul_ceiling, median_times
+from timing import (
+    add_allocator_flag,
+    allocator_description,
+    matmul_ceiling,
+    median_times,
+    use_retaining_malloc,
+)
 
 from jaxaigc.convert.dvae import dvae_from_torch
 from jaxaigc.models.dvae import decode, encode
@@ -26,7 +33,9 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    add_allocator_flag(parser)
     args = parser.parse_args()
+    use_retaining_malloc()
 
     import dall_e
     import torch
@@ -85,6 +94,7 @@ def main():
         f"{torch.get_num_threads()}; batch {args.batch} at {args.size} px; tokens match: {same}"
     )
     print(f"matmul ceiling (fp32 4096^3, jitted): {ceiling / 1e9:.1f} GFLOP/s")
+    print(f"allocator: {allocator_description(args.system_malloc)}")
     print(
         f"{'stage':<8}{'GFLOP':>8}{'jax ms':>10}{'torch ms':>10}{'jax/torch':>11}"
         f"{'jax GFLOP/s':>13}{'jax/ceil':>10}{'torch/ceil':>12}"

@@ -1,22 +1,64 @@
 """Timing helpers shared by the benchmarks (imported from the scripts beside this file)."""
 
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
+# glibc hands XLA's per-execution temporary buffer (1.1 GB for a ViT-B/32 training step at batch 8)
+# back to the kernel after every step (it is mmap-ed from a thread arena), so the next step takes
+# ~270k fresh page faults: 10-30% of the step, worse when another framework's allocations
+# interleave. One arena with high mmap/trim thresholds keeps the memory mapped between steps.
+RETAINING_MALLOC = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": "4000000000",
+    "MALLOC_TRIM_THRESHOLD_": "8000000000",
+}
 
-def median_times(fns: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+
+def use_retaining_malloc() -> None:
+    """Re-executes this script with ``RETAINING_MALLOC`` in the environment (glibc reads it only
+    at start-up), unless it is set already or ``--system-malloc`` is on the command line. Both
+    frameworks of a benchmark run in the one process, so both get the same allocator settings."""
+    if "--system-malloc" in sys.argv:
+        return
+    if all(os.environ.get(k) == v for k, v in RETAINING_MALLOC.items()):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **RETAINING_MALLOC})
+
+
+def add_allocator_flag(parser) -> None:
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc's default allocator settings instead of RETAINING_MALLOC",
+    )
+
+
+def allocator_description(system_malloc: bool) -> str:
+    if system_malloc:
+        return "glibc malloc defaults (--system-malloc)"
+    return "glibc malloc with " + " ".join(f"{k}={v}" for k, v in RETAINING_MALLOC.items())
+
+
+def median_times(
+    fns: Sequence[Callable[[], object]], repeats: int, settle: float = 1.0
+) -> list[float]:
     """Median seconds of each zero-argument ``fn`` (which must block until done), after a
     warm-up call. The functions take turns in every repeat, so a load change on a shared machine
-    hits all of them alike."""
+    hits all of them alike. Each timed call starts ``settle`` seconds after the previous one ended:
+    thread pools keep spinning for a while after their work is done (OpenMP's default wait
+    policy), and would otherwise take cores from whichever framework runs next."""
     for fn in fns:
         fn()  # warm-up (and compilation)
     times = [[] for _ in fns]
     for _ in range(repeats):
         for fn, fn_times in zip(fns, times, strict=True):
+            time.sleep(settle)
             start = time.perf_counter()
             fn()
             fn_times.append(time.perf_counter() - start)

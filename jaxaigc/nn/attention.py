@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxaigc.nn.layers import partitioned
+from jaxaigc.nn.layers import linear, partitioned
 
 MaskFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -62,7 +62,9 @@ class HeadsDense(nn.Module):
             self.init_scale**2, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
         )
         kernel = self.param("kernel", partitioned(init, axes), shape, jnp.float32)
-        y = jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        # The out projection writes into the residual stream: see ``linear``.
+        y = jnp.einsum(spec, x, kernel) if self.direction == "in" else linear(x, kernel, n_in)
         if self.use_bias:
             bias_axes = axes[n_in:]
             bias = self.param(
