@@ -23,7 +23,6 @@ import numpy as np
 import optax
 from timing import (
     add_allocator_flag,
-    allocator_description,
     matmul_ceiling,
     median_times,
     use_retaining_malloc,
@@ -136,7 +135,7 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     add_allocator_flag(parser)
     args = parser.parse_args()
-    use_retaining_malloc()
+    allocator = use_retaining_malloc(args.system_malloc)
 
     import torch
 
@@ -151,7 +150,7 @@ def main():
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     print(f"jax devices: {device}; torch {torch.__version__} with {args.threads} threads")
     print(f"batch {args.batch}, fp32; matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
-    print(f"allocator: {allocator_description(args.system_malloc)}")
+    print(f"allocator: {allocator}")
     print("| model | row | GFLOP | jax ms | torch ms | jax/torch | jax/ceiling | torch/ceiling |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -17,7 +17,6 @@ import jax
 import numpy as np
 from timing import (
     add_allocator_flag,
-    allocator_description,
     matmul_ceiling,
     median_times,
     use_retaining_malloc,
@@ -35,7 +34,7 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     add_allocator_flag(parser)
     args = parser.parse_args()
-    use_retaining_malloc()
+    allocator = use_retaining_malloc(args.system_malloc)
 
     import dall_e
     import torch
@@ -94,7 +93,7 @@ def main():
         f"{torch.get_num_threads()}; batch {args.batch} at {args.size} px; tokens match: {same}"
     )
     print(f"matmul ceiling (fp32 4096^3, jitted): {ceiling / 1e9:.1f} GFLOP/s")
-    print(f"allocator: {allocator_description(args.system_malloc)}")
+    print(f"allocator: {allocator}")
     print(
         f"{'stage':<8}{'GFLOP':>8}{'jax ms':>10}{'torch ms':>10}{'jax/torch':>11}"
         f"{'jax GFLOP/s':>13}{'jax/ceil':>10}{'torch/ceil':>12}"

@@ -20,17 +20,6 @@ RETAINING_MALLOC = {
 }
 
 
-def use_retaining_malloc() -> None:
-    """Re-executes this script with ``RETAINING_MALLOC`` in the environment (glibc reads it only
-    at start-up), unless it is set already or ``--system-malloc`` is on the command line. Both
-    frameworks of a benchmark run in the one process, so both get the same allocator settings."""
-    if "--system-malloc" in sys.argv:
-        return
-    if all(os.environ.get(k) == v for k, v in RETAINING_MALLOC.items()):
-        return
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **RETAINING_MALLOC})
-
-
 def add_allocator_flag(parser) -> None:
     parser.add_argument(
         "--system-malloc",
@@ -39,9 +28,14 @@ def add_allocator_flag(parser) -> None:
     )
 
 
-def allocator_description(system_malloc: bool) -> str:
+def use_retaining_malloc(system_malloc: bool) -> str:
+    """Re-executes this script with ``RETAINING_MALLOC`` in the environment (glibc reads it only
+    at start-up) unless ``system_malloc`` or it is set already; returns the settings in words.
+    Both frameworks of a benchmark run in the one process, so both get the same settings."""
     if system_malloc:
         return "glibc malloc defaults (--system-malloc)"
+    if any(os.environ.get(k) != v for k, v in RETAINING_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **RETAINING_MALLOC})
     return "glibc malloc with " + " ".join(f"{k}={v}" for k, v in RETAINING_MALLOC.items())
 
 

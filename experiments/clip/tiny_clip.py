@@ -111,7 +111,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     model, task, batches, tokenizer = clip.build(config)
     state = train(task, batches, config, workdir)
-    params = state.params if state.ema_params is None else state.ema_params
+    params = state.eval_params
     variables = {"params": params, **state.model_state}
     losses = [(r["step"], r["train/loss"]) for r in read_metrics(workdir) if "train/loss" in r]
     report = {

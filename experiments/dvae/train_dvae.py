@@ -157,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     model, task, batches = dvae.build(config)
     state = train(task, batches, config, workdir)
-    params = state.params if state.ema_params is None else state.ema_params
+    params = state.eval_params
     records = [r for r in read_metrics(workdir) if "train/loss" in r]
     first, last = records[0], records[-1]
     report = {

@@ -55,7 +55,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     model, task, batches = lm.build(config)
     state = train(task, batches, config, workdir)
-    params = state.params if state.ema_params is None else state.ema_params
+    params = state.eval_params
 
     # Sums whose operand pairs never occur in the training text.
     held_out = arithmetic_lines(config.eval.prompts, seed=config.data.seed + 1, split="held_out")

@@ -23,6 +23,11 @@ class TrainState:
     model_state: Any  # non-parameter collections, e.g. {"batch_stats": ...}; {} for most models
     ema_params: Any  # exponential moving average of params, or None
 
+    @property
+    def eval_params(self) -> Any:
+        """The parameters to evaluate and sample with: the EMA when kept, else ``params``."""
+        return self.params if self.ema_params is None else self.ema_params
+
 
 def init_state(
     init_fn: Callable[[jax.Array], Any],
