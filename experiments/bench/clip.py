@@ -6,7 +6,8 @@
 Both frameworks get the same random fp32 weights (converted with ``clip_from_torch``) and the same
 batch of 224 px images and 77-token texts. Rows: ``encode_image`` (inference; BatchNorm on running
 statistics) and a training step (both encoders, symmetric InfoNCE, backward, AdamW; BatchNorm on
-batch statistics). Times are medians of interleaved repeats after a warm-up, with
+batch statistics), the latter jitted by ``jit_train_step`` with its CPU options and, for
+comparison, with XLA's defaults. Times are medians of interleaved repeats after a warm-up, with
 ``timing.RETAINING_MALLOC`` unless ``--system-malloc``; FLOPs come from XLA's
 cost analysis; the ceiling is the best jitted fp32 matmul, measured before and after the models.
 """
@@ -19,8 +20,10 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from timing import (
     add_allocator_flag,
     matmul_ceiling,
@@ -28,11 +31,12 @@ from timing import (
     use_retaining_malloc,
 )
 
+from jaxaigc import parallel
 from jaxaigc.convert.clip import clip_from_torch, openai_constructor_args
 from jaxaigc.models.clip import CLIP, CLIPConfig
 from jaxaigc.objectives.contrastive import clip_loss_fn
 from jaxaigc.train.state import init_state
-from jaxaigc.train.step import make_train_step
+from jaxaigc.train.step import jit_train_step, make_train_step
 
 
 def openai_clip_module():
@@ -86,20 +90,28 @@ def bench(name: str, batch: int, repeats: int, openai) -> list[dict]:
         with torch.no_grad():
             t_model.encode_image(t_images)
 
-    # Training step: the library's own step (AdamW with the same hyperparameters as torch's).
+    # Training step: the library's step and jit (AdamW with torch's hyperparameters), once with its
+    # XLA:CPU options (``CPU_TRAINING_OPTIONS``) and once with XLA's defaults.
     tx = optax.adamw(1e-5, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2)
-    state = init_state(lambda _: variables, tx, jax.random.key(0), use_ema=False)
-    step = jax.jit(
-        make_train_step(clip_loss_fn(model), tx, rng=jax.random.key(1), has_model_state=True),
-        donate_argnums=0,
-    )
+    step = make_train_step(clip_loss_fn(model), tx, rng=jax.random.key(1), has_model_state=True)
     batch_arrays = {"image": images, "tokens": tokens}
-    step_flops = step.lower(state, batch_arrays).compile().cost_analysis()["flops"]
-    holder = {"state": state}
+    mesh = parallel.make_mesh({"data": -1})
+    state = init_state(lambda _: variables, tx, jax.random.key(0), use_ema=False)
+    replicated = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), state)
+    step_flops = jax.jit(step).lower(state, batch_arrays).compile().cost_analysis()["flops"]
 
-    def jax_step():
-        holder["state"], metrics = step(holder["state"], batch_arrays)
-        jax.block_until_ready(metrics)
+    def timed_step(compiler_options):
+        run = jit_train_step(
+            step, mesh, parallel.make_rules(), replicated, batch_arrays,
+            compiler_options=compiler_options,
+        )  # fmt: skip
+        holder = {"state": jax.tree.map(jnp.copy, state)}  # each jit donates its own copy
+
+        def jax_step():
+            holder["state"], metrics = run(holder["state"], batch_arrays)
+            jax.block_until_ready(metrics)
+
+        return jax_step
 
     optimizer = torch.optim.AdamW(
         t_model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2
@@ -118,12 +130,20 @@ def bench(name: str, batch: int, repeats: int, openai) -> list[dict]:
         optimizer.step()
 
     rows = []
-    for row, fns, flops in [
-        ("encode_image", (jax_encode, torch_encode), encode_flops),
-        ("train step", (jax_step, torch_step), step_flops),
+    for jax_rows, torch_fn, flops in [
+        ({"encode_image": jax_encode}, torch_encode, encode_flops),
+        (
+            {
+                "train step": timed_step(None),
+                "train step, XLA defaults": timed_step({}),
+            },
+            torch_step,
+            step_flops,
+        ),
     ]:
-        jax_s, torch_s = median_times(fns, repeats)
-        rows.append(dict(model=name, row=row, flops=flops, jax_s=jax_s, torch_s=torch_s))
+        *jax_times, torch_s = median_times([*jax_rows.values(), torch_fn], repeats)
+        for row, jax_s in zip(jax_rows, jax_times, strict=True):
+            rows.append(dict(model=name, row=row, flops=flops, jax_s=jax_s, torch_s=torch_s))
     return rows
 
 

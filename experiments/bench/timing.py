@@ -13,10 +13,15 @@ import jax.numpy as jnp
 # back to the kernel after every step (it is mmap-ed from a thread arena), so the next step takes
 # ~270k fresh page faults: 10-30% of the step, worse when another framework's allocations
 # interleave. One arena with high mmap/trim thresholds keeps the memory mapped between steps.
+# Where the kernel reclaims cold pages proactively (DAMON, as on these VMs), 4 KiB pages left idle
+# for the ~2 s of the other framework's turn are reclaimed anyway: the step that follows took 135k
+# faults (+50% time) while PyTorch, whose allocator asks for huge pages, took none. glibc's
+# ``hugetlb=1`` tunable asks for transparent huge pages for the heap too.
 RETAINING_MALLOC = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_THRESHOLD_": "4000000000",
     "MALLOC_TRIM_THRESHOLD_": "8000000000",
+    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
 }
 
 
@@ -44,15 +49,19 @@ def median_times(
 ) -> list[float]:
     """Median seconds of each zero-argument ``fn`` (which must block until done), after a
     warm-up call. The functions take turns in every repeat, so a load change on a shared machine
-    hits all of them alike. Each timed call starts ``settle`` seconds after the previous one ended:
+    hits all of them alike. Each turn starts ``settle`` seconds after the previous one ended:
     thread pools keep spinning for a while after their work is done (OpenMP's default wait
-    policy), and would otherwise take cores from whichever framework runs next."""
+    policy), and would otherwise take cores from whichever framework runs next. Each turn is two
+    calls, and only the second is timed: the steady state of back-to-back steps, as in training.
+    The first call of a turn pays for the other framework's turn in between: memory paged out
+    while idle (+50% for a ViT-B/32 step after PyTorch's, from proactive reclaim) and caches."""
     for fn in fns:
         fn()  # warm-up (and compilation)
     times = [[] for _ in fns]
     for _ in range(repeats):
         for fn, fn_times in zip(fns, times, strict=True):
             time.sleep(settle)
+            fn()
             start = time.perf_counter()
             fn()
             fn_times.append(time.perf_counter() - start)
