@@ -28,8 +28,8 @@ StepFn = Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
 # Which fusions XLA:CPU hands to YNNPACK: dot fusions (a dot with its elementwise neighbours) and
 # reductions (BatchNorm and LayerNorm statistics, bias and norm gradients), but neither YNNPACK's
 # elementwise fusions nor its single dots. On the 2-core CPU this made the CLIP RN50 step ~28%
-# and the small GPT step ~30% faster than XLA's defaults (BUILD_NOTES, "XLA:CPU options"), with
-# gradients as close to float64 as the default build's. Inference was not faster with them.
+# and the small GPT step ~30% faster than XLA's defaults, with gradients as close to float64 as
+# the default build's (BUILD_NOTES, "CLIP benchmark, current figures"). Inference was not faster.
 CPU_TRAINING_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": ",".join(
         f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("DOT", "REDUCE")

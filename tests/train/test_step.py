@@ -67,9 +67,8 @@ def test_cpu_training_options_reach_the_compiler():
         )
 
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    # Two function objects, so that each jit compiles its own binary.
-    tuned = jax.jit(lambda v: grads(v), compiler_options=training_compiler_options(mesh))
-    default = jax.jit(lambda v: grads(v))
+    tuned = jax.jit(grads, compiler_options=training_compiler_options(mesh))
+    default = jax.jit(grads)
     tuned_hlo = tuned.lower(variables).compile().as_text()
     default_hlo = default.lower(variables).compile().as_text()
     assert tuned_hlo.count("ynn_fusion") != default_hlo.count("ynn_fusion")
