@@ -5,11 +5,12 @@
 
 Both frameworks get the same random fp32 weights (converted with ``clip_from_torch``) and the same
 batch of 224 px images and 77-token texts. Rows: ``encode_image`` (inference; BatchNorm on running
-statistics) and a training step (both encoders, symmetric InfoNCE, backward, AdamW; BatchNorm on
-batch statistics), the latter jitted by ``jit_train_step`` with its CPU options and, for
-comparison, with XLA's defaults. Times are medians of interleaved repeats after a warm-up, with
-``timing.RETAINING_MALLOC`` unless ``--system-malloc``; FLOPs come from XLA's
-cost analysis; the ceiling is the best jitted fp32 matmul, measured before and after the models.
+statistics), jitted by ``jit_inference``, and a training step (both encoders, symmetric InfoNCE,
+backward, AdamW; BatchNorm on batch statistics), jitted by ``jit_train_step``: each with the
+library's XLA:CPU options and, for comparison, with XLA's defaults. Times are medians of
+interleaved repeats after a warm-up, with ``timing.RETAINING_MALLOC`` unless ``--system-malloc``;
+FLOPs come from XLA's cost analysis; the ceiling is the best jitted fp32 matmul, measured before
+and after the models.
 """
 
 import argparse
@@ -32,6 +33,7 @@ from timing import (
 )
 
 from jaxaigc import parallel
+from jaxaigc.compile_options import jit_inference
 from jaxaigc.convert.clip import clip_from_torch, openai_constructor_args
 from jaxaigc.models.clip import CLIP, CLIPConfig
 from jaxaigc.objectives.contrastive import clip_loss_fn
@@ -78,12 +80,15 @@ def bench(name: str, batch: int, repeats: int, openai) -> list[dict]:
     t_images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
     t_tokens = torch.from_numpy(tokens.astype(np.int64))
 
-    # Inference.
-    encode = jax.jit(lambda v, x: model.apply(v, x, method="encode_image"))
-    encode_flops = encode.lower(variables, images).compile().cost_analysis()["flops"]
+    # Inference, with the library's XLA:CPU inference options and with XLA's defaults.
+    def encode(v, x):
+        return model.apply(v, x, method="encode_image")
 
-    def jax_encode():
-        jax.block_until_ready(encode(variables, images))
+    encode_flops = jax.jit(encode).lower(variables, images).compile().cost_analysis()["flops"]
+
+    def timed_encode(jit):
+        compiled = jit(encode).lower(variables, images).compile()
+        return lambda: jax.block_until_ready(compiled(variables, images))
 
     def torch_encode():
         t_model.eval()
@@ -91,7 +96,7 @@ def bench(name: str, batch: int, repeats: int, openai) -> list[dict]:
             t_model.encode_image(t_images)
 
     # Training step: the library's step and jit (AdamW with torch's hyperparameters), once with its
-    # XLA:CPU options (``CPU_TRAINING_OPTIONS``) and once with XLA's defaults.
+    # XLA:CPU options (``compile_options.CPU_TRAINING_OPTIONS``) and once with XLA's defaults.
     tx = optax.adamw(1e-5, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2)
     step = make_train_step(clip_loss_fn(model), tx, rng=jax.random.key(1), has_model_state=True)
     batch_arrays = {"image": images, "tokens": tokens}
@@ -131,7 +136,14 @@ def bench(name: str, batch: int, repeats: int, openai) -> list[dict]:
 
     rows = []
     for jax_rows, torch_fn, flops in [
-        ({"encode_image": jax_encode}, torch_encode, encode_flops),
+        (
+            {
+                "encode_image": timed_encode(jit_inference),
+                "encode_image, XLA defaults": timed_encode(jax.jit),
+            },
+            torch_encode,
+            encode_flops,
+        ),
         (
             {
                 "train step": timed_step(None),

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
 
 from jaxaigc import zero_shot
 from jaxaigc.cli import run_experiment
+from jaxaigc.compile_options import jit_inference
 from jaxaigc.data import builders, image_text
 from jaxaigc.data.preprocess import clip_ops
 from jaxaigc.pipelines import clip
@@ -54,8 +54,8 @@ def evaluate(model, variables, tokenizer, config: ml_collections.ConfigDict) -> 
     """Zero-shot Fashion-MNIST accuracy and retrieval recall, each with its chance level."""
     cfg, ev = model.config, config.eval
     ops = clip_ops(cfg.image_resolution, train=False)
-    encode_image = jax.jit(lambda x: model.apply(variables, x, method="encode_image"))
-    encode_text = jax.jit(lambda t: model.apply(variables, t, method="encode_text"))
+    encode_image = jit_inference(lambda x: model.apply(variables, x, method="encode_image"))
+    encode_text = jit_inference(lambda t: model.apply(variables, t, method="encode_text"))
 
     def embed(fn, array):
         return np.concatenate(

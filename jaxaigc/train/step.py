@@ -20,21 +20,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxaigc import parallel
+from jaxaigc import compile_options, parallel
 from jaxaigc.train.state import TrainState
 
 StepFn = Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
-
-# Which fusions XLA:CPU hands to YNNPACK: dot fusions (a dot with its elementwise neighbours) and
-# reductions (BatchNorm and LayerNorm statistics, bias and norm gradients), but neither YNNPACK's
-# elementwise fusions nor its single dots. On the 2-core CPU this made the CLIP RN50 step ~28%
-# and the small GPT step ~30% faster than XLA's defaults, with gradients as close to float64 as
-# the default build's (BUILD_NOTES, "CLIP benchmark, current figures"). Inference was not faster.
-CPU_TRAINING_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": ",".join(
-        f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("DOT", "REDUCE")
-    )
-}
 
 
 def _as_stateful(loss_fn: Callable, has_model_state: bool) -> Callable:
@@ -141,11 +130,6 @@ def make_train_step(
     return step
 
 
-def training_compiler_options(mesh: Mesh) -> dict[str, str]:
-    """XLA options for a train step on ``mesh``: ``CPU_TRAINING_OPTIONS`` on CPU, else none."""
-    return dict(CPU_TRAINING_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else {}
-
-
 def jit_train_step(
     step: StepFn,
     mesh: Mesh,
@@ -157,7 +141,7 @@ def jit_train_step(
 ) -> StepFn:
     """Jits ``step`` with the state's shardings in and out, the batch sharded over the batch axes
     and the old state donated (its buffers are reused for the new one). ``compiler_options``
-    default to ``training_compiler_options(mesh)``; ``{}`` compiles with XLA's defaults."""
+    default to ``compile_options.training_options(mesh)``; ``{}`` compiles with XLA's defaults."""
     batch_shardings = jax.tree.map(lambda x: parallel.batch_sharding(mesh, x.ndim), batch_example)
 
     def train_step(state, batch):
@@ -170,7 +154,7 @@ def jit_train_step(
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
         compiler_options=(
-            training_compiler_options(mesh) if compiler_options is None else compiler_options
+            compile_options.training_options(mesh) if compiler_options is None else compiler_options
         ),
     )
 

@@ -6,17 +6,18 @@ import optax
 import pytest
 
 from jaxaigc import parallel
+from jaxaigc.compile_options import training_options
 from jaxaigc.models.clip import CLIP, CLIPConfig
 from jaxaigc.objectives.contrastive import clip_loss_fn
 from jaxaigc.train.state import create_sharded_state
-from jaxaigc.train.step import jit_train_step, make_train_step, training_compiler_options
+from jaxaigc.train.step import jit_train_step, make_train_step
 from tests.helpers import max_relative_difference
 
 
 @pytest.mark.parametrize("mesh_name", ["mesh_1", "mesh_2x2x2"])
 def test_cpu_training_options_match_xla_defaults(mesh_name, request):
     """A CLIP ResNet step (convolutions, BatchNorm statistics, text transformer) compiled with
-    ``training_compiler_options`` updates parameters and statistics as XLA's defaults do."""
+    ``training_options`` updates parameters and statistics as XLA's defaults do."""
     mesh = request.getfixturevalue(mesh_name)
     config = CLIPConfig.from_name("tiny-rn")
     model = CLIP(config)
@@ -32,7 +33,7 @@ def test_cpu_training_options_match_xla_defaults(mesh_name, request):
     def init(key):
         return model.init(key, images[:1], tokens[:1])
 
-    assert training_compiler_options(mesh)  # these tests run on CPU devices
+    assert training_options(mesh)  # these tests run on CPU devices
     results = []
     for options in (None, {}):
         state, shardings, _ = create_sharded_state(init, tx, jax.random.key(0), mesh, rules)
@@ -67,7 +68,7 @@ def test_cpu_training_options_reach_the_compiler():
         )
 
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    tuned = jax.jit(grads, compiler_options=training_compiler_options(mesh))
+    tuned = jax.jit(grads, compiler_options=training_options(mesh))
     default = jax.jit(grads)
     tuned_hlo = tuned.lower(variables).compile().as_text()
     default_hlo = default.lower(variables).compile().as_text()

@@ -1,0 +1,38 @@
+"""Inference compiled with ``jit_inference``'s XLA:CPU options gives XLA's default results."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxaigc.compile_options import inference_options, jit_inference
+from jaxaigc.models.clip import CLIP, CLIPConfig
+
+
+@pytest.mark.parametrize("name", ["tiny-rn", "tiny-vit"])
+def test_jit_inference_matches_xla_defaults(name):
+    config = CLIPConfig.from_name(name)
+    model = CLIP(config)
+    r = config.image_resolution
+    images = np.random.default_rng(0).normal(size=(4, r, r, 3)).astype(np.float32)
+    tokens = np.zeros((1, config.context_length), np.int32)
+    variables = model.init(jax.random.key(0), images[:1], tokens)
+    # Random BatchNorm statistics: init's zero means and unit variances would hide their use.
+    stats = jax.tree.map(
+        lambda x: np.abs(np.random.default_rng(1).normal(size=x.shape)).astype(np.float32),
+        variables.get("batch_stats", {}),
+    )
+    variables = {**variables, "batch_stats": stats} if stats else variables
+
+    def encode(v, x):
+        return model.apply(v, x, method="encode_image")
+
+    assert inference_options()  # these tests run on CPU devices
+    tuned, default = jit_inference(encode), jax.jit(encode)
+    tuned_hlo, default_hlo = (
+        f.lower(variables, images).compile().as_text() for f in (tuned, default)
+    )
+    assert tuned_hlo.count("ynn_fusion") != default_hlo.count("ynn_fusion")  # the options apply
+    expected = np.asarray(default(variables, images))
+    np.testing.assert_allclose(
+        tuned(variables, images), expected, atol=1e-5 * np.abs(expected).max(), rtol=0
+    )
