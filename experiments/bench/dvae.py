@@ -3,11 +3,11 @@
     python experiments/bench/dvae.py [--size 256 --batch 1 --repeats 5 --threads N --system-malloc]
 
 Both run the released model's shapes (n_hid 256, 2 blocks per group, vocab 8192) with the same
-random weights on the same batch, on this machine's CPU. Encode = map pixels, encoder, argmax;
-decode = one-hot codes, decoder, unmapped sigmoid(mu). Times are medians of interleaved repeats
-after a warm-up, with ``timing.RETAINING_MALLOC`` unless ``--system-malloc``. FLOPs come from
-XLA's cost analysis of the compiled functions; the ceiling is the best time of a large jitted
-fp32 matmul measured in the same run, before and after the models.
+random weights on the same batch, on this machine's CPU; jax jitted by ``jit_inference``.
+Encode = map pixels, encoder, argmax; decode = one-hot codes, decoder, unmapped sigmoid(mu).
+Times are medians of interleaved repeats after a warm-up, with ``timing.RETAINING_MALLOC`` unless
+``--system-malloc``. FLOPs come from XLA's cost analysis of the compiled functions; the ceiling is
+the best time of a large jitted fp32 matmul measured in the same run, before and after the models.
 """
 
 import argparse
@@ -22,6 +22,7 @@ from timing import (
     use_retaining_malloc,
 )
 
+from jaxaigc.compile_options import jit_inference
 from jaxaigc.convert.dvae import dvae_from_torch
 from jaxaigc.models.dvae import decode, encode
 
@@ -47,8 +48,8 @@ def main():
     images = np.random.default_rng(0).uniform(size=(args.batch, args.size, args.size, 3))
     images = images.astype(np.float32)
 
-    jax_encode = jax.jit(lambda v, x: encode(config, v, x))
-    jax_decode = jax.jit(lambda v, ids: decode(config, v, ids))
+    jax_encode = jit_inference(lambda v, x: encode(config, v, x))
+    jax_decode = jit_inference(lambda v, ids: decode(config, v, ids))
     ids = jax.block_until_ready(jax_encode(variables, images))
     flops = {
         "encode": jax_encode.lower(variables, images).compile().cost_analysis()["flops"],

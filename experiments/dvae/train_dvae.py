@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from jaxaigc.cli import run_experiment
+from jaxaigc.compile_options import jit_inference
 from jaxaigc.data import builders, shapes
 from jaxaigc.models.dvae import (
     Decoder,
@@ -84,7 +85,7 @@ def autoencode(
     Returns numpy ``ids`` [n, h, w], ``reconstructions`` uint8 [n, H, W, c], ``nll`` [n] (nats).
     """
 
-    @jax.jit
+    @jit_inference
     def step(x):
         x = to_unit_range(x)
         mapped = map_pixels(x)
