@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxaigc.nn.attention import MultiHeadAttention
-from jaxaigc.nn.conv import Conv2d
 from jaxaigc.nn.layers import partitioned
 
 BLURS = ("avg", "binomial")
@@ -49,20 +48,22 @@ def conv(
     kernel_size: int,
     *,
     stride: int = 1,
-    writes_residual: bool = False,
+    padding: int = 0,
     dtype: jnp.dtype = jnp.float32,
     name: str | None = None,
 ):
-    """Bias-free convolution (a BatchNorm follows), padding (k - 1) // 2, He-normal init, kernel
-    ``[k, k, in, out]``."""
-    return Conv2d(
+    """Bias-free convolution (a BatchNorm follows), He-normal init, kernel ``[k, k, in, out]``."""
+    return nn.Conv(
         features,
-        kernel_size,
-        stride=stride,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
         use_bias=False,
-        writes_residual=writes_residual,
-        kernel_init=nn.initializers.he_normal(),
         dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=partitioned(
+            nn.initializers.he_normal(), ("height", "width", "conv_in", "conv_out")
+        ),
         name=name,
     )
 
@@ -104,14 +105,14 @@ class Bottleneck(nn.Module):
         norm = dict(train=self.train, dtype=self.dtype)
         h = conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
         h = nn.relu(batch_norm(**norm, name="bn1")(h))
-        h = conv(self.planes, 3, dtype=self.dtype, name="conv2")(h)
+        h = conv(self.planes, 3, padding=1, dtype=self.dtype, name="conv2")(h)
         h = nn.relu(batch_norm(**norm, name="bn2")(h))
         h = blur_pool(h, self.stride, self.blur)
-        h = conv(features, 1, writes_residual=True, dtype=self.dtype, name="conv3")(h)
+        h = conv(features, 1, dtype=self.dtype, name="conv3")(h)
         h = batch_norm(**norm, zero_init=True, name="bn3")(h)
         if self.stride > 1 or x.shape[-1] != features:
             x = blur_pool(x, self.stride, self.blur)
-            x = conv(features, 1, writes_residual=True, dtype=self.dtype, name="downsample_conv")(x)
+            x = conv(features, 1, dtype=self.dtype, name="downsample_conv")(x)
             x = batch_norm(**norm, name="downsample_bn")(x)
         return nn.relu(h + x)
 
