@@ -22,14 +22,18 @@ CPU_TRAINING_OPTIONS = {_YNN_FUSIONS: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TY
 CPU_INFERENCE_OPTIONS = {_YNN_FUSIONS: "LIBRARY_FUSION_TYPE_DOT"}
 
 
+def _on_cpu(options: dict[str, str], platform: str) -> dict[str, str]:
+    return dict(options) if platform == "cpu" else {}
+
+
 def training_options(mesh: Mesh) -> dict[str, str]:
     """XLA options for a train step on ``mesh``: ``CPU_TRAINING_OPTIONS`` on CPU, else none."""
-    return dict(CPU_TRAINING_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else {}
+    return _on_cpu(CPU_TRAINING_OPTIONS, mesh.devices.flat[0].platform)
 
 
 def inference_options() -> dict[str, str]:
     """XLA options for inference on the default backend: ``CPU_INFERENCE_OPTIONS`` on CPU."""
-    return dict(CPU_INFERENCE_OPTIONS) if jax.default_backend() == "cpu" else {}
+    return _on_cpu(CPU_INFERENCE_OPTIONS, jax.default_backend())
 
 
 def jit_inference(fn: Callable, **jit_kwargs) -> Callable:
