@@ -142,7 +142,7 @@ class ModifiedResNet(nn.Module):
         """x [b, r, r, 3] -> [b, out_features]."""
         stem = ((self.width // 2, 2), (self.width // 2, 1), (self.width, 1))  # (features, stride)
         for i, (features, stride) in enumerate(stem, 1):
-            x = conv(features, 3, stride=stride, padding=1, dtype=self.dtype, name=f"conv{i}")(x)
+            x = conv(features, 3, stride=stride, dtype=self.dtype, name=f"conv{i}")(x)
             x = nn.relu(batch_norm(train=train, dtype=self.dtype, name=f"bn{i}")(x))
         x = blur_pool(x, 2, self.blur)  # (b, r/4, r/4, width)
         remat = self.remat_policy != "none"

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxaigc.nn.attention import MultiHeadAttention
+from jaxaigc.nn.conv import Conv2d
 from jaxaigc.nn.layers import partitioned
 
 BLURS = ("avg", "binomial")
@@ -48,22 +49,18 @@ def conv(
     kernel_size: int,
     *,
     stride: int = 1,
-    padding: int = 0,
     dtype: jnp.dtype = jnp.float32,
     name: str | None = None,
 ):
-    """Bias-free convolution (a BatchNorm follows), He-normal init, kernel ``[k, k, in, out]``."""
-    return nn.Conv(
+    """Bias-free convolution (a BatchNorm follows), padding (k - 1) // 2, He-normal init, kernel
+    ``[k, k, in, out]``."""
+    return Conv2d(
         features,
-        (kernel_size, kernel_size),
-        strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)),
+        kernel_size,
+        stride=stride,
         use_bias=False,
+        kernel_init=nn.initializers.he_normal(),
         dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=partitioned(
-            nn.initializers.he_normal(), ("height", "width", "conv_in", "conv_out")
-        ),
         name=name,
     )
 
@@ -105,7 +102,7 @@ class Bottleneck(nn.Module):
         norm = dict(train=self.train, dtype=self.dtype)
         h = conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
         h = nn.relu(batch_norm(**norm, name="bn1")(h))
-        h = conv(self.planes, 3, padding=1, dtype=self.dtype, name="conv2")(h)
+        h = conv(self.planes, 3, dtype=self.dtype, name="conv2")(h)
         h = nn.relu(batch_norm(**norm, name="bn2")(h))
         h = blur_pool(h, self.stride, self.blur)
         h = conv(features, 1, dtype=self.dtype, name="conv3")(h)
