@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import operator
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -66,7 +63,7 @@ def _pointwise_conv_jvp(primals, tangents):
         terms.append(_pointwise_matmul(x_dot, kernel))
     if not isinstance(kernel_dot, SymbolicZero):
         terms.append(_pointwise_matmul(x, kernel_dot))
-    return y, functools.reduce(operator.add, terms)
+    return y, sum(terms[1:], start=terms[0])
 
 
 _pointwise_conv.defjvp(_pointwise_conv_jvp, symbolic_zeros=True)
