@@ -68,10 +68,10 @@ def median_times(
     return [statistics.median(t) for t in times]
 
 
-def matmul_ceiling(n: int = 4096, repeats: int = 5) -> float:
-    """FLOP/s of the best of ``repeats`` jitted fp32 [n, n] @ [n, n]: this machine's practical
-    matmul ceiling, against which the benchmarks report the fraction they achieve."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def matmul_ceiling(n: int = 4096, repeats: int = 5, dtype=jnp.float32) -> float:
+    """FLOP/s of the best of ``repeats`` jitted [n, n] @ [n, n] in ``dtype``: this machine's
+    practical matmul ceiling, against which the benchmarks report the fraction they achieve."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     matmul = jax.jit(lambda x: x @ x)
     jax.block_until_ready(matmul(a))
     best = float("inf")
