@@ -25,6 +25,21 @@ def causal_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
     return k_pos[None, :] <= q_pos[:, None]
 
 
+def single_query_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """``jax.nn.dot_product_attention`` for one query position (q [b, 1, h, d]; mask broadcastable
+    to [b, h, 1, k]) as matrix-vector products over the query axis squeezed away. The general
+    form's gradient contracts over that length-1 axis, and XLA:CPU's YNNPACK dot fusions abort on
+    it in bfloat16 (a reshape the fusion emitter requires to be a bitcast)."""
+    logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], k, preferred_element_type=jnp.float32)
+    logits = logits * q.shape[-1] ** -0.5
+    if mask is not None:
+        logits = jnp.where(mask[..., 0, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits).astype(v.dtype)
+    return jnp.einsum("bhk,bkhd->bhd", probs, v)[:, None]
+
+
 def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
     """Logical AND of the masks that are not None (None if all are)."""
     present = [m for m in masks if m is not None]
@@ -126,7 +141,10 @@ class MultiHeadAttention(nn.Module):
         if self.mask_fn is not None:
             mask = combine_masks(mask, self.mask_fn(q_pos, k_pos)[None, None])
 
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (b, q, h, k)
+        if q_len == 1:
+            out = single_query_attention(q, k, v, mask)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (b, q, h, k)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         out = HeadsDense(
             (self.out_features or width,),

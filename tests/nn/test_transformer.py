@@ -4,8 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxaigc.compile_options import CPU_TRAINING_OPTIONS
 from jaxaigc.models.gpt import GPT, GPTConfig
 from jaxaigc.nn import MultiHeadAttention, Transformer, causal_mask
+from jaxaigc.nn.attention import single_query_attention
 from tests.helpers import max_relative_difference
 
 
@@ -34,6 +36,35 @@ def test_attention_matches_reference_with_causal_and_padding_masks():
     causal = np.tril(np.ones((6, 6), bool))[None, None]
     expected = reference_attention(params, x, causal & padding)
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_single_query_attention_matches_the_general_form_with_gradients():
+    q, k, v = (jax.random.normal(jax.random.key(i), (3, n, 4, 8)) for i, n in enumerate([1, 7, 7]))
+    mask = jax.random.bernoulli(jax.random.key(3), 0.7, (3, 1, 1, 7)).at[..., 0].set(True)
+
+    def loss(attention, q, k, v):
+        return jnp.sum(jnp.sin(attention(q, k, v, mask=mask)))
+
+    general = jax.value_and_grad(
+        lambda *qkv: loss(jax.nn.dot_product_attention, *qkv), argnums=(0, 1, 2)
+    )(q, k, v)
+    single = jax.value_and_grad(
+        lambda *qkv: loss(single_query_attention, *qkv), argnums=(0, 1, 2)
+    )(q, k, v)
+    assert max_relative_difference(single, general) < 1e-5
+
+
+def test_bfloat16_single_query_gradient_runs_with_the_cpu_training_options():
+    # jax.nn.dot_product_attention's gradient here aborted the process (an XLA:CPU check failure
+    # in the YNNPACK dot-fusion emitter), as in CLIP's attention pool trained in bfloat16.
+    attention = MultiHeadAttention(num_heads=2, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16), jnp.bfloat16)
+    params = attention.init(jax.random.key(1), x[:, :1], x)["params"]
+    grad = jax.jit(
+        jax.grad(lambda p: attention.apply({"params": p}, x[:, :1], x).astype(float).sum()),
+        compiler_options=CPU_TRAINING_OPTIONS if jax.default_backend() == "cpu" else {},
+    )(params)
+    assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in jax.tree.leaves(grad))
 
 
 def _stack(unscanned, layers):
