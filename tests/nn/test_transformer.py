@@ -48,9 +48,9 @@ def test_single_query_attention_matches_the_general_form_with_gradients():
     general = jax.value_and_grad(
         lambda *qkv: loss(jax.nn.dot_product_attention, *qkv), argnums=(0, 1, 2)
     )(q, k, v)
-    single = jax.value_and_grad(
-        lambda *qkv: loss(single_query_attention, *qkv), argnums=(0, 1, 2)
-    )(q, k, v)
+    single = jax.value_and_grad(lambda *qkv: loss(single_query_attention, *qkv), argnums=(0, 1, 2))(
+        q, k, v
+    )
     assert max_relative_difference(single, general) < 1e-5
 
 
