@@ -24,8 +24,9 @@ install-test: $(PY)
 	$(PIP) install --quiet -e ".[test,reference]"
 	$(PIP) install --quiet --no-deps "openai-clip==1.0.1" "DALL-E==0.1"
 
+# glibc.malloc.hugetlb=1: the heap in transparent huge pages (README, "On CPU").
 demo: install data-packages
-	$(PY) experiments/demo.py --workdir $(WORKDIR)
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) experiments/demo.py --workdir $(WORKDIR)
 
 data-packages:
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

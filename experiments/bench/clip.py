@@ -32,6 +32,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from timing import (
     add_allocator_flag,
+    huge_page_megabytes,
     matmul_ceiling,
     median_times,
     use_retaining_malloc,
@@ -228,7 +229,7 @@ def main():
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     print(f"jax devices: {device}; torch {torch.__version__} with {args.threads} threads")
     print(f"batch {args.batch}, {args.dtype}; matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
-    print(f"allocator: {allocator}")
+    print(f"allocator: {allocator}; {huge_page_megabytes()} MB in huge pages at the end")
     print("| model | row | GFLOP | jax ms | torch ms | jax/torch | jax/ceiling | torch/ceiling |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

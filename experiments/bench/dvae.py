@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from timing import (
     add_allocator_flag,
+    huge_page_megabytes,
     matmul_ceiling,
     median_times,
     use_retaining_malloc,
@@ -94,7 +95,7 @@ def main():
         f"{torch.get_num_threads()}; batch {args.batch} at {args.size} px; tokens match: {same}"
     )
     print(f"matmul ceiling (fp32 4096^3, jitted): {ceiling / 1e9:.1f} GFLOP/s")
-    print(f"allocator: {allocator}")
+    print(f"allocator: {allocator}; {huge_page_megabytes()} MB in huge pages at the end")
     print(
         f"{'stage':<8}{'GFLOP':>8}{'jax ms':>10}{'torch ms':>10}{'jax/torch':>11}"
         f"{'jax GFLOP/s':>13}{'jax/ceil':>10}{'torch/ceil':>12}"
