@@ -38,6 +38,18 @@ def test_rules_override_takes_precedence():
     assert rules["heads"] == "tensor"
 
 
+def test_gspmd_partitions_only_where_conv_inputs_are_sharded(devices, mesh_2x2x2):
+    def uses_shardy(mesh, rules):
+        with parallel.partitioner(mesh, rules):
+            return jax.config.jax_use_shardy_partitioner
+
+    sharded_inputs = parallel.make_rules({"conv_in": "fsdp"})
+    assert not uses_shardy(mesh_2x2x2, sharded_inputs)
+    assert uses_shardy(mesh_2x2x2, parallel.make_rules())
+    assert uses_shardy(parallel.make_mesh({"data": 8}, devices=devices), sharded_inputs)
+    assert jax.config.jax_use_shardy_partitioner  # restored
+
+
 def test_param_shardings_from_logical_annotations(mesh_2x2x2):
     model = GPT(GPTConfig(vocab_size=64, context_length=8, width=32, layers=2, heads=4))
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))

@@ -140,7 +140,8 @@ def jit_train_step(
     compiler_options: dict[str, str] | None = None,
 ) -> StepFn:
     """Jits ``step`` with the state's shardings in and out, the batch sharded over the batch axes
-    and the old state donated (its buffers are reused for the new one). ``compiler_options``
+    and the old state donated (its buffers are reused for the new one), partitioned by
+    ``parallel.partitioner(mesh, rules)``. ``compiler_options``
     default to ``compile_options.training_options(mesh)``; ``{}`` compiles with XLA's defaults."""
     batch_shardings = jax.tree.map(lambda x: parallel.batch_sharding(mesh, x.ndim), batch_example)
 
@@ -159,7 +160,7 @@ def jit_train_step(
     )
 
     def run(state: TrainState, batch: Any):
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), parallel.partitioner(mesh, rules):
             return jitted(state, batch)
 
     return run
