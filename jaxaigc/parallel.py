@@ -97,13 +97,17 @@ def make_rules(overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] | None =
     return tuple(normalised.items()) + rest
 
 
+def _axis_names(axes: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A rule's or spec entry's mesh axes as a tuple: one name, several, or none."""
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     """Drops mesh axes from dimensions they do not divide (those dimensions stay replicated)."""
     fitted = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         kept = []
-        for name in names:
+        for name in _axis_names(axes):
             if dim % (mesh.shape[name] * math.prod(mesh.shape[k] for k in kept)) == 0:
                 kept.append(name)
         fitted.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
@@ -140,8 +144,7 @@ def partitioner(mesh: Mesh, rules: Rules) -> contextlib.AbstractContextManager:
     applies per call.
     """
     axes = next((axes for name, axes in rules if name == "conv_in"), None)
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    if any(mesh.shape.get(name, 1) > 1 for name in names):
+    if any(mesh.shape.get(name, 1) > 1 for name in _axis_names(axes)):
         return jax_config.use_shardy_partitioner(False)
     return contextlib.nullcontext()
 

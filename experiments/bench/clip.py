@@ -161,31 +161,18 @@ def bench(name: str, batch: int, repeats: int, dtype: str, settle: float, openai
         optimizer.step()
         sync()
 
-    def on_cpu_only(row: str, fn) -> dict:
-        """A row that compares against XLA's defaults: the library's options are CPU-only."""
-        return {row: fn} if on_cpu else {}
+    encode_rows = {"encode_image": lambda: jax.block_until_ready(tuned_encode(variables, images))}
+    step_rows = {"train step": timed_step(None)}
+    if on_cpu:  # the library's options are CPU-only: elsewhere its rows are XLA's defaults
+        encode_rows["encode_image, XLA defaults"] = lambda: jax.block_until_ready(
+            default_encode(variables, images)
+        )
+        step_rows["train step, XLA defaults"] = timed_step({})
 
     rows = []
     for jax_rows, torch_fn, flops in [
-        (
-            {
-                "encode_image": lambda: jax.block_until_ready(tuned_encode(variables, images)),
-                **on_cpu_only(
-                    "encode_image, XLA defaults",
-                    lambda: jax.block_until_ready(default_encode(variables, images)),
-                ),
-            },
-            torch_encode,
-            encode_flops,
-        ),
-        (
-            {
-                "train step": timed_step(None),
-                **on_cpu_only("train step, XLA defaults", timed_step({})),
-            },
-            torch_step,
-            step_flops,
-        ),
+        (encode_rows, torch_encode, encode_flops),
+        (step_rows, torch_step, step_flops),
     ]:
         *jax_times, torch_s = median_times([*jax_rows.values(), torch_fn], repeats, settle)
         for row, jax_s in zip(jax_rows, jax_times, strict=True):
