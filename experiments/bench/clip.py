@@ -41,7 +41,7 @@ from timing import (
 from jaxaigc import parallel
 from jaxaigc.compile_options import jit_inference
 from jaxaigc.convert.clip import clip_from_torch, openai_constructor_args
-from jaxaigc.models.clip import CLIP, CLIPConfig
+from jaxaigc.models.clip import CLIP, CLIPConfig, clamp_logit_scale
 from jaxaigc.objectives.contrastive import clip_loss_fn
 from jaxaigc.train.state import init_state
 from jaxaigc.train.step import jit_train_step, make_train_step
@@ -123,7 +123,13 @@ def bench(name: str, batch: int, repeats: int, dtype: str, settle: float, openai
     # Training step: the library's step and jit (AdamW with torch's hyperparameters), once with its
     # XLA:CPU options (``compile_options.CPU_TRAINING_OPTIONS``) and once with XLA's defaults.
     tx = optax.adamw(1e-5, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2)
-    step = make_train_step(clip_loss_fn(model), tx, rng=jax.random.key(1), has_model_state=True)
+    step = make_train_step(
+        clip_loss_fn(model),
+        tx,
+        rng=jax.random.key(1),
+        has_model_state=True,
+        constrain_params=clamp_logit_scale,
+    )
     batch_arrays = {"image": images, "tokens": tokens}
     mesh = parallel.make_mesh({"data": -1})
     state = init_state(lambda _: variables, tx, jax.random.key(0), use_ema=False)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxaigc import parallel
-from jaxaigc.models.clip import CLIP, PRESETS, CLIPConfig
+from jaxaigc.models.clip import CLIP, PRESETS, CLIPConfig, clamp_logit_scale
 from jaxaigc.objectives.contrastive import clip_loss_fn
 from jaxaigc.train.optim import make_optimizer
 from jaxaigc.train.state import create_sharded_state
@@ -59,7 +59,13 @@ def size_model(config: CLIPConfig, mesh, rules, global_batch: int) -> dict:
         ),
     }
     variables = {"params": state.params, **state.model_state}
-    step = make_train_step(clip_loss_fn(model), tx, rng=jax.random.key(1), has_model_state=True)
+    step = make_train_step(
+        clip_loss_fn(model),
+        tx,
+        rng=jax.random.key(1),
+        has_model_state=True,
+        constrain_params=clamp_logit_scale,
+    )
 
     def with_rules(fn):
         def wrapped(*args):

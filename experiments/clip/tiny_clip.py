@@ -111,8 +111,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     model, task, batches, tokenizer = clip.build(config)
     state = train(task, batches, config, workdir)
-    params = state.eval_params
-    variables = {"params": params, **state.model_state}
+    variables = state.eval_variables  # with EMA, the averaged weights and BatchNorm statistics
     losses = [(r["step"], r["train/loss"]) for r in read_metrics(workdir) if "train/loss" in r]
     report = {
         "first_logged_loss": {"step": losses[0][0], "loss": losses[0][1]},

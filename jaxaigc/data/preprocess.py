@@ -61,8 +61,11 @@ class Resize(grain.transforms.Map):
     def map(self, element: dict) -> dict:
         image = element[self.key]
         h, w, c = image.shape
-        scale = self.size / min(h, w)
-        new_h, new_w = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+        # torchvision's rule (so OpenAI's CLIP transform is matched pixel for pixel): the long
+        # side is int(size * long / short), truncated.
+        short, long = min(h, w), max(h, w)
+        new_short, new_long = self.size, int(self.size * long / short)
+        new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
         # PIL has no single-channel (h, w, 1) mode: resize the (h, w) plane.
         pil = Image.fromarray(image[..., 0] if c == 1 else image)
         resized = np.asarray(pil.resize((new_w, new_h), _RESAMPLE[self.method]))
@@ -71,7 +74,7 @@ class Resize(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class CenterCrop(grain.transforms.Map):
-    """The central ``size x size`` window."""
+    """The central ``size x size`` window, placed as torchvision's ``CenterCrop`` places it."""
 
     size: int
     _: dataclasses.KW_ONLY
@@ -81,7 +84,9 @@ class CenterCrop(grain.transforms.Map):
         image = element[self.key]
         _check_fits(image, self.size)
         h, w = image.shape[:2]
-        return _crop(element, self.key, self.size, (h - self.size) // 2, (w - self.size) // 2)
+        # torchvision's offsets: int(round(...)) rounds halves to even, unlike // 2.
+        top, left = int(round((h - self.size) / 2)), int(round((w - self.size) / 2))
+        return _crop(element, self.key, self.size, top, left)
 
 
 @dataclasses.dataclass(frozen=True)

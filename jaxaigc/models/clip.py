@@ -48,6 +48,18 @@ _PRESET_FIELDS = (
 )
 
 
+# The learned log temperature stays in [0, ln 100]: open_clip clamps the parameter after every
+# update (a clamp inside the loss would zero its gradient above ln 100 while Adam's momentum kept
+# pushing the raw value up, and the model's own logits would differ from the trained ones).
+LOGIT_SCALE_RANGE = (0.0, math.log(100.0))
+
+
+def clamp_logit_scale(params: dict) -> dict:
+    """``params`` with ``logit_scale`` clipped to :data:`LOGIT_SCALE_RANGE` (a train-step
+    constraint: ``Task(constrain_params=clamp_logit_scale)``)."""
+    return {**params, "logit_scale": jnp.clip(params["logit_scale"], *LOGIT_SCALE_RANGE)}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CLIPConfig:
     """The architecture (the arguments of OpenAI's ``CLIP``) and how to compute it."""
@@ -92,6 +104,11 @@ class CLIPConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"unknown remat policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}"
+            )
+        low, high = LOGIT_SCALE_RANGE
+        if not low <= self.logit_scale_init <= high:
+            raise ValueError(
+                f"logit_scale_init {self.logit_scale_init} is outside [0, ln 100 = {high:.4f}]"
             )
 
     @property
@@ -236,9 +253,11 @@ class CLIP(nn.Module):
     """``__call__(images, tokens)`` -> (logits_per_image [b_i, b_t], logits_per_text [b_t, b_i]).
 
     ``encode_image`` / ``encode_text`` give unnormalised embeddings [b, embed_dim] (float32);
-    ``encode`` gives both L2-normalised plus ``logit_scale`` (the log temperature, unclamped: the
-    loss clamps it). Variables: ``params``, and ``batch_stats`` for a ResNet, which ``train=True``
-    updates (call ``apply`` with ``mutable=["batch_stats"]``).
+    ``encode`` gives both L2-normalised plus ``logit_scale``, the log temperature: logits are
+    ``exp(logit_scale) * cosine`` here and in the losses; training keeps the parameter in
+    :data:`LOGIT_SCALE_RANGE` with :func:`clamp_logit_scale`. Variables: ``params``, and
+    ``batch_stats`` for a ResNet, which ``train=True`` updates (call ``apply`` with
+    ``mutable=["batch_stats"]``).
     """
 
     config: CLIPConfig

@@ -20,8 +20,6 @@ from jax.sharding import PartitionSpec as P
 
 from jaxaigc import parallel
 
-MAX_LOGIT_SCALE = 4.605170185988092  # ln(100): open_clip clamps the learned temperature here
-
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """Rows of ``x`` scaled to unit Euclidean norm (computed in float32)."""
@@ -66,10 +64,10 @@ def clip_loss(
     """Symmetric InfoNCE over the global batch; pair ``i`` is image ``i`` with text ``i``.
 
     Args: image_embeddings, text_embeddings [n, d] (normalised here); logit_scale: the learned
-    log temperature (clamped to ln 100).
+    log temperature (the train step keeps it in ``models.clip.LOGIT_SCALE_RANGE``).
     Returns: (loss, metrics) with the image->text and text->image losses and top-1 accuracies.
     """
-    scale = jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), MAX_LOGIT_SCALE))
+    scale = jnp.exp(logit_scale.astype(jnp.float32))
     images, texts = l2_normalize(image_embeddings), l2_normalize(text_embeddings)
     n = images.shape[0]
 
@@ -107,8 +105,8 @@ def sigmoid_loss(
     """SigLIP: every image-text pair is a binary match / non-match, summed over texts and
     averaged over images of the global batch.
 
-    Args: embeddings [n, d] (normalised here); logit_scale (log temperature, unclamped as in the
-    paper) and logit_bias, scalars.
+    Args: embeddings [n, d] (normalised here); logit_scale (log temperature, as for
+    :func:`clip_loss`) and logit_bias, scalars.
     """
     scale = jnp.exp(logit_scale.astype(jnp.float32))
     bias = logit_bias.astype(jnp.float32)

@@ -13,7 +13,7 @@ from jaxaigc.data import builders, image_text
 from jaxaigc.data.pipeline import BatchIterator
 from jaxaigc.data.preprocess import clip_ops
 from jaxaigc.data.tokenizers import ClipTokenizer
-from jaxaigc.models.clip import CLIP, CLIPConfig
+from jaxaigc.models.clip import CLIP, CLIPConfig, clamp_logit_scale
 from jaxaigc.objectives.contrastive import clip_loss_fn
 from jaxaigc.train.loop import Task, default_train_config
 
@@ -93,5 +93,10 @@ def build(config: ml_collections.ConfigDict) -> tuple[CLIP, Task, BatchIterator,
         seed=config.seed,
         operations=ops,
     )
-    task = Task(init=init, loss_fn=clip_loss_fn(model, loss=config.loss), has_model_state=True)
+    task = Task(
+        init=init,
+        loss_fn=clip_loss_fn(model, loss=config.loss),
+        has_model_state=True,
+        constrain_params=clamp_logit_scale,
+    )
     return model, task, batches, tokenizer

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the run stopped without saving the bad state."""
+    """The loss, gradient, update or new parameters became NaN or infinite; the run stopped
+    without saving the bad state."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +42,14 @@ class Task:
 
     ``loss_fn`` has the plain or, with ``has_model_state``, the stateful signature of
     :mod:`jaxaigc.train.step`; with ``pass_step`` it also takes the keyword ``step``.
+    ``constrain_params(params) -> params``, if given, runs after every update.
     """
 
     init: Callable[[jax.Array], Any]
     loss_fn: Callable
     has_model_state: bool = False
     pass_step: bool = False
+    constrain_params: Callable[[Any], Any] | None = None
 
 
 class Batches(Protocol):
@@ -113,15 +116,22 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(loss: jax.Array, step: int, checkpointer: Checkpointer) -> None:
-    value = float(loss)
-    if not np.isfinite(value):
-        checkpointer.wait()
-        good = checkpointer.all_steps()
-        raise NonFiniteLossError(
-            f"loss is {value} at step {step}; stopped without saving. Last good checkpoint: "
-            f"{good[-1] if good else 'none'} in {checkpointer.directory}"
-        )
+# Metrics of a step that must all be finite for its new state to be worth keeping: a finite loss
+# (computed before the update) can still come with a NaN gradient, update or parameter.
+FINITE_METRICS = ("train/loss", "train/grad_norm", "train/update_norm", "train/param_norm")
+
+
+def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer) -> None:
+    values = {name: float(metrics[name]) for name in FINITE_METRICS}
+    if all(np.isfinite(v) for v in values.values()):
+        return
+    checkpointer.wait()
+    good = checkpointer.all_steps()
+    shown = ", ".join(f"{name.removeprefix('train/')} {value}" for name, value in values.items())
+    raise NonFiniteLossError(
+        f"non-finite training state at step {step} ({shown}); stopped without saving. "
+        f"Last good checkpoint: {good[-1] if good else 'none'} in {checkpointer.directory}"
+    )
 
 
 def train(
@@ -179,11 +189,13 @@ def train(
         ema_decay=tc.ema_decay if use_ema else None,
         schedule=schedule,
         pass_step=task.pass_step,
+        constrain_params=task.constrain_params,
     )
     writer = MetricsWriter(workdir)
     config_json = config.to_dict()
     jitted = None
-    pending: tuple[int, jax.Array] | None = None  # the previous step's loss, checked one step late
+    # The previous step's finiteness metrics, checked one step late.
+    pending: tuple[int, dict] | None = None
     window_start, window_steps = time.perf_counter(), 0
     bar = tqdm(total=tc.steps, initial=start, desc="train", disable=jax.process_index() != 0)
     try:
@@ -197,7 +209,7 @@ def train(
                 # Checking the previous step keeps one step in flight: no per-step host sync.
                 if pending is not None:
                     _check_finite(pending[1], pending[0], checkpointer)
-                pending = (step, metrics["train/loss"])
+                pending = (step, {name: metrics[name] for name in FINITE_METRICS})
 
                 if step % tc.log_every == 0 or step == tc.steps:
                     host = jax.device_get(metrics)
@@ -210,7 +222,7 @@ def train(
 
                 stop = preemption.requested
                 if checkpointer.should_save(step) or step == tc.steps or stop:
-                    _check_finite(metrics["train/loss"], step, checkpointer)
+                    _check_finite(metrics, step, checkpointer)
                     checkpointer.save(
                         step,
                         state,

@@ -7,8 +7,10 @@ from typing import Any
 import jax
 import optax
 
-# Parameters named like this are never decayed: biases, norm scales and CLIP's temperature.
-NO_DECAY_NAMES = frozenset({"bias", "scale", "logit_scale"})
+# Parameters named like this are never decayed: every vector-shaped parameter that is not a weight
+# matrix, as open_clip exempts all parameters with fewer than 2 dimensions (biases, norm scales,
+# CLIP's temperature and class token, SigLIP's logit bias).
+NO_DECAY_NAMES = frozenset({"bias", "scale", "logit_scale", "logit_bias", "class_embedding"})
 
 
 def decay_mask(params: Any) -> Any:

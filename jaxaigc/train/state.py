@@ -22,11 +22,21 @@ class TrainState:
     opt_state: Any
     model_state: Any  # non-parameter collections, e.g. {"batch_stats": ...}; {} for most models
     ema_params: Any  # exponential moving average of params, or None
+    # The same average of model_state (BatchNorm statistics), so the EMA weights are evaluated
+    # with statistics that match them (timm's ModelEmaV2 averages buffers too); None without EMA.
+    ema_model_state: Any = None
 
     @property
     def eval_params(self) -> Any:
         """The parameters to evaluate and sample with: the EMA when kept, else ``params``."""
         return self.params if self.ema_params is None else self.ema_params
+
+    @property
+    def eval_variables(self) -> dict:
+        """``{"params": ..., **model_state}`` to evaluate with: the EMA of both when kept."""
+        if self.ema_params is None:
+            return {"params": self.params, **self.model_state}
+        return {"params": self.ema_params, **self.ema_model_state}
 
 
 def init_state(
@@ -45,6 +55,7 @@ def init_state(
         opt_state=tx.init(params),
         model_state=variables,
         ema_params=params if use_ema else None,
+        ema_model_state=variables if use_ema else None,
     )
 
 

@@ -65,13 +65,16 @@ def make_train_step(
     ema_decay: float | None = None,
     schedule: optax.Schedule | None = None,
     pass_step: bool = False,
+    constrain_params: Callable[[Any], Any] | None = None,
 ) -> StepFn:
     """Returns a pure ``step(state, batch) -> (state, metrics)``.
 
     The step's key is ``fold_in(rng, state.step)``: a resumed run draws the same randomness.
+    With ``ema_decay`` the parameters and the model state (BatchNorm statistics) are averaged.
     With ``accum_steps > 1`` gradients are averaged over microbatches in a ``lax.scan``.
     With ``pass_step`` the objective is called with ``step=state.step`` (the updates applied so
-    far) as a keyword argument.
+    far) as a keyword argument. ``constrain_params(params) -> params`` runs after every update
+    (a projection onto the allowed set, e.g. CLIP's temperature range).
     """
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -104,11 +107,18 @@ def make_train_step(
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema_params = state.ema_params
+        if constrain_params is not None:
+            params = constrain_params(params)
+        ema_params, ema_model_state = state.ema_params, state.ema_model_state
         if ema_decay is not None:
-            ema_params = jax.tree.map(
-                lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params
-            )
+
+            def average(e: jax.Array, x: jax.Array) -> jax.Array:
+                if not jnp.issubdtype(x.dtype, jnp.floating):  # counters stay as they are
+                    return x
+                return ema_decay * e + (1.0 - ema_decay) * x
+
+            ema_params = jax.tree.map(average, ema_params, params)
+            ema_model_state = jax.tree.map(average, ema_model_state, model_state)
         metrics = {f"train/{k}": v for k, v in metrics.items()}
         metrics |= {
             "train/loss": loss,
@@ -124,6 +134,7 @@ def make_train_step(
             opt_state=opt_state,
             model_state=model_state,
             ema_params=ema_params,
+            ema_model_state=ema_model_state,
         )
         return new_state, metrics
 

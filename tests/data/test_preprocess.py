@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from PIL import Image
 
 from jaxaigc.data import preprocess
 from jaxaigc.data.pipeline import BatchIterator
@@ -70,3 +71,48 @@ def test_train_ops_draw_crops_from_the_pipeline_seed():
 
     np.testing.assert_array_equal(crops(0), crops(0))
     assert not np.array_equal(crops(0), crops(1))
+
+
+def _openai_clip_transform(image: np.ndarray, size: int) -> np.ndarray:
+    """``clip.load``'s transform written out with torchvision's formulas (torchvision does not
+    import beside this torch): Resize(size, BICUBIC) -> CenterCrop(size) -> RGB -> ToTensor ->
+    Normalize."""
+    h, w = image.shape[:2]
+    short, long = (w, h) if w <= h else (h, w)  # torchvision _compute_resized_output_size
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    pil = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top = int(round((new_h - size) / 2.0))  # torchvision center_crop
+    left = int(round((new_w - size) / 2.0))
+    pil = pil.crop((left, top, left + size, top + size)).convert("RGB")
+    x = np.asarray(pil, np.float32) / 255.0
+    return (x - np.array(preprocess.CLIP_MEAN, np.float32)) / np.array(
+        preprocess.CLIP_STD, np.float32
+    )
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "size"),
+    [
+        (37, 23, 13),
+        (23, 37, 13),
+        (61, 45, 16),
+        (45, 61, 16),
+        (50, 33, 15),
+        (33, 33, 9),
+        (80, 31, 24),
+    ],
+)
+def test_eval_ops_equal_openai_clip_transform_on_odd_sizes(h, w, size):
+    rng = np.random.default_rng(h * w + size)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    out = apply(preprocess.clip_ops(size, train=False), {"image": image})["image"]
+    np.testing.assert_array_equal(out, _openai_clip_transform(image, size))
+
+
+def test_center_crop_offsets_round_halves_to_even_as_torchvision():
+    # (h - size) / 2 = 1.5 -> 2 (// 2 would give 1); 2.5 -> 2; 0.5 -> 0.
+    for h, top in [(7, 2), (9, 2), (5, 0)]:
+        image = grid(h, h)
+        out = preprocess.CenterCrop(4).map({"image": image})["image"]
+        np.testing.assert_array_equal(out, image[top : top + 4, top : top + 4])

@@ -6,12 +6,17 @@ import dataclasses
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
+from jaxaigc import parallel
 from jaxaigc.data.tokenizers import ClipTokenizer
+from jaxaigc.models.clip import LOGIT_SCALE_RANGE
 from jaxaigc.pipelines import clip
 from jaxaigc.train.loop import train
 from jaxaigc.train.metrics import read_metrics
+from jaxaigc.train.state import create_sharded_state
+from jaxaigc.train.step import make_train_step
 
 try:
     ClipTokenizer()
@@ -55,3 +60,37 @@ def test_unknown_loss_is_an_error():
     config.loss = "sigmoid"
     with pytest.raises(ValueError, match="logit_bias_init"):
         clip.build(config)
+
+
+def test_logit_scale_parameter_stays_in_range_and_the_model_uses_the_trained_scale():
+    """Huge SGD steps throw the temperature out of [0, ln 100]; the step clamps the parameter,
+    and the model's logits are the ones the loss was computed from."""
+    config = _config("tiny-vit", steps=1, logit_scale_init=LOGIT_SCALE_RANGE[1] - 1e-3)
+    model, task, batches, _ = clip.build(config)
+    tx = optax.sgd(1e4)
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    state, _, _ = create_sharded_state(
+        task.init, tx, jax.random.key(0), mesh, parallel.make_rules()
+    )
+    step = jax.jit(
+        make_train_step(
+            task.loss_fn,
+            tx,
+            rng=jax.random.key(1),
+            has_model_state=True,
+            constrain_params=task.constrain_params,
+        )
+    )
+    batch = next(batches)
+    scales = []
+    for _ in range(3):
+        state, _ = step(state, batch)
+        scales.append(float(state.params["logit_scale"]))
+    assert all(LOGIT_SCALE_RANGE[0] <= s <= LOGIT_SCALE_RANGE[1] for s in scales), scales
+    assert scales[0] != pytest.approx(LOGIT_SCALE_RANGE[1] - 1e-3)  # it moved, to a bound
+    loss, _ = task.loss_fn(state.params, state.model_state, batch, jax.random.key(2))
+    logits, _ = model.apply({"params": state.params}, batch["image"], batch["tokens"])
+    labels = np.arange(len(logits))
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    expected = (ce(logits, labels).mean() + ce(logits.T, labels).mean()) / 2
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxaigc import parallel
+from jaxaigc.models.clip import CLIP, CLIPConfig
 from jaxaigc.pipelines import lm
 from jaxaigc.train.loop import NonFiniteLossError, Task, default_train_config, train
 from jaxaigc.train.optim import decay_mask, make_optimizer
@@ -89,9 +90,38 @@ def regression_task():
 def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, mesh_2x2x2):
     config = default_train_config()
     config.train.update(steps=20, batch_size=8, checkpoint_every=4)
-    with pytest.raises(NonFiniteLossError, match="loss is nan at step 7.*Last good checkpoint: 4"):
+    with pytest.raises(NonFiniteLossError, match=r"at step 7 \(loss nan.*Last good checkpoint: 4"):
         train(regression_task(), NaNAt(bad=7), config, tmp_path, mesh=mesh_2x2x2)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [4]
+
+
+@pytest.mark.parametrize("bad", [7, 8])  # found one step late, or by the check before a save
+def test_finite_loss_with_nan_gradient_is_caught_before_it_is_saved(tmp_path, mesh_2x2x2, bad):
+    task = regression_task()
+
+    def loss_fn(params, batch, rng):
+        loss, metrics = task.loss_fn(params, batch, rng)
+        # From batch ``bad`` on, add sqrt(0): value 0, gradient inf * 0 = NaN.
+        kernel = params["kernel"]
+        poison = jax.lax.cond(
+            batch["poison"][0], lambda k: jnp.sqrt(jnp.sum(k * 0.0)), lambda k: 0.0, kernel
+        )
+        return loss + poison, metrics
+
+    class Poisoned(NaNAt):
+        def __next__(self):
+            batch = super().__next__()
+            batch["y"] = np.nan_to_num(batch["y"])
+            return {**batch, "poison": np.full(8, self.index >= self.bad)}
+
+    config = default_train_config()
+    config.train.update(steps=20, batch_size=8, checkpoint_every=4)
+    with pytest.raises(
+        NonFiniteLossError, match=rf"at step {bad} \(loss [0-9.e-]+, grad_norm nan.*checkpoint: 4 "
+    ):
+        train(Task(task.init, loss_fn), Poisoned(bad), config, tmp_path, mesh=mesh_2x2x2)
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [4]
 
 
 def test_gradient_accumulation_equals_one_big_batch(mesh_2x2x2):
@@ -138,6 +168,32 @@ def test_stateful_objective_updates_batch_statistics(tmp_path, mesh_2x2x2):
     assert np.abs(mean).max() > 0.05  # moved from its zero init towards the data mean
 
 
+def test_ema_averages_batch_statistics_with_the_parameters(tmp_path, mesh_2x2x2):
+    """EMA weights are evaluated with the same average of the BatchNorm statistics."""
+    model = BatchNormNet()
+
+    def loss_fn(params, model_state, batch, rng):
+        out, updates = model.apply(
+            {"params": params, **model_state}, batch["x"] + 1.0, train=True, mutable=["batch_stats"]
+        )
+        return ((out - batch["y"]) ** 2).mean(), ({}, updates)
+
+    init = lambda rng: model.init(rng, jnp.zeros((1, 4)), train=False)
+    task = Task(init=init, loss_fn=loss_fn, has_model_state=True)
+    config = default_train_config()
+    config.train.update(steps=6, batch_size=8, checkpoint_every=100, ema_decay=0.5)
+    live = []
+    hook = lambda step, state, metrics: live.append(jax.device_get(state.model_state))
+    state = train(task, NaNAt(bad=99), config, tmp_path, mesh=mesh_2x2x2, hooks=[hook])
+    expected = {"batch_stats": init(jax.random.key(0))["batch_stats"]}
+    for stats in live:
+        expected = jax.tree.map(lambda e, x: 0.5 * e + 0.5 * x, expected, stats)
+    got = state.eval_variables
+    assert max_relative_difference(got["batch_stats"], expected["batch_stats"]) < 1e-6
+    assert max_relative_difference(got["batch_stats"], live[-1]["batch_stats"]) > 0.05
+    assert got["params"] is state.ema_params
+
+
 def test_weight_decay_skips_biases_and_norm_scales():
     params = {
         "dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
@@ -150,3 +206,21 @@ def test_weight_decay_skips_biases_and_norm_scales():
         "ln": {"scale": False},
         "stacked": {"bias": False},
     }
+
+
+@pytest.mark.parametrize("preset", ["tiny-vit", "tiny-rn"])
+def test_weight_decay_skips_every_vector_parameter_of_a_clip(preset):
+    model = CLIP(CLIPConfig.from_name(preset, logit_bias_init=-10.0))
+    variables = jax.eval_shape(
+        model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 77), jnp.int32)
+    )
+    params = nn.meta.unbox(variables["params"])
+    decays = decay_mask(params)
+    assert not decays["logit_bias"] and not decays["logit_scale"]
+    if preset == "tiny-vit":
+        assert not decays["visual"]["class_embedding"]
+    # open_clip's rule: a parameter decays if and only if it has at least 2 dimensions (attention
+    # biases are [heads, head_dim] here, [width] in PyTorch).
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    for decay, (path, x) in zip(jax.tree.leaves(decays), leaves, strict=True):
+        assert decay == (x.ndim >= 2 and path[-1].key != "bias"), jax.tree_util.keystr(path)

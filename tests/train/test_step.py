@@ -7,7 +7,7 @@ import pytest
 
 from jaxaigc import parallel
 from jaxaigc.compile_options import training_options
-from jaxaigc.models.clip import CLIP, CLIPConfig
+from jaxaigc.models.clip import CLIP, CLIPConfig, clamp_logit_scale
 from jaxaigc.objectives.contrastive import clip_loss_fn
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import jit_train_step, make_train_step
@@ -27,7 +27,13 @@ def test_cpu_training_options_match_xla_defaults(mesh_name, request):
     tokens = rng.integers(1, config.vocab_size, (8, config.context_length)).astype(np.int32)
     rules = parallel.make_rules()
     tx = optax.sgd(0.1)  # a parameter change proportional to the gradient
-    step = make_train_step(clip_loss_fn(model), tx, rng=jax.random.key(1), has_model_state=True)
+    step = make_train_step(
+        clip_loss_fn(model),
+        tx,
+        rng=jax.random.key(1),
+        has_model_state=True,
+        constrain_params=clamp_logit_scale,
+    )
     batch = parallel.shard_batch({"image": images, "tokens": tokens}, mesh)
 
     def init(key):
