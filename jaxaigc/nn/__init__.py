@@ -2,6 +2,7 @@
 
 from jaxaigc.nn.attention import MultiHeadAttention, causal_mask, combine_masks
 from jaxaigc.nn.layers import ACTIVATIONS, MLP, activation, dense, layer_norm, partitioned
+from jaxaigc.nn.sparse import dalle_mask, dalle_mask_fn, layer_masks, sparse_attention
 from jaxaigc.nn.transformer import REMAT_POLICIES, Transformer, TransformerBlock
 
 __all__ = [
@@ -14,7 +15,11 @@ __all__ = [
     "activation",
     "causal_mask",
     "combine_masks",
+    "dalle_mask",
+    "dalle_mask_fn",
     "dense",
+    "layer_masks",
     "layer_norm",
     "partitioned",
+    "sparse_attention",
 ]

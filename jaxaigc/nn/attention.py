@@ -5,6 +5,11 @@ Masks are boolean (True = may attend) and come in two kinds that combine with a 
   that depends only on positions (causal, DALL-E's sparse patterns); in decode mode it is evaluated
   at the cache positions, so one definition serves training and sampling;
 - a data-dependent ``mask`` array broadcastable to ``[b, heads, q, k]`` (padding), a call argument.
+
+An ``attention_fn(q, k, v)`` may replace the dense computation on the non-decode path: a kernel
+that skips what ``mask_fn`` masks (``jaxaigc.nn.sparse``). Several mask builders (and matching
+kernels) may be given as alternatives, one chosen per call by an index: DALL-E's per-layer masks
+inside one scanned block.
 """
 
 from __future__ import annotations
@@ -18,6 +23,19 @@ import jax.numpy as jnp
 from jaxaigc.nn.layers import linear, partitioned
 
 MaskFn = Callable[[jax.Array, jax.Array], jax.Array]
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def choose(fns: tuple[Callable, ...], index: int | jax.Array, *args):
+    """``fns[index](*args)``: a Python index picks at trace time, a traced one (a scanned layer's
+    pattern) through ``lax.switch``, which compiles every alternative once."""
+    if len(fns) == 1 or isinstance(index, int):
+        return fns[0 if len(fns) == 1 else index](*args)
+    return jax.lax.switch(index, fns, *args)
+
+
+def _as_tuple(fns) -> tuple:
+    return () if fns is None else tuple(fns) if isinstance(fns, (tuple, list)) else (fns,)
 
 
 def causal_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
@@ -98,10 +116,17 @@ class MultiHeadAttention(nn.Module):
     ``out_init_scale`` scales the out kernel's initial standard deviation.
     With ``decode=True`` keys and values are written to a ``cache`` collection sized by the input
     given to ``init``; each call then appends its tokens at the cache index (prefill or one step).
+
+    ``attention_fn(q, k, v) -> out`` ([b, t, h, k] each) replaces ``dot_product_attention`` with the
+    mask of ``mask_fn`` on the non-decode path and must compute the same function; it takes no
+    ``mask`` argument. The decode path always evaluates ``mask_fn`` at the cache positions.
+    ``mask_fn`` and ``attention_fn`` may be tuples of alternatives (``attention_fn[i]`` matching
+    ``mask_fn[i]``), chosen by the call's ``pattern`` index.
     """
 
     num_heads: int
-    mask_fn: MaskFn | None = None
+    mask_fn: MaskFn | tuple[MaskFn, ...] | None = None
+    attention_fn: AttentionFn | tuple[AttentionFn, ...] | None = None
     use_bias: bool = True
     dropout_rate: float = 0.0
     deterministic: bool = True
@@ -112,9 +137,24 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        *,
+        pattern: int | jax.Array = 0,
     ) -> jax.Array:
-        """Args: x [b, q, d]; context [b, k, d] for cross-attention (default x); mask as above."""
+        """Args: x [b, q, d]; context [b, k, d] for cross-attention (default x); mask as above;
+        pattern: which of several ``mask_fn`` / ``attention_fn`` alternatives (int, maybe traced).
+        """
+        mask_fns, attention_fns = _as_tuple(self.mask_fn), _as_tuple(self.attention_fn)
+        if attention_fns and len(attention_fns) != len(mask_fns):
+            raise ValueError(
+                f"{len(attention_fns)} attention_fn alternatives for {len(mask_fns)} mask_fn"
+            )
+        use_kernel = bool(attention_fns) and not self.decode
+        if use_kernel and mask is not None:
+            raise ValueError("an attention_fn takes no data-dependent mask; pass mask=None")
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
@@ -138,10 +178,12 @@ class MultiHeadAttention(nn.Module):
         if self.decode:
             k, v, q_pos, k_pos, filled = self._update_cache(k, v)
             mask = combine_masks(mask, filled[None, None, None, :])
-        if self.mask_fn is not None:
-            mask = combine_masks(mask, self.mask_fn(q_pos, k_pos)[None, None])
+        if mask_fns and not use_kernel:
+            mask = combine_masks(mask, choose(mask_fns, pattern, q_pos, k_pos)[None, None])
 
-        if q_len == 1:
+        if use_kernel:
+            out = choose(attention_fns, pattern, q, k, v)
+        elif q_len == 1:
             out = single_query_attention(q, k, v, mask)
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (b, q, h, k)

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxaigc.nn.attention import MaskFn, MultiHeadAttention
+from jaxaigc.nn.attention import AttentionFn, MaskFn, MultiHeadAttention
 from jaxaigc.nn.layers import MLP, layer_norm
 
 # Names of rematerialisation policies accepted in configs; "none" stores every activation, "full"
@@ -29,6 +29,7 @@ class TransformerBlock(nn.Module):
     ``residual_init_scale`` multiplies the initial standard deviation of the two projections that
     write into the residual stream (attention out, mlp.c_proj); GPT-2 and CLIP use
     ``(2 * num_layers) ** -0.5`` so the stream's variance does not grow with depth.
+    ``mask_fn`` / ``attention_fn`` and the call's ``pattern``: see :class:`MultiHeadAttention`.
     """
 
     num_heads: int
@@ -36,27 +37,31 @@ class TransformerBlock(nn.Module):
     activation: str = "gelu"
     ln_eps: float = 1e-5
     dropout_rate: float = 0.0
-    mask_fn: MaskFn | None = None
+    mask_fn: MaskFn | tuple[MaskFn, ...] | None = None
+    attention_fn: AttentionFn | tuple[AttentionFn, ...] | None = None
     deterministic: bool = True
     decode: bool = False
     dtype: jnp.dtype = jnp.float32
     residual_init_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None = None, pattern: int | jax.Array = 0
+    ) -> jax.Array:
         """x [b, t, d] -> [b, t, d]."""
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = layer_norm(eps=self.ln_eps, dtype=self.dtype, name="ln_1")(x)
         h = MultiHeadAttention(
             self.num_heads,
             mask_fn=self.mask_fn,
+            attention_fn=self.attention_fn,
             dropout_rate=self.dropout_rate,
             deterministic=self.deterministic,
             decode=self.decode,
             dtype=self.dtype,
             out_init_scale=self.residual_init_scale,
             name="attn",
-        )(h, mask=mask)
+        )(h, mask=mask, pattern=pattern)
         x = x + h
         h = layer_norm(eps=self.ln_eps, dtype=self.dtype, name="ln_2")(x)
         h = MLP(
@@ -74,8 +79,8 @@ class TransformerBlock(nn.Module):
 class _ScannedBlock(TransformerBlock):
     """A block with the ``(carry, x) -> (carry, y)`` signature ``nn.scan`` needs."""
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None):
-        return super().__call__(x, mask), None
+    def __call__(self, x: jax.Array, mask: jax.Array | None, pattern: jax.Array):
+        return super().__call__(x, mask, pattern), None
 
 
 class Transformer(nn.Module):
@@ -85,6 +90,12 @@ class Transformer(nn.Module):
     compile time independent of depth, the usual choice for big models. ``remat_policy`` names an
     entry of ``REMAT_POLICIES``. Parameters: ``resblocks_{i}`` unscanned, ``resblocks`` scanned.
     ``residual_init_scale`` as in :class:`TransformerBlock`.
+
+    Per-layer attention patterns: ``mask_fn`` (and ``attention_fn``) as a tuple of alternatives and
+    ``layer_patterns[i]`` the one layer i uses. Scanned, the block gets its layer's pattern as a
+    scanned int and chooses with ``lax.switch``: one compiled block for any schedule. (Scanning
+    repeated groups of layers instead would need the schedule to be periodic, and DALL-E's is not
+    quite: row, then (column, row, row, row) repeated, with a final conv layer.)
     """
 
     num_layers: int
@@ -93,7 +104,9 @@ class Transformer(nn.Module):
     activation: str = "gelu"
     ln_eps: float = 1e-5
     dropout_rate: float = 0.0
-    mask_fn: MaskFn | None = None
+    mask_fn: MaskFn | tuple[MaskFn, ...] | None = None
+    attention_fn: AttentionFn | tuple[AttentionFn, ...] | None = None
+    layer_patterns: tuple[int, ...] | None = None  # default: pattern 0 everywhere
     deterministic: bool = True
     decode: bool = False
     scan_layers: bool = False
@@ -107,6 +120,9 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"unknown remat policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}"
             )
+        patterns = self.layer_patterns or (0,) * self.num_layers
+        if len(patterns) != self.num_layers:
+            raise ValueError(f"{len(patterns)} layer patterns given for {self.num_layers} layers")
         block_args = dict(
             num_heads=self.num_heads,
             mlp_ratio=self.mlp_ratio,
@@ -114,6 +130,7 @@ class Transformer(nn.Module):
             ln_eps=self.ln_eps,
             dropout_rate=self.dropout_rate,
             mask_fn=self.mask_fn,
+            attention_fn=self.attention_fn,
             deterministic=self.deterministic,
             decode=self.decode,
             dtype=self.dtype,
@@ -121,18 +138,22 @@ class Transformer(nn.Module):
         )
         block_cls = _ScannedBlock if self.scan_layers else TransformerBlock
         if self.remat_policy != "none":
-            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat_policy])
+            # Unscanned, the pattern (argument 3, counting self) is a Python int: keep it static.
+            static = () if self.scan_layers else (3,)
+            block_cls = nn.remat(
+                block_cls, policy=REMAT_POLICIES[self.remat_policy], static_argnums=static
+            )
         if not self.scan_layers:
             for i in range(self.num_layers):
-                x = block_cls(**block_args, name=f"resblocks_{i}")(x, mask)
+                x = block_cls(**block_args, name=f"resblocks_{i}")(x, mask, patterns[i])
             return x
         scanned = nn.scan(
             block_cls,
             variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,),
+            in_axes=(nn.broadcast, 0),
             length=self.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = scanned(**block_args, name="resblocks")(x, mask)
+        x, _ = scanned(**block_args, name="resblocks")(x, mask, jnp.asarray(patterns, jnp.int32))
         return x

@@ -1,0 +1,302 @@
+"""DALL-E's sparse attention masks (Ramesh et al. 2021, "Zero-shot text-to-image generation",
+App. B.1 and Fig. 11) and attention that computes only the blocks they keep.
+
+A sequence is ``text_len`` text tokens then an ``image_side x image_side`` grid of image tokens in
+raster order. Text queries attend to earlier text (causal) and never to image keys; every image
+query attends to all text; image -> image follows the layer's kind:
+
+- ``row``: the previous ``image_side`` tokens and itself (``q - W <= k <= q`` in raster index);
+- ``column``: the same column, at or above (in raster order);
+- ``conv``: the causal half of a ``kernel x kernel`` neighbourhood in raster-offset form,
+  ``q - k = dr * W + dc`` with ``0 <= dr <= kernel // 2``, ``|dc| <= kernel // 2``, ``k <= q``;
+  offsets wrap at row edges as the row mask does (a key just left of the left edge is the end of
+  an earlier row), not as a torus (ru-dalle) nor clipped at the edges: the paper gives the mask in
+  raster-offset form and this keeps it a band of raster offsets;
+- ``dense``: causal.
+
+Three paths compute the same function: ``jax.nn.dot_product_attention`` with the mask (dense),
+:func:`sparse_attention` (portable, block-sparse) and :func:`splash_attention` (Pallas TPU kernel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("row", "column", "conv", "dense")
+
+
+def layer_masks(n_layers: int) -> list[str]:
+    """The paper's schedule: layer i (1-indexed) is ``conv`` if last, else ``column`` if
+    ``(i - 2) % 4 == 0``, else ``row`` (row, column, row, row, ..., conv)."""
+    return [
+        "conv" if i == n_layers else "column" if (i - 2) % 4 == 0 else "row"
+        for i in range(1, n_layers + 1)
+    ]
+
+
+def _check(kind: str, text_len: int, image_side: int, kernel: int) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown mask kind {kind!r}; known: {KINDS}")
+    if text_len < 1 or image_side < 1:
+        raise ValueError(f"text_len {text_len} and image_side {image_side} must be at least 1")
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"conv kernel {kernel} must be a positive odd number")
+
+
+def _image_mask(kind: str, q, k, side: int, kernel: int):
+    """Image -> image mask at raster indices ``q``, ``k`` (broadcastable NumPy or jax arrays)."""
+    causal = k <= q
+    if kind == "row":
+        return causal & (k >= q - side)
+    if kind == "column":
+        return causal & (q % side == k % side)
+    if kind == "conv":
+        half, offset = kernel // 2, q - k
+        near = False
+        for dr in range(half + 1):  # a few static terms; several may hold when side <= 2 * half
+            near = near | (abs(offset - dr * side) <= half)
+        return causal & near
+    return causal
+
+
+@dataclasses.dataclass(frozen=True)
+class DALLEMask:
+    """``mask_fn(q_pos, k_pos) -> bool [q, k]`` (True = may attend) at sequence positions.
+
+    Works on NumPy arrays and on traced jax arrays (the KV-cache path evaluates it at cache
+    positions); a frozen dataclass, so equal masks compare and hash equal.
+    """
+
+    kind: str
+    text_len: int
+    image_side: int
+    kernel: int = 11
+
+    def __post_init__(self):
+        _check(self.kind, self.text_len, self.image_side, self.kernel)
+
+    @property
+    def length(self) -> int:
+        return self.text_len + self.image_side**2
+
+    def __call__(self, q_pos, k_pos):
+        q, k = q_pos[:, None], k_pos[None, :]
+        t = self.text_len
+        q_text, k_text = q < t, k < t
+        image = _image_mask(self.kind, q - t, k - t, self.image_side, self.kernel)
+        # text -> earlier text | image -> all text | image -> image by kind
+        return (q_text & k_text & (k <= q)) | (~q_text & k_text) | (~q_text & ~k_text & image)
+
+
+def dalle_mask(kind: str, text_len: int, image_side: int, kernel: int = 11) -> np.ndarray:
+    """The mask as bool ``[N, N]``, ``N = text_len + image_side**2``, True where query i may
+    attend key j."""
+    mask = DALLEMask(kind, text_len, image_side, kernel)
+    positions = np.arange(mask.length)
+    return mask(positions, positions)
+
+
+def dalle_mask_fn(kind: str, text_len: int, image_side: int, kernel: int = 11) -> DALLEMask:
+    """The same mask as a builder ``mask_fn(q_pos, k_pos)`` usable under jit."""
+    return DALLEMask(kind, text_len, image_side, kernel)
+
+
+def column_order(text_len: int, image_side: int) -> np.ndarray:
+    """Sequence order with the image grid transposed (text first, then column by column): the
+    column mask becomes block-diagonal causal. ``x[:, order]`` permutes; ``argsort`` undoes it."""
+    image = np.arange(image_side**2).reshape(image_side, image_side).T.ravel()
+    return np.concatenate([np.arange(text_len), text_len + image])
+
+
+def nonempty_blocks(mask: np.ndarray, block: int) -> int:
+    """Number of ``block x block`` tiles of ``mask`` with at least one True (padded with False)."""
+    n = math.ceil(mask.shape[0] / block) * block
+    padded = np.zeros((n, n), bool)
+    padded[: mask.shape[0], : mask.shape[1]] = mask
+    return int(padded.reshape(n // block, block, n // block, block).any((1, 3)).sum())
+
+
+def _pad_to(x: jax.Array, length: int) -> jax.Array:
+    """Zero-pads axis 1 of [b, n, ...] to ``length``."""
+    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def _transpose_grid(x: jax.Array, side: int) -> jax.Array:
+    """[b, side * side, ...] raster <-> column-major (its own inverse)."""
+    grid = x.reshape(x.shape[0], side, side, *x.shape[2:])
+    return grid.swapaxes(1, 2).reshape(x.shape)
+
+
+def _window_rows(kind: str, side: int, kernel: int) -> int:
+    """How many earlier image rows an image query can reach under ``kind``."""
+    if kind == "row":
+        return 1
+    if kind == "conv":  # largest offset kernel // 2 * (side + 1)
+        half = kernel // 2
+        return half + math.ceil(half / side)
+    return 0  # column: runs on the transposed grid, where it needs no earlier block
+
+
+def _softmax_attend(q, keys, values, mask):
+    """One softmax over the concatenated key sets.
+
+    q [..., q, h, d] (already scaled); keys / values: lists of [..., k_i, h, d]; mask bool
+    broadcastable to [..., h, q, sum k_i]. Returns [..., q, h, d].
+    """
+    logits = jnp.concatenate(
+        [
+            jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+            for k in keys
+        ],
+        -1,
+    )
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits).astype(values[0].dtype)
+    out, start = 0, 0
+    for v in values:
+        out = out + jnp.einsum("...hqk,...khd->...qhd", probs[..., start : start + v.shape[-3]], v)
+        start += v.shape[-3]
+    return out
+
+
+def sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    kind: str,
+    text_len: int,
+    image_side: int,
+    kernel: int = 11,
+    block_size: int = 128,
+) -> jax.Array:
+    """``jax.nn.dot_product_attention(q, k, v, mask=dalle_mask(...))`` without the [n, n] scores.
+
+    Text queries attend causally over text. Image queries go in blocks of whole grid rows
+    (``block_size // image_side`` of them, at least one): each block takes one softmax over all
+    text keys and its own key block plus the earlier blocks its window reaches (row: one grid row
+    back, conv: ``kernel // 2`` and the wrap). Column runs on the transposed grid, where each
+    column is contiguous and each block attends only to itself. ``dense`` is plain causal
+    attention. Time and memory scale with the kept blocks; plain autodiff, any batch sharding.
+
+    Args: q, k, v [b, n, h, d] with ``n <= text_len + image_side**2`` (a prefix of the sequence:
+    all masks are causal, so padding the rest changes nothing). Returns [b, n, h, d].
+    """
+    _check(kind, text_len, image_side, kernel)
+    t, side = text_len, image_side
+    n, full = q.shape[1], text_len + image_side**2
+    if n > full:
+        raise ValueError(f"sequence length {n} exceeds text_len + image_side**2 = {full}")
+    if kind == "dense":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    q, k, v = (_pad_to(x, full) for x in (q, k, v))
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    text_k, text_v = k[:, :t], v[:, :t]
+    text_out = _softmax_attend(q[:, :t], [text_k], [text_v], np.tril(np.ones((t, t), bool)))
+
+    image_q, image_k, image_v = q[:, t:], k[:, t:], v[:, t:]
+    raster = np.arange(side**2)
+    if kind == "column":
+        image_q, image_k, image_v = (_transpose_grid(x, side) for x in (image_q, image_k, image_v))
+        raster = raster.reshape(side, side).T.ravel()
+    rows = max(1, min(side, block_size // side))  # grid rows per query block
+    num_blocks, block = math.ceil(side / rows), rows * side
+    back = math.ceil(_window_rows(kind, side, kernel) / rows)  # earlier key blocks in the window
+    # Key windows: blocks j - back .. j, from back blocks of zeros in front (masked out).
+    image_q = _pad_to(image_q, num_blocks * block)
+    image_k, image_v = (
+        _pad_to(
+            jnp.pad(x, [(0, 0), (back * block, 0), (0, 0), (0, 0)]), (back + num_blocks) * block
+        )
+        for x in (image_k, image_v)
+    )
+    b, h, d = q.shape[0], q.shape[2], q.shape[3]
+    image_q = image_q.reshape(b, num_blocks, block, h, d)
+    image_k, image_v = (
+        jnp.concatenate(
+            [
+                x[:, s * block : (s + num_blocks) * block].reshape(b, num_blocks, block, h, d)
+                for s in range(back + 1)
+            ],
+            axis=2,
+        )
+        for x in (image_k, image_v)
+    )  # (b, blocks, (back + 1) * block, h, d)
+    # The window's mask, evaluated by the same definition at raster indices.
+    q_idx = np.arange(num_blocks)[:, None] * block + np.arange(block)[None]  # (blocks, block)
+    k_idx = q_idx[:, :1] - back * block + np.arange((back + 1) * block)[None]
+    q_raster = raster[np.clip(q_idx, 0, side**2 - 1)][:, :, None]
+    k_raster = raster[np.clip(k_idx, 0, side**2 - 1)][:, None, :]
+    in_grid = (k_idx >= 0) & (k_idx < side**2)
+    window = in_grid[:, None, :] & _image_mask(kind, q_raster, k_raster, side, kernel)
+    mask = np.concatenate([np.ones((num_blocks, block, t), bool), window], -1)[None, :, None]
+    image_out = _softmax_attend(
+        image_q, [text_k[:, None], image_k], [text_v[:, None], image_v], mask
+    ).reshape(b, num_blocks * block, h, d)[:, : side**2]
+    if kind == "column":
+        image_out = _transpose_grid(image_out, side)
+    return jnp.concatenate([text_out, image_out], 1)[:, :n]
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(kind, text_len, image_side, kernel, heads, interpret):
+    # Imported here: Pallas TPU modules are not needed by the other paths.
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as splash_mask,
+    )
+
+    mask = dalle_mask(kind, text_len, image_side, kernel)
+    if kind == "column":
+        order = column_order(text_len, image_side)
+        mask = mask[np.ix_(order, order)]
+    # The kernel's blocks are multiples of 128; padded queries attend only to themselves.
+    n = math.ceil(mask.shape[0] / 128) * 128
+    padded = np.eye(n, dtype=bool)
+    padded[: mask.shape[0], : mask.shape[0]] = mask
+    heads_mask = splash_mask.MultiHeadMask([splash_mask.NumpyMask(padded)] * heads)
+    block = splash.BlockSizes(*(128,) * 8)
+    return splash.make_splash_mha(
+        heads_mask, head_shards=1, q_seq_shards=1, block_sizes=block, interpret=interpret
+    )
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    kind: str,
+    text_len: int,
+    image_side: int,
+    kernel: int = 11,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """The same function through Pallas splash attention, which skips the mask's empty 128-blocks
+    (column on the transposed grid). ``interpret`` (default: not on TPU) runs the kernel's
+    reference interpreter, slowly. The batch is a ``vmap``: on a batch sharded over several TPUs
+    call it inside ``shard_map``. Args and returns as :func:`sparse_attention`.
+    """
+    _check(kind, text_len, image_side, kernel)
+    n, full = q.shape[1], text_len + image_side**2
+    if n > full:
+        raise ValueError(f"sequence length {n} exceeds text_len + image_side**2 = {full}")
+    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    splash = _splash_kernel(kind, text_len, image_side, kernel, q.shape[2], interpret)
+    order = column_order(text_len, image_side) if kind == "column" else np.arange(full)
+    padded = math.ceil(full / 128) * 128
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # the kernel does not scale
+
+    def prepare(x):  # [b, n, h, d] -> [b, h, padded, d] in kernel order
+        return _pad_to(_pad_to(x, full)[:, order], padded).transpose(0, 2, 1, 3)
+
+    out = jax.vmap(splash)(prepare(q), prepare(k), prepare(v)).transpose(0, 2, 1, 3)
+    return out[:, np.argsort(order)][:, :n]
