@@ -1,3 +1,5 @@
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -127,3 +129,56 @@ def test_bad_inputs_are_named():
         Transformer(num_layers=1, num_heads=1, remat_policy="some").init(
             jax.random.key(0), jnp.zeros((1, 2, 4))
         )
+
+
+def _local_mask(q_pos, k_pos):
+    """Causal within a window of 2 earlier positions: a second pattern for the tests below."""
+    return (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= q_pos[:, None] - 2)
+
+
+def _local_attention(q, k, v):
+    n = q.shape[1]
+    return jax.nn.dot_product_attention(q, k, v, mask=_local_mask(jnp.arange(n), jnp.arange(n)))
+
+
+@pytest.mark.parametrize("remat_policy", ["none", "full"])
+def test_per_layer_patterns_scanned_equal_unscanned(remat_policy):
+    """Layers 0 and 2 causal, layer 1 local, through attention_fn kernels or the dense path with
+    the mask: the same function, and the scanned stack (lax.switch per layer) agrees."""
+    x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+    causal = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    kwargs = dict(
+        num_layers=3,
+        num_heads=2,
+        mask_fn=(causal_mask, _local_mask),
+        attention_fn=(causal, _local_attention),
+        layer_patterns=(0, 1, 0),
+        remat_policy=remat_policy,
+    )
+    plain = Transformer(**kwargs)
+    params = nn.meta.unbox(plain.init(jax.random.key(1), x)["params"])
+    dense = Transformer(**{**kwargs, "attention_fn": None})
+    scanned = Transformer(**kwargs, scan_layers=True)
+    one_pattern = Transformer(**{**kwargs, "layer_patterns": None})  # causal everywhere
+
+    def loss(module, p):
+        return (module.apply({"params": p}, x) ** 2).mean()
+
+    results = [
+        jax.jit(jax.value_and_grad(functools.partial(loss, module)))(p)
+        for module, p in [(plain, params), (dense, params), (scanned, _stack(params, 3))]
+    ]
+    assert max_relative_difference(results[1][0], results[0][0]) < 1e-6
+    assert max_relative_difference(results[1][1], results[0][1]) < 1e-5
+    assert max_relative_difference(_stack(results[0][1], 3), results[2][1]) < 1e-5
+    np.testing.assert_allclose(results[2][0], results[0][0], rtol=1e-6)
+    assert abs(float(jax.jit(loss, static_argnums=0)(one_pattern, params)) - results[0][0]) > 1e-6
+
+
+def test_attention_fn_rejects_a_data_mask():
+    x = jnp.zeros((1, 3, 8))
+    attention = MultiHeadAttention(
+        num_heads=2, mask_fn=causal_mask, attention_fn=jax.nn.dot_product_attention
+    )
+    with pytest.raises(ValueError, match="an attention_fn takes no data-dependent mask"):
+        attention.init(jax.random.key(0), x, mask=jnp.ones((1, 1, 3, 3), bool))
