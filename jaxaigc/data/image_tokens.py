@@ -95,9 +95,13 @@ def check_grid(model: dvae.DVAEConfig, *, resolution: int, image_side: int) -> N
         )
 
 
+def _decode_uint8(model: dvae.DVAEConfig, variables: dict, ids: jax.Array) -> jax.Array:
+    return jnp.round(dvae.decode(model, variables, ids) * 255).astype(jnp.uint8)
+
+
 # One compiled program per (model config, batch shape): the config is hashable and static.
 _encode = jit_inference(dvae.encode, static_argnums=0)
-_decode = jit_inference(dvae.decode, static_argnums=0)
+_decode = jit_inference(_decode_uint8, static_argnums=0)
 
 
 def _batches(items: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
@@ -136,10 +140,7 @@ def decode_images(
         raise ValueError(f"{length} tokens per image is not a square grid")
     grids = np.asarray(tokens, np.int32).reshape(n, side, side)
     batch_size = min(batch_size, n)
-    out = [
-        jnp.round(_decode(model, variables, chunk) * 255).astype(jnp.uint8)
-        for chunk in _batches(grids, batch_size)
-    ]
+    out = [_decode(model, variables, chunk) for chunk in _batches(grids, batch_size)]
     return np.concatenate(jax.device_get(out))[:n]
 
 
