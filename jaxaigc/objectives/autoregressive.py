@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxaigc.train.step import LOSS_WEIGHT
+
 
 def next_token_nll(
     logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
@@ -25,7 +27,8 @@ def next_token_nll(
 
 def lm_loss_fn(model: nn.Module) -> Callable:
     """``loss_fn(params, batch, rng)`` for ``batch = {"tokens": int32 [b, t + 1]}`` (optional
-    ``"weights"`` [b, t]): mean next-token NLL over counted tokens."""
+    ``"weights"`` [b, t]): mean next-token NLL over counted tokens, whose number it reports as
+    ``LOSS_WEIGHT`` (gradient accumulation weighs microbatches by it)."""
 
     def loss_fn(params, batch, rng):
         tokens = batch["tokens"]
@@ -36,6 +39,6 @@ def lm_loss_fn(model: nn.Module) -> Callable:
         total = jnp.maximum(count.sum(), 1.0)
         loss = nll.sum() / total
         accuracy = ((logits.argmax(-1) == targets) * weights).sum() / total
-        return loss, {"nll": loss, "accuracy": accuracy}
+        return loss, {"nll": loss, "accuracy": accuracy, LOSS_WEIGHT: count.sum()}
 
     return loss_fn

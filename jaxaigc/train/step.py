@@ -4,6 +4,10 @@ Objectives are pure functions. The plain form is ``loss_fn(params, batch, rng) -
 Models with non-parameter state (BatchNorm statistics) use the stateful form
 ``loss_fn(params, model_state, batch, rng) -> (loss, (metrics, new_model_state))``.
 ``metrics`` is a flat dict of scalars; the step prefixes its keys with ``train/``.
+An objective whose loss is a mean over a batch-dependent number of terms (tokens of a padded
+batch) reports that number as ``metrics[LOSS_WEIGHT]``; gradient accumulation then weights each
+microbatch by it, so the accumulated gradient is the big batch's. Without it, microbatches weigh
+equally (right for losses that are means over examples).
 Objectives with step-dependent schedules (the dVAE's beta and temperature) take a keyword
 ``step`` (the int32 update count) as well, given with ``make_train_step(..., pass_step=True)``.
 """
@@ -24,6 +28,7 @@ from jaxaigc import compile_options, parallel
 from jaxaigc.train.state import TrainState
 
 StepFn = Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
+LOSS_WEIGHT = "loss_weight"
 
 
 def _as_stateful(loss_fn: Callable, has_model_state: bool) -> Callable:
@@ -71,7 +76,8 @@ def make_train_step(
 
     The step's key is ``fold_in(rng, state.step)``: a resumed run draws the same randomness.
     With ``ema_decay`` the parameters and the model state (BatchNorm statistics) are averaged.
-    With ``accum_steps > 1`` gradients are averaged over microbatches in a ``lax.scan``.
+    With ``accum_steps > 1`` gradients are averaged over microbatches in a ``lax.scan``, weighted by
+    ``metrics[LOSS_WEIGHT]`` where the objective reports it.
     With ``pass_step`` the objective is called with ``step=state.step`` (the updates applied so
     far) as a keyword argument. ``constrain_params(params) -> params`` runs after every update
     (a projection onto the allowed set, e.g. CLIP's temperature range).
@@ -92,18 +98,24 @@ def make_train_step(
                 (loss, (metrics, model_state)), grads = grad_fn(
                     state.params, model_state, micro, jax.random.fold_in(step_rng, index)
                 )
-                grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-                return (index + 1, model_state, grad_sum), (loss, metrics)
+                weight = metrics.get(LOSS_WEIGHT, jnp.ones((), jnp.float32))
+                grad_sum = jax.tree.map(lambda s, g: s + weight * g, grad_sum, grads)
+                return (index + 1, model_state, grad_sum), (loss, metrics, weight)
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (_, model_state, grad_sum), (losses, metrics) = jax.lax.scan(
+            (_, model_state, grad_sum), (losses, metrics, weights) = jax.lax.scan(
                 accumulate,
                 (jnp.zeros((), jnp.int32), state.model_state, zeros),
                 _split_microbatches(batch, accum_steps),
             )
-            grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
-            loss = losses.mean()
-            metrics = jax.tree.map(jnp.mean, metrics)
+            # sum_m w_m mean_m / sum_m w_m: the mean over all the big batch's terms.
+            total = weights.sum()
+            safe_total = jnp.where(total > 0, total, 1.0)
+            grads = jax.tree.map(lambda g: g / safe_total, grad_sum)
+            loss = (weights * losses).sum() / safe_total
+            metrics = {k: (weights * v).sum() / safe_total for k, v in metrics.items()}
+            if LOSS_WEIGHT in metrics:
+                metrics[LOSS_WEIGHT] = total
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

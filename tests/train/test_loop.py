@@ -4,10 +4,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxaigc import parallel
 from jaxaigc.models.clip import CLIP, CLIPConfig
+from jaxaigc.models.gpt import GPT, GPTConfig
+from jaxaigc.objectives.autoregressive import lm_loss_fn
 from jaxaigc.pipelines import lm
 from jaxaigc.train.loop import NonFiniteLossError, Task, default_train_config, train
 from jaxaigc.train.optim import decay_mask, make_optimizer
@@ -138,6 +141,36 @@ def test_gradient_accumulation_equals_one_big_batch(mesh_2x2x2):
         results.append((jax.device_get(state.params), float(metrics["train/loss"])))
     assert max_relative_difference(results[1][0], results[0][0]) < 1e-6
     assert results[1][1] == pytest.approx(results[0][1], rel=1e-6)
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_accumulation_weights_microbatches_by_their_tokens(accum, mesh_2x2x2):
+    """Padded LM rows: the accumulated gradient equals the big batch's, however the padding
+    falls over the microbatches (equal weights would over-count the sparse microbatches)."""
+    model = GPT(GPTConfig(vocab_size=32, context_length=12, width=16, layers=1, heads=2))
+    loss_fn = lm_loss_fn(model)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 32, (8, 13)).astype(np.int32)
+    # Row r keeps its first 1 + 11 * (r % accum == accum - 1) targets: microbatches (rows taken
+    # with stride accum) hold very different token counts.
+    lengths = np.where(np.arange(8) % accum == accum - 1, 12, 1 + np.arange(8) % 3)
+    weights = (np.arange(12)[None, :] < lengths[:, None]).astype(np.float32)
+    batch = parallel.shard_batch({"tokens": tokens, "weights": weights}, mesh_2x2x2)
+    tx = optax.sgd(1.0)  # the update is the gradient
+    rules = parallel.make_rules()
+    init = lambda key: model.init(key, jnp.zeros((1, 12), jnp.int32))
+    results = []
+    for steps in (1, accum):
+        state, _, _ = create_sharded_state(init, tx, jax.random.key(0), mesh_2x2x2, rules)
+        step = make_train_step(loss_fn, tx, rng=jax.random.key(1), accum_steps=steps)
+        with nn.logical_axis_rules(rules), jax.set_mesh(mesh_2x2x2):
+            new, metrics = jax.jit(step)(state, batch)
+        update = jax.tree.map(np.subtract, jax.device_get(new.params), jax.device_get(state.params))
+        results.append((update, jax.device_get(metrics)))
+    (big, big_metrics), (accumulated, metrics) = results
+    assert max_relative_difference(accumulated, big) < 1e-5
+    assert metrics["train/loss"] == pytest.approx(big_metrics["train/loss"], rel=1e-5)
+    assert metrics["train/loss_weight"] == weights.sum() == big_metrics["train/loss_weight"]
 
 
 class BatchNormNet(nn.Module):
