@@ -4,6 +4,7 @@ emoji, captioned Fashion-MNIST)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from jaxaigc.data.preprocess import clip_ops
 from jaxaigc.data.tokenizers import ClipTokenizer
 from jaxaigc.models.clip import CLIP, CLIPConfig, clamp_logit_scale
 from jaxaigc.objectives.contrastive import clip_loss_fn
+from jaxaigc.train import checkpoint
 from jaxaigc.train.loop import Task, default_train_config
 
 
@@ -66,6 +68,37 @@ def training_source(config: ml_collections.ConfigDict) -> image_text.Concatenate
     return image_text.Concatenate(sources)
 
 
+def _init_fn(model: CLIP):
+    cfg = model.config
+
+    def init(rng: jax.Array):
+        images = jnp.zeros((1, cfg.image_resolution, cfg.image_resolution, 3), jnp.float32)
+        return model.init(rng, images, jnp.zeros((1, cfg.context_length), jnp.int32))
+
+    return init
+
+
+def load_trained(
+    workdir: str | Path, *, step: int | None = None, device: jax.Device | None = None
+) -> tuple[CLIP, dict, int]:
+    """The CLIP trained in ``workdir`` by :func:`build` and :func:`jaxaigc.train.loop.train`:
+    ``(model, variables, step)`` with the EMA weights and statistics when the run kept them."""
+
+    def init_fn(config: dict):
+        return _init_fn(CLIP(model_config(ml_collections.ConfigDict(config))))
+
+    try:
+        config, variables, step = checkpoint.load_trained(
+            workdir, init_fn, step=step, device=device
+        )
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"no CLIP checkpoint in {Path(workdir).absolute() / 'checkpoints'}; train one with "
+            f"`python experiments/clip/tiny_clip.py --workdir {workdir}`"
+        ) from error
+    return CLIP(model_config(ml_collections.ConfigDict(config))), variables, step
+
+
 def build(config: ml_collections.ConfigDict) -> tuple[CLIP, Task, BatchIterator, ClipTokenizer]:
     """The model, the task for :func:`jaxaigc.train.loop.train`, the batches and the tokenizer."""
     model = CLIP(model_config(config))
@@ -79,10 +112,6 @@ def build(config: ml_collections.ConfigDict) -> tuple[CLIP, Task, BatchIterator,
             f"{cfg.vocab_size}"
         )
 
-    def init(rng: jax.Array):
-        images = jnp.zeros((1, cfg.image_resolution, cfg.image_resolution, 3), jnp.float32)
-        return model.init(rng, images, jnp.zeros((1, cfg.context_length), jnp.int32))
-
     ops = [
         image_text.Tokenize(tokenizer.encode, cfg.context_length),
         *clip_ops(cfg.image_resolution, train=False),
@@ -94,7 +123,7 @@ def build(config: ml_collections.ConfigDict) -> tuple[CLIP, Task, BatchIterator,
         operations=ops,
     )
     task = Task(
-        init=init,
+        init=_init_fn(model),
         loss_fn=clip_loss_fn(model, loss=config.loss),
         has_model_state=True,
         constrain_params=clamp_logit_scale,

@@ -8,18 +8,18 @@ App. A.2, with the beta and temperature schedules shortened to fit a run of a fe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
-import flax.linen as nn
 import grain
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
 from jaxaigc.data import builders, image_text
 from jaxaigc.data.pipeline import BatchIterator
 from jaxaigc.models.dvae import DVAEConfig, as_dvae_variables, init_train_variables
 from jaxaigc.objectives.dvae import DVAEObjectiveConfig, make_loss_fn
+from jaxaigc.train import checkpoint
 from jaxaigc.train.loop import Task, default_train_config
 
 
@@ -98,54 +98,25 @@ def load_trained(
     workdir: str | Path, *, step: int | None = None, device: jax.Device | None = None
 ) -> tuple[DVAEConfig, dict, int]:
     """The dVAE trained in ``workdir`` (by :func:`build` and :func:`jaxaigc.train.loop.train`),
-    for encoding images to tokens and decoding tokens to images.
-
-    Only the parameters are read, not the optimiser state: the EMA when the run kept one (as its
-    evaluation used), else the raw parameters, placed on ``device`` (the first local device by
-    default) whatever mesh the run trained on.
-
-    Args:
-      workdir: the run's directory, holding ``checkpoints/<step>``.
-      step: which checkpoint; the latest by default.
+    for encoding images to tokens and decoding tokens to images: the EMA parameters when the run
+    kept them, on ``device`` (:func:`jaxaigc.train.checkpoint.load_trained`).
 
     Returns:
       ``(model, variables, step)``: the model config from the checkpoint's run config, the
       variables ``{"encoder": {"params"}, "decoder": {"params"}}`` that
       :func:`jaxaigc.models.dvae.encode` and ``decode`` take, and the checkpoint's step.
     """
-    directory = Path(workdir).absolute() / "checkpoints"
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
+
+    def init_fn(config: dict):
+        return functools.partial(init_train_variables, DVAEConfig(**config["model"]))
+
     try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(
-                f"no dVAE checkpoint in {directory}; train one with "
-                f"`python experiments/dvae/train_dvae.py --workdir {workdir}`"
-            )
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise ValueError(f"no checkpoint at step {step} in {directory}; it holds {steps}")
-        config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        config = config["config"]
-        model = DVAEConfig(**config["model"])
-        key = "ema_params" if config["train"]["ema_decay"] > 0 else "params"
-        sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
-        shapes = jax.eval_shape(lambda: init_train_variables(model, jax.random.key(0)))
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-            nn.meta.unbox(shapes)["params"],
+        config, variables, step = checkpoint.load_trained(
+            workdir, init_fn, step=step, device=device
         )
-        # A partial restore: the optimiser state (twice the parameters) is never read.
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item={key: target},
-                    restore_args=ocp.checkpoint_utils.construct_restore_args({key: target}),
-                    partial_restore=True,
-                )
-            ),
-        )
-    finally:
-        manager.close()
-    return model, as_dvae_variables(restored["state"][key]), step
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"no dVAE checkpoint in {Path(workdir).absolute() / 'checkpoints'}; train one with "
+            f"`python experiments/dvae/train_dvae.py --workdir {workdir}`"
+        ) from error
+    return DVAEConfig(**config["model"]), as_dvae_variables(variables["params"]), step

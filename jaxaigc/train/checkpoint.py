@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
@@ -123,3 +125,64 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def load_trained(
+    workdir: str | Path,
+    init_fn: Callable[[dict], Callable[[jax.Array], Any]],
+    *,
+    step: int | None = None,
+    device: jax.Device | None = None,
+) -> tuple[dict, dict, int]:
+    """The variables to evaluate a finished run with, read from its checkpoint onto one device.
+
+    Only the evaluation variables are read (a partial restore: the optimiser state is not): the
+    EMA of the parameters and of the model state when the run kept one, else the live ones.
+
+    Args:
+      workdir: the run's directory, holding ``checkpoints/<step>``.
+      init_fn: ``init_fn(run_config) -> init(rng)``, the run's ``Task.init`` for the saved config
+        (only traced for shapes).
+      step: which checkpoint; the latest by default.
+      device: where the arrays go; the first local device by default.
+
+    Returns:
+      ``(run_config, {"params": ..., **model_state}, step)``.
+    """
+    directory = Path(workdir).absolute() / "checkpoints"
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ValueError(f"no checkpoint at step {step} in {directory}; it holds {steps}")
+        args = ocp.args.Composite(config=ocp.args.JsonRestore())
+        config = manager.restore(step, args=args)["config"]
+        ema = config["train"]["ema_decay"] > 0
+        sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+        variables = nn.meta.unbox(jax.eval_shape(init_fn(config), jax.random.key(0)))
+        variables = dict(variables)
+        target = {"ema_params" if ema else "params": variables.pop("params")}
+        if variables:  # BatchNorm statistics and other non-parameter collections
+            target["ema_model_state" if ema else "model_state"] = variables
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target
+        )
+        state = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                )
+            ),
+        )["state"]
+    finally:
+        manager.close()
+    params, model_state = (state.get(key, {}) for key in ("params", "model_state"))
+    if ema:
+        params, model_state = (state.get(key, {}) for key in ("ema_params", "ema_model_state"))
+    return config, {"params": params, **model_state}, step

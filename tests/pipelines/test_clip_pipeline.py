@@ -17,6 +17,7 @@ from jaxaigc.train.loop import train
 from jaxaigc.train.metrics import read_metrics
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import make_train_step
+from tests.helpers import assert_trees_equal
 
 try:
     ClipTokenizer()
@@ -43,6 +44,7 @@ def test_contrastive_loss_falls(preset, loss, tmp_path):
     )
     config = _config(preset, steps=30, **changes)
     config.loss = loss
+    config.train.ema_decay = 0.9 if preset == "tiny-rn" else 0.0
     _, task, batches, _ = clip.build(config)
     state = train(task, batches, config, tmp_path)
     losses = [r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r]
@@ -50,6 +52,10 @@ def test_contrastive_loss_falls(preset, loss, tmp_path):
     if preset == "tiny-rn":
         stats = jax.tree.leaves(state.model_state["batch_stats"])
         assert stats and any(np.abs(np.asarray(s)).sum() > 0 for s in stats)
+        # The run kept an EMA: the loader gives its weights with its BatchNorm statistics.
+        model, variables, step = clip.load_trained(tmp_path)
+        assert step == 30 and model.config == clip.model_config(config)
+        assert_trees_equal(variables, jax.device_get(state.eval_variables))
 
 
 def test_unknown_loss_is_an_error():
