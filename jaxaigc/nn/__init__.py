@@ -4,22 +4,28 @@ from jaxaigc.nn.attention import MultiHeadAttention, causal_mask, combine_masks
 from jaxaigc.nn.layers import ACTIVATIONS, MLP, activation, dense, layer_norm, partitioned
 from jaxaigc.nn.sparse import dalle_mask, dalle_mask_fn, layer_masks, sparse_attention
 from jaxaigc.nn.transformer import REMAT_POLICIES, Transformer, TransformerBlock
+from jaxaigc.nn.unet import AttentionBlock, ResBlock, UNet, group_norm, timestep_embedding
 
 __all__ = [
     "ACTIVATIONS",
     "MLP",
     "REMAT_POLICIES",
+    "AttentionBlock",
     "MultiHeadAttention",
+    "ResBlock",
     "Transformer",
     "TransformerBlock",
+    "UNet",
     "activation",
     "causal_mask",
     "combine_masks",
     "dalle_mask",
     "dalle_mask_fn",
     "dense",
+    "group_norm",
     "layer_masks",
     "layer_norm",
     "partitioned",
     "sparse_attention",
+    "timestep_embedding",
 ]
