@@ -1,0 +1,291 @@
+"""The unCLIP diffusion prior (Ramesh et al. 2022, "Hierarchical text-conditional image generation
+with CLIP latents", Sec. 2.2): a decoder-only causal transformer that denoises a CLIP image
+embedding given its caption.
+
+The sequence, one token each unless stated (all projected to ``width``, plus learned positions):
+
+    [caption tokens (text_len) | z_t | timestep | z_i^(t) | final query]
+
+caption tokens are the CLIP text encoder's per-token outputs [b, text_len, text_width]; z_t the
+CLIP text embedding; z_i^(t) the noised image embedding. Under a causal mask the final query's
+output, projected to ``embed_dim``, predicts the unnoised z_i (prediction "x0": the paper's
+||f(z_i^(t), t, y) - z_i||^2). Padded caption positions (``text_mask`` False) take the learned null
+caption token of their position, as lucidrains' DALLE2-pytorch does.
+
+Scale. CLIP embeddings are L2-normalised, so each of their d components has variance about 1 / d,
+far below the unit-variance noise of the diffusion. Both z_t and z_i are multiplied by ``scale``
+(default sqrt(embed_dim), lucidrains' choice; the paper used 17.2 for ViT-L/14, karlo
+standardises per dimension): the diffusion variable is x0 = scale * z_i, whose components have
+about unit variance. The model takes the raw z_t and scales it itself; ``objectives.unclip`` and
+:func:`sample_prior` convert z_i.
+
+Guidance (Sec. 2.2: text conditioning dropped 10% of the time). ``conditional`` False, per
+example, replaces the caption tokens and z_t by learned null embeddings; in training
+(``train=True``) each example is also dropped with probability ``text_drop`` from the "dropout"
+rng. :func:`sample_prior` draws ``candidates`` (paper 2) embeddings per caption with strided DDIM
+(paper 64 steps of the 1000-step cosine process) and keeps the one with the higher z_i . z_t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaigc.diffusion import Diffusion, cosine_betas, sample_ddim
+from jaxaigc.nn import REMAT_POLICIES, Transformer, causal_mask, dense, layer_norm, partitioned
+from jaxaigc.nn.unet import timestep_embedding
+
+# name: (embed_dim, text_len, text_width, width, layers, heads)
+PRESETS: dict[str, tuple] = {
+    # REFERENCE Sec. 3: width 2048, 24 blocks (1.2B parameters), on CLIP ViT-L/14 (77 caption
+    # tokens of its 768-wide text transformer, 768-d embeddings); 64-wide heads.
+    "paper-1b": (768, 77, 768, 2048, 24, 32),
+    # CPU: the tiny CLIP presets' 64-d embeddings and 128-wide text transformer, 16 tokens.
+    "tiny": (64, 16, 128, 128, 4, 4),
+}
+_PRESET_FIELDS = ("embed_dim", "text_len", "text_width", "width", "layers", "heads")
+_PRESET_COMPUTE = {"paper-1b": dict(dtype="bfloat16", scan_layers=True, remat_policy="full")}
+EXTRA_TOKENS = 4  # z_t, timestep, z_i^(t), final query
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PriorConfig:
+    embed_dim: int  # CLIP's joint embedding width
+    text_len: int  # caption tokens
+    text_width: int  # width of the CLIP text encoder's per-token outputs
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"
+    dropout_rate: float = 0.0
+    scale: float | None = None  # CLIP embeddings are multiplied by it; None: sqrt(embed_dim)
+    text_drop: float = 0.1  # probability of dropping the text conditioning in training
+    num_timesteps: int = 1000  # of the cosine process the prior is trained on
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        for name in ("embed_dim", "text_len", "text_width", "width", "layers", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
+        if not 0 <= self.text_drop <= 1:
+            raise ValueError(f"text_drop {self.text_drop} is outside [0, 1]")
+        if self.scale is not None and self.scale <= 0:
+            raise ValueError(f"scale must be positive, got {self.scale}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"unknown remat policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}"
+            )
+
+    @property
+    def embedding_scale(self) -> float:
+        return float(np.sqrt(self.embed_dim)) if self.scale is None else float(self.scale)
+
+    @property
+    def length(self) -> int:
+        return self.text_len + EXTRA_TOKENS
+
+    def diffusion(self) -> Diffusion:
+        """The process the prior is trained on: ``num_timesteps`` cosine steps."""
+        return Diffusion(cosine_betas(self.num_timesteps))
+
+    @classmethod
+    def from_name(cls, name: str, **changes) -> PriorConfig:
+        """A preset (``"tiny"``, ``"paper-1b"``) with ``changes`` applied."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown prior model {name!r}; known: {list(PRESETS)}")
+        fields = dict(zip(_PRESET_FIELDS, PRESETS[name], strict=True))
+        return cls(**{**fields, **_PRESET_COMPUTE.get(name, {}), **changes})
+
+    def replace(self, **changes) -> PriorConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def keep_conditioning(
+    module: nn.Module, conditional: jax.Array | None, batch: int, drop: float, train: bool
+) -> jax.Array:
+    """bool [b]: ``conditional`` (default all True), in training also dropped with probability
+    ``drop`` per example from ``module``'s "dropout" rng."""
+    keep = jnp.ones((batch,), bool) if conditional is None else jnp.asarray(conditional, bool)
+    if keep.shape != (batch,):
+        raise ValueError(f"conditional has shape {keep.shape}, expected ({batch},)")
+    if train and drop > 0:
+        keep = keep & jax.random.bernoulli(module.make_rng("dropout"), 1.0 - drop, (batch,))
+    return keep
+
+
+def _check_width(name: str, x: jax.Array, width: int, field: str) -> None:
+    if x.shape[-1] != width:
+        raise ValueError(f"{name} has width {x.shape[-1]}, the config's {field} is {width}")
+
+
+class Prior(nn.Module):
+    """x [b, embed_dim] (the noised, scaled image embedding), t int [b] (model timesteps),
+    text_tokens float [b, text_len, text_width], text_embedding [b, embed_dim] (unit-norm CLIP
+    z_t) -> the predicted scaled z_i, float32 [b, embed_dim].
+
+    ``text_mask`` bool [b, text_len] (True: a caption token) and ``conditional`` bool [b]
+    (False: the null caption) are optional; ``train=True`` applies dropout and conditioning
+    dropout (rng "dropout").
+    """
+
+    config: PriorConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        text_tokens: jax.Array,
+        text_embedding: jax.Array,
+        *,
+        text_mask: jax.Array | None = None,
+        conditional: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array:
+        cfg = self.config
+        b = x.shape[0]
+        _check_width("x", x, cfg.embed_dim, "embed_dim")
+        _check_width("text_embedding", text_embedding, cfg.embed_dim, "embed_dim")
+        _check_width("text_tokens", text_tokens, cfg.text_width, "text_width")
+        if text_tokens.shape[1] != cfg.text_len:
+            raise ValueError(
+                f"text_tokens has {text_tokens.shape[1]} tokens, the config's text_len is "
+                f"{cfg.text_len}"
+            )
+        dtype = jnp.dtype(cfg.dtype)
+        keep = keep_conditioning(self, conditional, b, cfg.text_drop, train)[:, None, None]
+
+        def project(name: str, h: jax.Array) -> jax.Array:
+            return dense(cfg.width, ("mlp", "embed"), dtype=dtype, name=name)(h)
+
+        def embedding(name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
+            init = partitioned(nn.initializers.normal(0.02), axes)
+            return self.param(name, init, shape, jnp.float32).astype(dtype)
+
+        null_tokens = embedding("null_text_tokens", (cfg.text_len, cfg.width), ("length", "embed"))
+        null_text = embedding("null_text_embedding", (cfg.width,), ("embed",))
+        query = embedding("final_query", (cfg.width,), ("embed",))
+        positions = embedding("positional_embedding", (cfg.length, cfg.width), ("length", "embed"))
+
+        caption = project("text_proj", text_tokens.astype(dtype))  # (b, n, w)
+        if text_mask is not None:
+            caption = jnp.where(text_mask[..., None], caption, null_tokens)
+        caption = jnp.where(keep, caption, null_tokens)
+        z_t = project("text_embedding_proj", cfg.embedding_scale * text_embedding.astype(dtype))
+        z_t = jnp.where(keep[:, 0], z_t, null_text)
+        time = timestep_embedding(t, cfg.width).astype(dtype)
+        time = project("time_proj", nn.silu(project("time_fc", time)))
+        noised = project("x_proj", x.astype(dtype))
+        extra = jnp.stack([z_t, time, noised, jnp.broadcast_to(query, noised.shape)], axis=1)
+        h = jnp.concatenate([caption, extra], axis=1) + positions  # (b, n + 4, w)
+        h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=not train)
+        h = Transformer(
+            num_layers=cfg.layers,
+            num_heads=cfg.heads,
+            mlp_ratio=cfg.mlp_ratio,
+            activation=cfg.activation,
+            dropout_rate=cfg.dropout_rate,
+            mask_fn=causal_mask,
+            deterministic=not train,
+            scan_layers=cfg.scan_layers,
+            remat_policy=cfg.remat_policy,
+            dtype=dtype,
+            residual_init_scale=(2 * cfg.layers) ** -0.5,
+            name="transformer",
+        )(h)
+        h = layer_norm(dtype=dtype, name="ln_final")(h[:, -1])
+        out = dense(cfg.embed_dim, ("embed", "mlp"), dtype=dtype, name="out_proj")(h)
+        return out.astype(jnp.float32)
+
+
+@functools.cache
+def _model_fn(config: PriorConfig):
+    """``fn(params, text_tokens, text_embedding, text_mask, x, t, conditional=None)``; the
+    conditioning is tiled to x's batch (guidance runs cond and uncond as one batch). Cached per
+    config so that the sampler's jit sees the same function and reuses its compilation."""
+    model = Prior(config)
+
+    def fn(params, text_tokens, text_embedding, text_mask, x, t, conditional=None):
+        reps = x.shape[0] // text_embedding.shape[0]
+
+        def tile(a):
+            return None if a is None else jnp.concatenate([a] * reps)
+
+        return model.apply(
+            {"params": params}, x, t, tile(text_tokens), tile(text_embedding),
+            text_mask=tile(text_mask), conditional=conditional,
+        )  # fmt: skip
+
+    return fn
+
+
+def check_guidance(guidance_scale: float, drop: float, name: str) -> None:
+    """Guidance needs a model trained with conditioning dropout."""
+    if guidance_scale != 1 and drop == 0:
+        raise ValueError(
+            f"guidance_scale {guidance_scale} needs a model trained with conditioning dropout, "
+            f"but the config's {name} is 0; use guidance_scale=1"
+        )
+
+
+def sample_prior(
+    model: Prior,
+    params,
+    diffusion: Diffusion,
+    text_tokens: jax.Array,
+    text_embedding: jax.Array,
+    rng: jax.Array,
+    *,
+    text_mask: jax.Array | None = None,
+    steps: int | None = 64,
+    guidance_scale: float = 1.0,
+    candidates: int = 2,
+    eta: float = 0.0,
+) -> jax.Array:
+    """CLIP image embeddings for captions: ``candidates`` DDIM samples per caption, the one with
+    the highest dot product with its text embedding kept (paper: 2 candidates, 64 steps).
+
+    Args:
+      model, params: the trained prior.
+      diffusion: the process it was trained on (``steps`` respaces it; None runs it whole).
+      text_tokens [b, text_len, text_width], text_embedding [b, embed_dim], text_mask [b,
+        text_len]: as ``Prior``.
+      rng: key of the samples.
+      guidance_scale: classifier-free guidance (1: the conditional model).
+      candidates: samples drawn per caption.
+      eta: DDIM's noise (0: deterministic given x_T).
+
+    Returns:
+      float32 [b, embed_dim]: the chosen embeddings, unscaled (divided by ``scale``), not
+      renormalised.
+    """
+    cfg = model.config
+    check_guidance(guidance_scale, cfg.text_drop, "text_drop")
+    if candidates < 1:
+        raise ValueError(f"candidates must be at least 1, got {candidates}")
+    b = text_embedding.shape[0]
+
+    def tile(a):
+        return None if a is None else jnp.concatenate([a] * candidates)
+
+    fn = jax.tree_util.Partial(
+        _model_fn(cfg), params, tile(text_tokens), tile(text_embedding), tile(text_mask)
+    )
+    x = sample_ddim(
+        diffusion, fn, (candidates * b, cfg.embed_dim), rng, steps=steps, eta=eta,
+        prediction="x0", guidance_scale=None if guidance_scale == 1 else guidance_scale,
+    )  # fmt: skip
+    x = x.reshape(candidates, b, cfg.embed_dim) / cfg.embedding_scale
+    score = jnp.einsum("cbd,bd->cb", x, text_embedding.astype(jnp.float32))
+    return jnp.take_along_axis(x, jnp.argmax(score, axis=0)[None, :, None], axis=0)[0]
