@@ -1,9 +1,11 @@
 """The end-to-end demo: runs every stage that exists, small enough for a laptop CPU.
 
 Stages: a tiny byte-level GPT learning addition (``experiments/lm/tiny_lm.py``), a small CLIP
-trained contrastively and scored zero-shot (``experiments/clip/tiny_clip.py``) and a dVAE that
-turns scene images into 8x8 tokens (``experiments/dvae/train_dvae.py``). Each stage writes into
-``<workdir>/<stage>``; a second run resumes from the stages' checkpoints.
+trained contrastively and scored zero-shot (``experiments/clip/tiny_clip.py``), a dVAE that
+turns scene images into 8x8 tokens (``experiments/dvae/train_dvae.py``) and the DALL-E
+transformer generating scenes from captions with the dVAE's tokens and CLIP's reranking
+(``experiments/dalle/train_dalle.py``). Each stage writes into ``<workdir>/<stage>``; a second
+run resumes from the stages' checkpoints.
 
     python experiments/demo.py --workdir runs/demo [--stages lm,clip --clip.train.steps=400 ...]
 """
@@ -19,10 +21,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 # experiments/ is not a package: the stages are scripts beside this file.
-for stage_dir in ("lm", "clip", "dvae"):
+for stage_dir in ("lm", "clip", "dvae", "dalle"):
     sys.path.insert(0, str(Path(__file__).resolve().parent / stage_dir))
 import tiny_clip  # noqa: E402
 import tiny_lm  # noqa: E402
+import train_dalle  # noqa: E402
 import train_dvae  # noqa: E402
 
 
@@ -44,6 +47,10 @@ def dvae_config() -> ml_collections.ConfigDict:
     return train_dvae.get_config()
 
 
+def dalle_config() -> ml_collections.ConfigDict:
+    return train_dalle.get_config()  # its dVAE and CLIP: the stages' runs in this workdir
+
+
 def _lm_summary(report: dict) -> str:
     first, final = report["first_logged_loss"], report["final_loss"]
     return (
@@ -62,7 +69,9 @@ def _clip_summary(report: dict) -> str:
 
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its outputs.")
-_STAGES = flags.DEFINE_list("stages", ["lm", "clip", "dvae"], "Which stages to run, in order.")
+_STAGES = flags.DEFINE_list(
+    "stages", ["lm", "clip", "dvae", "dalle"], "Which stages to run, in order."
+)
 STAGES = {
     "lm": (tiny_lm.run, config_flags.DEFINE_config_dict("lm", lm_config()), _lm_summary),
     "clip": (tiny_clip.run, config_flags.DEFINE_config_dict("clip", clip_config()), _clip_summary),
@@ -70,6 +79,11 @@ STAGES = {
         train_dvae.run,
         config_flags.DEFINE_config_dict("dvae", dvae_config()),
         train_dvae.summary,
+    ),
+    "dalle": (
+        train_dalle.run,
+        config_flags.DEFINE_config_dict("dalle", dalle_config()),
+        train_dalle.summary,
     ),
 }
 
@@ -86,6 +100,9 @@ def main(argv: list[str]) -> None:
     summaries = {}
     for name in _STAGES.value:
         run, config, summary = STAGES[name]
+        if name == "dalle":  # DALL-E models the dVAE stage's tokens, reranked by the CLIP stage
+            config.value.dvae_workdir = config.value.dvae_workdir or str(workdir / "dvae")
+            config.value.clip_workdir = config.value.clip_workdir or str(workdir / "clip")
         print(f"\n== stage {name} ==", flush=True)
         start = time.perf_counter()
         report = run(config.value, workdir / name)
