@@ -1,0 +1,328 @@
+"""The unCLIP decoder (Ramesh et al. 2022, Sec. 2.1): GLIDE's text-conditional ADM UNet (Nichol et
+al. 2021) that also conditions on a CLIP image embedding, generating 64 px images (the upsamplers
+are separate models).
+
+Conditioning, as the paper modifies GLIDE:
+- the CLIP image embedding is projected and added to the timestep embedding (``clip_to_time``),
+  and projected into ``clip_tokens`` (4) extra context tokens (``clip_to_tokens``);
+- the caption (optional, ``text_layers > 0``) is encoded by GLIDE's text transformer (token +
+  position embeddings, per-position learned padding embeddings, non-causal, final LayerNorm);
+  its last token is projected into the timestep embedding (GLIDE's ``transformer_proj``) and its
+  tokens follow the CLIP tokens in the context that every UNet attention layer attends.
+
+Guidance: 10% of image embeddings and 50% of captions are replaced by learned null embeddings in
+training (``image_drop``, ``text_drop``; rng "dropout"), independently; ``conditional`` False
+replaces both (the unconditional half of classifier-free guidance). The null image embedding
+lives in CLIP space, the null caption in the text encoder's output space.
+
+Output: eps [b, r, r, 3] with a fixed variance by default; ``variance="learned_range"`` adds 3
+channels of improved DDPM's variance interpolation (trained by the hybrid loss of
+``objectives.unclip``). Learned variances can NaN at small scale (REFERENCE Sec. 3), hence the
+fixed default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxaigc.diffusion import VARIANCES, Diffusion, cosine_betas, sample_ddim, sample_ddpm
+from jaxaigc.models.prior import _check_width, check_guidance, keep_conditioning
+from jaxaigc.nn import Transformer, dense, layer_norm, partitioned
+from jaxaigc.nn.unet import UNet, timestep_embedding
+
+# name: (image_size, model_channels, channel_mult, num_res_blocks, attention_resolutions,
+#        head_channels, groups, clip_dim, text_len, text_vocab, context_width, text_layers,
+#        text_heads)
+PRESETS: dict[str, tuple] = {
+    # GLIDE's 64 px model as unCLIP modifies it: 512 channels, (1, 2, 3, 4), 3 blocks, attention at
+    # 32 / 16 / 8 px with 64-wide heads; GLIDE's text transformer (128 BPE tokens of GPT-2's
+    # 50,257, width 2048, 24 blocks, 32 heads); CLIP ViT-L/14 embeddings (768).
+    "paper-3.5b": (64, 512, (1, 2, 3, 4), 3, (32, 16, 8), 64, 32, 768, 128, 50257, 2048, 24, 32),
+    # CPU: the shapes scenes' 32 px, the tiny CLIP presets' 64-d embeddings, the DALL-E tiny
+    # preset's 16 caption tokens of 1024.
+    "tiny": (32, 32, (1, 2, 2), 1, (16, 8), 16, 8, 64, 16, 1024, 64, 2, 4),
+}
+_PRESET_FIELDS = (
+    "image_size", "model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
+    "head_channels", "groups", "clip_dim", "text_len", "text_vocab", "context_width",
+    "text_layers", "text_heads",
+)  # fmt: skip
+_PRESET_COMPUTE = {"paper-3.5b": dict(dtype="bfloat16", scan_layers=True, remat_policy="full")}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    image_size: int
+    in_channels: int = 3
+    model_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    attention_resolutions: tuple[int, ...]  # feature-map sides (px) that get attention
+    head_channels: int = 64
+    groups: int = 32  # GroupNorm groups
+    resblock_updown: bool = True  # GLIDE: resample inside residual blocks
+    dropout_rate: float = 0.0
+    clip_dim: int  # CLIP's embedding width
+    clip_tokens: int = 4  # context tokens projected from the image embedding
+    context_width: int  # width of the context tokens (the text transformer's width)
+    text_len: int = 0
+    text_vocab: int = 0
+    text_layers: int = 0  # 0: no caption
+    text_heads: int = 1
+    pad_id: int = 0
+    image_drop: float = 0.1  # probability of dropping the image embedding in training
+    text_drop: float = 0.5  # probability of dropping the caption in training
+    variance: str = "fixed_small"  # "learned_range": 2x output channels
+    num_timesteps: int = 1000
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    scan_layers: bool = False  # the text transformer's
+    remat_policy: str = "none"  # the text transformer's
+
+    def __post_init__(self):
+        for name in ("channel_mult", "attention_resolutions"):
+            if isinstance(getattr(self, name), list):  # keep the config hashable
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        levels = len(self.channel_mult)
+        factor = 2 ** (levels - 1)
+        if self.image_size < 1 or self.image_size % factor:
+            raise ValueError(
+                f"image_size {self.image_size} cannot be halved {levels - 1} times ({levels} "
+                f"levels of channel_mult): it must be a multiple of {factor}"
+            )
+        sides = [self.image_size // 2**i for i in range(levels)]
+        for side in self.attention_resolutions:
+            if side not in sides:
+                raise ValueError(f"attention resolution {side} is not a UNet level's side {sides}")
+        for mult in self.channel_mult:
+            channels = self.model_channels * mult
+            if channels % self.groups:
+                raise ValueError(f"{channels} channels are not divisible into {self.groups} groups")
+            if channels % self.head_channels:
+                raise ValueError(
+                    f"{channels} channels are not divisible into heads of {self.head_channels}"
+                )
+        if self.text_layers:
+            if self.text_len < 1 or self.text_vocab < 1:
+                raise ValueError("a text encoder needs text_len and text_vocab of at least 1")
+            if self.context_width % self.text_heads:
+                raise ValueError(
+                    f"context_width {self.context_width} is not divisible by {self.text_heads} "
+                    "heads"
+                )
+            if not 0 <= self.pad_id < self.text_vocab:
+                raise ValueError(f"pad_id {self.pad_id} is outside [0, {self.text_vocab})")
+        for name in ("image_drop", "text_drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} {getattr(self, name)} is outside [0, 1]")
+        if self.variance not in VARIANCES:
+            raise ValueError(f"unknown variance {self.variance!r}; use one of {VARIANCES}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.variance == "learned_range" else 1)
+
+    def diffusion(self) -> Diffusion:
+        return Diffusion(cosine_betas(self.num_timesteps))
+
+    @classmethod
+    def from_name(cls, name: str, **changes) -> DecoderConfig:
+        """A preset (``"tiny"``, ``"paper-3.5b"``) with ``changes`` applied."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown decoder model {name!r}; known: {list(PRESETS)}")
+        fields = dict(zip(_PRESET_FIELDS, PRESETS[name], strict=True))
+        return cls(**{**fields, **_PRESET_COMPUTE.get(name, {}), **changes})
+
+    def replace(self, **changes) -> DecoderConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class TextEncoder(nn.Module):
+    """GLIDE's caption encoder: text int [b, text_len] (right-padded with ``pad_id``) -> tokens
+    [b, text_len, context_width]."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, text: jax.Array, *, train: bool = False) -> jax.Array:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+
+        def table(name, rows, axis, std):
+            init = partitioned(nn.initializers.normal(std), (axis, "embed"))
+            return self.param(name, init, (rows, cfg.context_width), jnp.float32)
+
+        tokens = table("token_embedding", cfg.text_vocab, "vocab", 0.02)
+        positions = table("positional_embedding", cfg.text_len, "length", 0.01)
+        padding = table("padding_embedding", cfg.text_len, "length", 0.02)
+        x = jnp.take(nn.with_logical_constraint(tokens, (None, None)), text, axis=0)
+        x = jnp.where((text == cfg.pad_id)[..., None], padding, x) + positions
+        x = nn.with_logical_constraint(x.astype(dtype), ("batch", "length", "embed"))
+        x = Transformer(
+            num_layers=cfg.text_layers,
+            num_heads=cfg.text_heads,
+            dropout_rate=cfg.dropout_rate,
+            deterministic=not train,
+            scan_layers=cfg.scan_layers,
+            remat_policy=cfg.remat_policy,
+            dtype=dtype,
+            residual_init_scale=(2 * cfg.text_layers) ** -0.5,
+            name="transformer",
+        )(x)
+        return layer_norm(dtype=dtype, name="ln_final")(x)
+
+
+class Decoder(nn.Module):
+    """x [b, r, r, in_channels] (noised image), t int [b] (model timesteps), image_embedding
+    [b, clip_dim], text int [b, <= text_len] (when ``text_layers > 0``) -> eps (and variance
+    channels) float32 [b, r, r, out_channels].
+
+    ``conditional`` bool [b] (False: null image embedding and caption) is optional;
+    ``train=True`` applies dropout and the conditioning dropout (rng "dropout").
+    """
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        image_embedding: jax.Array,
+        text: jax.Array | None = None,
+        *,
+        conditional: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array:
+        cfg = self.config
+        b = x.shape[0]
+        _check_width("x", x, cfg.in_channels, "in_channels")
+        _check_width("image_embedding", image_embedding, cfg.clip_dim, "clip_dim")
+        dtype = jnp.dtype(cfg.dtype)
+        time_dim = 4 * cfg.model_channels
+        keep = keep_conditioning(self, conditional, b, 0.0, train=False)
+        keep_image = keep_conditioning(self, keep, b, cfg.image_drop, train)
+
+        null_image = self.param(
+            "null_image_embedding",
+            partitioned(nn.initializers.normal(cfg.clip_dim**-0.5), ("embed",)),
+            (cfg.clip_dim,),
+            jnp.float32,
+        )
+        image_embedding = jnp.where(keep_image[:, None], image_embedding, null_image).astype(dtype)
+        emb = timestep_embedding(t, cfg.model_channels).astype(dtype)
+        emb = dense(time_dim, ("embed", "mlp"), dtype=dtype, name="time_fc")(emb)
+        emb = dense(time_dim, ("mlp", "embed"), dtype=dtype, name="time_proj")(nn.silu(emb))
+        emb = emb + dense(time_dim, ("mlp", "embed"), dtype=dtype, name="clip_to_time")(
+            image_embedding
+        )
+        context = dense(
+            cfg.clip_tokens * cfg.context_width, ("embed", "mlp"), dtype=dtype,
+            name="clip_to_tokens",
+        )(image_embedding).reshape(b, cfg.clip_tokens, cfg.context_width)  # fmt: skip
+        if cfg.text_layers:
+            tokens = self._encode_text(text, keep, train)  # (b, n, w)
+            emb = emb + dense(time_dim, ("mlp", "embed"), dtype=dtype, name="text_to_time")(
+                tokens[:, -1]
+            )
+            context = jnp.concatenate([context, tokens], axis=1)
+        elif text is not None:
+            raise ValueError("text given to a decoder without a text encoder (text_layers 0)")
+
+        out = UNet(
+            model_channels=cfg.model_channels,
+            out_channels=cfg.out_channels,
+            channel_mult=cfg.channel_mult,
+            num_res_blocks=cfg.num_res_blocks,
+            attention_ds=tuple(cfg.image_size // side for side in cfg.attention_resolutions),
+            head_channels=cfg.head_channels,
+            groups=cfg.groups,
+            resblock_updown=cfg.resblock_updown,
+            dropout_rate=cfg.dropout_rate,
+            deterministic=not train,
+            dtype=dtype,
+            name="unet",
+        )(x, emb, context)
+        return out.astype(jnp.float32)
+
+    def _encode_text(self, text: jax.Array | None, keep: jax.Array, train: bool) -> jax.Array:
+        """Caption tokens [b, text_len, context_width], the null caption where dropped."""
+        cfg = self.config
+        if text is None:
+            raise ValueError("this decoder has a text encoder: give text [batch, <= text_len]")
+        if text.ndim != 2 or text.shape[1] > cfg.text_len:
+            raise ValueError(f"text of shape {text.shape} exceeds text_len {cfg.text_len}")
+        text = jnp.pad(
+            text, ((0, 0), (0, cfg.text_len - text.shape[1])), constant_values=cfg.pad_id
+        )
+        tokens = TextEncoder(cfg, name="text_encoder")(text, train=train)
+        null = self.param(
+            "null_text_tokens",
+            partitioned(nn.initializers.normal(0.02), ("length", "embed")),
+            (cfg.text_len, cfg.context_width),
+            jnp.float32,
+        ).astype(tokens.dtype)
+        keep_text = keep_conditioning(self, keep, text.shape[0], cfg.text_drop, train)
+        return jnp.where(keep_text[:, None, None], tokens, null)
+
+
+@functools.cache
+def _model_fn(config: DecoderConfig):
+    """``fn(params, image_embedding, text, x, t, conditional=None)``, the conditioning tiled to
+    x's batch; cached per config so the sampler's compilation is reused."""
+    model = Decoder(config)
+
+    def fn(params, image_embedding, text, x, t, conditional=None):
+        reps = x.shape[0] // image_embedding.shape[0]
+
+        def tile(a):
+            return None if a is None else jnp.concatenate([a] * reps)
+
+        return model.apply(
+            {"params": params}, x, t, tile(image_embedding), tile(text), conditional=conditional
+        )
+
+    return fn
+
+
+def sample_decoder(
+    model: Decoder,
+    params,
+    diffusion: Diffusion,
+    image_embedding: jax.Array,
+    rng: jax.Array,
+    *,
+    text: jax.Array | None = None,
+    steps: int | None = None,
+    guidance_scale: float = 1.0,
+    method: str = "ddpm",
+    eta: float = 0.0,
+) -> jax.Array:
+    """Images for CLIP image embeddings [b, clip_dim] (and captions int [b, <= text_len]):
+    ancestral DDPM ("ddpm") or DDIM ("ddim", with ``eta``) over ``steps`` strided steps (None:
+    the whole process), x0 clipped to [-1, 1], classifier-free guidance at ``guidance_scale``.
+
+    Returns: float32 [b, image_size, image_size, in_channels] in [-1, 1].
+    """
+    cfg = model.config
+    # The unconditional half drops both, which training saw only if both were dropped.
+    for name in ("image_drop", "text_drop") if cfg.text_layers else ("image_drop",):
+        check_guidance(guidance_scale, getattr(cfg, name), name)
+    if method not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown method {method!r}; use 'ddpm' or 'ddim'")
+    fn = jax.tree_util.Partial(_model_fn(cfg), params, image_embedding, text)
+    shape = (image_embedding.shape[0], cfg.image_size, cfg.image_size, cfg.in_channels)
+    options = dict(
+        steps=steps,
+        prediction="eps",
+        variance=cfg.variance,
+        guidance_scale=None if guidance_scale == 1 else guidance_scale,
+        clip_x0=True,
+    )
+    if method == "ddim":
+        return sample_ddim(diffusion, fn, shape, rng, eta=eta, **options)
+    return sample_ddpm(diffusion, fn, shape, rng, **options)
