@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxaigc.diffusion import VARIANCES, Diffusion, cosine_betas, sample_ddim, sample_ddpm
-from jaxaigc.models.prior import _check_width, check_guidance, keep_conditioning
+from jaxaigc.models.prior import check_guidance, check_width, keep_conditioning
 from jaxaigc.nn import Transformer, dense, layer_norm, partitioned
 from jaxaigc.nn.unet import UNet, timestep_embedding
 
@@ -200,8 +200,8 @@ class Decoder(nn.Module):
     ) -> jax.Array:
         cfg = self.config
         b = x.shape[0]
-        _check_width("x", x, cfg.in_channels, "in_channels")
-        _check_width("image_embedding", image_embedding, cfg.clip_dim, "clip_dim")
+        check_width("x", x, cfg.in_channels, "in_channels")
+        check_width("image_embedding", image_embedding, cfg.clip_dim, "clip_dim")
         dtype = jnp.dtype(cfg.dtype)
         time_dim = 4 * cfg.model_channels
         keep = keep_conditioning(self, conditional, b, 0.0, train=False)

@@ -123,7 +123,8 @@ def keep_conditioning(
     return keep
 
 
-def _check_width(name: str, x: jax.Array, width: int, field: str) -> None:
+def check_width(name: str, x: jax.Array, width: int, field: str) -> None:
+    """An input whose last axis is not the configured width names both."""
     if x.shape[-1] != width:
         raise ValueError(f"{name} has width {x.shape[-1]}, the config's {field} is {width}")
 
@@ -154,9 +155,9 @@ class Prior(nn.Module):
     ) -> jax.Array:
         cfg = self.config
         b = x.shape[0]
-        _check_width("x", x, cfg.embed_dim, "embed_dim")
-        _check_width("text_embedding", text_embedding, cfg.embed_dim, "embed_dim")
-        _check_width("text_tokens", text_tokens, cfg.text_width, "text_width")
+        check_width("x", x, cfg.embed_dim, "embed_dim")
+        check_width("text_embedding", text_embedding, cfg.embed_dim, "embed_dim")
+        check_width("text_tokens", text_tokens, cfg.text_width, "text_width")
         if text_tokens.shape[1] != cfg.text_len:
             raise ValueError(
                 f"text_tokens has {text_tokens.shape[1]} tokens, the config's text_len is "

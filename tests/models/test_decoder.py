@@ -9,10 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
 
 from jaxaigc import parallel
 from jaxaigc.models.decoder import PRESETS, Decoder, DecoderConfig, sample_decoder
-from jaxaigc.objectives.unclip import decoder_loss_fn
+from jaxaigc.objectives.unclip import (
+    decoder_loss_fn,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+)
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import jit_train_step, make_train_step
 from tests.helpers import max_relative_difference
@@ -108,6 +113,44 @@ def test_every_parameter_has_logical_axis_names(name):
         assert isinstance(leaf, nn.Partitioned), jax.tree_util.keystr(path)
         assert len(leaf.names) == leaf.value.ndim, jax.tree_util.keystr(path)
         assert set(leaf.names) <= known, (jax.tree_util.keystr(path), leaf.names)
+
+
+def per_device_fraction(abstract, mesh, rules) -> float:
+    shardings = parallel.logical_shardings(abstract, mesh, rules)
+    leaves = jax.tree.leaves(nn.meta.unbox(abstract))
+    per_device = sum(
+        np.prod(s.shard_shape(x.shape))
+        for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)
+    )
+    return per_device / sum(x.size for x in leaves)
+
+
+def test_paper_3_5b_shards_over_fsdp_and_tensor(mesh_2x2x2):
+    """The default rules leave convolution input channels (conv_in) replicated (the Shardy
+    workaround in ``parallel.partitioner``), so the UNet's convolutions split over tensor only;
+    mapping conv_in to fsdp brings the whole model to a quarter per device."""
+    rules = parallel.make_rules()
+    with nn.logical_axis_rules(rules):
+        abstract = abstract_init(DecoderConfig.from_name("paper-3.5b"))
+    assert per_device_fraction(abstract, mesh_2x2x2, rules) < 0.375
+    conv_in_fsdp = parallel.make_rules({"conv_in": "fsdp"})
+    assert per_device_fraction(abstract, mesh_2x2x2, conv_in_fsdp) < 0.258
+
+
+def test_variational_bound_terms_match_scipy():
+    rng = np.random.default_rng(0)
+    m1, m2, lv1, lv2 = rng.standard_normal((4, 50))
+    kl = np.log(np.exp(0.5 * lv2) / np.exp(0.5 * lv1))
+    kl += (np.exp(lv1) + (m1 - m2) ** 2) / (2 * np.exp(lv2)) - 0.5
+    np.testing.assert_allclose(normal_kl(m1, lv1, m2, lv2), kl, rtol=1e-5, atol=1e-6)
+    # 8-bit data: the probability of each bin of width 2 / 255, the end bins open.
+    x = np.concatenate([[-1.0, 1.0], rng.integers(0, 256, 48) / 127.5 - 1.0])
+    mean, log_scale = 0.3 * rng.standard_normal(50), rng.uniform(-4, 0, 50)
+    std = np.exp(log_scale)
+    upper = np.where(x > 0.999, 1.0, scipy.stats.norm.cdf(x + 1 / 255, mean, std))
+    lower = np.where(x < -0.999, 0.0, scipy.stats.norm.cdf(x - 1 / 255, mean, std))
+    got = discretized_gaussian_log_likelihood(x, mean, log_scale)
+    np.testing.assert_allclose(np.exp(got), upper - lower, atol=2e-3)  # tanh approximation
 
 
 @pytest.mark.parametrize("variance, channels", [("fixed_small", 3), ("learned_range", 6)])

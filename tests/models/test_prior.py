@@ -109,6 +109,20 @@ def test_every_parameter_has_logical_axis_names(name, changes):
         assert set(leaf.names) <= known, (jax.tree_util.keystr(path), leaf.names)
 
 
+def test_paper_1b_shards_over_fsdp_and_tensor(mesh_2x2x2):
+    """Each device of a 2x2x2 mesh holds a quarter of the parameters (fsdp x tensor = 4)."""
+    rules = parallel.make_rules()
+    with nn.logical_axis_rules(rules):
+        abstract = abstract_init(PriorConfig.from_name("paper-1b"))
+    shardings = parallel.logical_shardings(abstract, mesh_2x2x2, rules)
+    leaves = jax.tree.leaves(nn.meta.unbox(abstract))
+    per_device = sum(
+        np.prod(s.shard_shape(x.shape))
+        for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)
+    )
+    assert per_device / sum(x.size for x in leaves) < 0.251
+
+
 def hidden_states(params, inputs, **kwargs):
     """The transformer's output at every position [b, n + 4, width], and the prediction."""
     out, state = Prior(TINY).apply(
