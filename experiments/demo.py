@@ -48,7 +48,9 @@ def dvae_config() -> ml_collections.ConfigDict:
 
 
 def dalle_config() -> ml_collections.ConfigDict:
-    return train_dalle.get_config()  # its dVAE and CLIP: the stages' runs in this workdir
+    config = train_dalle.get_config()  # its dVAE and CLIP: the stages' runs in this workdir
+    config.train.update(dict(steps=800, checkpoint_every=400))
+    return config
 
 
 def _lm_summary(report: dict) -> str:

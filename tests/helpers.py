@@ -1,7 +1,10 @@
 """Small comparisons shared by the tests."""
 
+import flax.linen as nn
 import jax
 import numpy as np
+
+from jaxaigc import parallel
 
 
 def max_relative_difference(a, b) -> float:
@@ -22,3 +25,41 @@ def assert_trees_equal(a, b) -> None:
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def assert_logical_axes(boxed_params) -> None:
+    """Every leaf is an ``nn.Partitioned`` with one known logical name per dimension."""
+    known = {logical for logical, _ in parallel.DEFAULT_RULES}
+    leaves = jax.tree_util.tree_leaves_with_path(
+        boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+    for path, leaf in leaves:
+        assert isinstance(leaf, nn.Partitioned), jax.tree_util.keystr(path)
+        assert len(leaf.names) == leaf.value.ndim, jax.tree_util.keystr(path)
+        assert set(leaf.names) <= known, (jax.tree_util.keystr(path), leaf.names)
+
+
+def per_device_fraction(boxed, mesh, rules) -> float:
+    """The share of all parameter elements each device holds under the logical rules."""
+    shardings = parallel.logical_shardings(boxed, mesh, rules)
+    leaves = jax.tree.leaves(nn.meta.unbox(boxed))
+    per_device = sum(
+        np.prod(s.shard_shape(x.shape))
+        for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)
+    )
+    return per_device / sum(x.size for x in leaves)
+
+
+def assert_one_step_matches_one_device(train_state, mesh_1, mesh_2x2x2) -> None:
+    """One jitted train step on the 2x2x2 mesh equals one device (loss and parameters to 1e-5).
+
+    ``train_state(mesh, rules) -> (state, step, batch)`` builds the run on a mesh."""
+    rules = parallel.make_rules()
+    params, losses = [], []
+    for mesh in (mesh_1, mesh_2x2x2):
+        state, step, batch = train_state(mesh, rules)
+        state, metrics = step(state, batch)
+        params.append(jax.device_get(state.params))
+        losses.append(float(metrics["train/loss"]))
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    assert max_relative_difference(params[1], params[0]) < 1e-5

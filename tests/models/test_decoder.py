@@ -20,7 +20,12 @@ from jaxaigc.objectives.unclip import (
 )
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import jit_train_step, make_train_step
-from tests.helpers import max_relative_difference
+from tests.helpers import (
+    assert_logical_axes,
+    assert_one_step_matches_one_device,
+    max_relative_difference,
+    per_device_fraction,
+)
 
 TINY = DecoderConfig.from_name("tiny")
 # Faster still, for training loops: 16 px, two levels, one text layer.
@@ -105,24 +110,7 @@ def test_preset_parameter_counts(name):
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_parameter_has_logical_axis_names(name):
     params = abstract_init(DecoderConfig.from_name(name))
-    known = {logical for logical, _ in parallel.DEFAULT_RULES}
-    leaves = jax.tree_util.tree_leaves_with_path(
-        params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
-    )
-    for path, leaf in leaves:
-        assert isinstance(leaf, nn.Partitioned), jax.tree_util.keystr(path)
-        assert len(leaf.names) == leaf.value.ndim, jax.tree_util.keystr(path)
-        assert set(leaf.names) <= known, (jax.tree_util.keystr(path), leaf.names)
-
-
-def per_device_fraction(abstract, mesh, rules) -> float:
-    shardings = parallel.logical_shardings(abstract, mesh, rules)
-    leaves = jax.tree.leaves(nn.meta.unbox(abstract))
-    per_device = sum(
-        np.prod(s.shard_shape(x.shape))
-        for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)
-    )
-    return per_device / sum(x.size for x in leaves)
+    assert_logical_axes(params)
 
 
 def test_paper_3_5b_shards_over_fsdp_and_tensor(mesh_2x2x2):
@@ -307,12 +295,4 @@ def train_state(mesh, rules):
 
 @pytest.mark.slow
 def test_one_step_on_a_2x2x2_mesh_equals_one_device(mesh_1, mesh_2x2x2):
-    rules = parallel.make_rules()
-    params, losses = [], []
-    for mesh in (mesh_1, mesh_2x2x2):
-        state, step, batch = train_state(mesh, rules)
-        state, metrics = step(state, batch)
-        params.append(jax.device_get(state.params))
-        losses.append(float(metrics["train/loss"]))
-    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
-    assert max_relative_difference(params[1], params[0]) < 1e-5
+    assert_one_step_matches_one_device(train_state, mesh_1, mesh_2x2x2)

@@ -13,7 +13,11 @@ from jaxaigc.models.prior import PRESETS, Prior, PriorConfig, sample_prior
 from jaxaigc.objectives.unclip import prior_loss_fn
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import jit_train_step, make_train_step
-from tests.helpers import max_relative_difference
+from tests.helpers import (
+    assert_logical_axes,
+    assert_one_step_matches_one_device,
+    per_device_fraction,
+)
 
 TINY = PriorConfig.from_name("tiny")
 KEY = jax.random.key(0)
@@ -99,14 +103,7 @@ def test_preset_parameter_counts(name):
 )
 def test_every_parameter_has_logical_axis_names(name, changes):
     params = abstract_init(PriorConfig.from_name(name, **changes))
-    known = {logical for logical, _ in parallel.DEFAULT_RULES}
-    leaves = jax.tree_util.tree_leaves_with_path(
-        params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
-    )
-    for path, leaf in leaves:
-        assert isinstance(leaf, nn.Partitioned), jax.tree_util.keystr(path)
-        assert len(leaf.names) == leaf.value.ndim, jax.tree_util.keystr(path)
-        assert set(leaf.names) <= known, (jax.tree_util.keystr(path), leaf.names)
+    assert_logical_axes(params)
 
 
 def test_paper_1b_shards_over_fsdp_and_tensor(mesh_2x2x2):
@@ -114,13 +111,7 @@ def test_paper_1b_shards_over_fsdp_and_tensor(mesh_2x2x2):
     rules = parallel.make_rules()
     with nn.logical_axis_rules(rules):
         abstract = abstract_init(PriorConfig.from_name("paper-1b"))
-    shardings = parallel.logical_shardings(abstract, mesh_2x2x2, rules)
-    leaves = jax.tree.leaves(nn.meta.unbox(abstract))
-    per_device = sum(
-        np.prod(s.shard_shape(x.shape))
-        for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)
-    )
-    assert per_device / sum(x.size for x in leaves) < 0.251
+    assert per_device_fraction(abstract, mesh_2x2x2, rules) < 0.251
 
 
 def hidden_states(params, inputs, **kwargs):
@@ -284,12 +275,4 @@ def train_state(mesh, rules):
 
 @pytest.mark.slow
 def test_one_step_on_a_2x2x2_mesh_equals_one_device(mesh_1, mesh_2x2x2):
-    rules = parallel.make_rules()
-    params, losses = [], []
-    for mesh in (mesh_1, mesh_2x2x2):
-        state, step, batch = train_state(mesh, rules)
-        state, metrics = step(state, batch)
-        params.append(jax.device_get(state.params))
-        losses.append(float(metrics["train/loss"]))
-    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
-    assert max_relative_difference(params[1], params[0]) < 1e-5
+    assert_one_step_matches_one_device(train_state, mesh_1, mesh_2x2x2)
