@@ -1,0 +1,114 @@
+"""The unCLIP pipeline end to end at toy size: CLIP features of shapes scenes from a random tiny
+CLIP, both stages' losses fall through the generic loop, text -> image returns uint8 images, and
+guidance without conditioning dropout is refused by name."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxaigc.data.tokenizers import ClipTokenizer
+from jaxaigc.models.clip import CLIP, CLIPConfig
+from jaxaigc.pipelines import unclip
+from jaxaigc.train.loop import train
+from jaxaigc.train.metrics import read_metrics
+
+TEXT_LEN = 24
+
+
+def _random(shapes, seed: int, std: float):
+    """NumPy draws shaped like ``shapes`` (Flax's initialisers compile for seconds)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.normal(0, std, s.shape).astype(s.dtype), shapes)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    try:
+        tokenizer = ClipTokenizer()
+    except FileNotFoundError as error:
+        pytest.skip(f"no CLIP vocabulary: {error}")
+    model = CLIP(CLIPConfig.from_name("tiny-vit", context_length=TEXT_LEN))
+    example = (jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, TEXT_LEN), jnp.int32))
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *example))
+    return unclip.ClipEncoder(model, _random(shapes, 0, 0.05), tokenizer)
+
+
+def _config():
+    config = unclip.get_config()
+    config.prior.model.update(dict(width=32, layers=2, heads=2))
+    config.decoder.model.update(
+        dict(model_channels=8, channel_mult=(1, 2), attention_resolutions=(16,), head_channels=8)
+    )
+    for section in (config.prior, config.decoder):
+        section.train.update(dict(steps=20, batch_size=8, log_every=5, checkpoint_every=1000))
+        section.optim.update(dict(peak_lr=3e-3, warmup_steps=5))
+    return config
+
+
+def test_clip_features_line_up(clip):
+    features = unclip.encode_scenes(clip, 8, split="test", seed=0, batch=5)
+    assert features.text_tokens.shape == (8, TEXT_LEN, 128)
+    assert features.text_embedding.shape == features.image_embedding.shape == (8, 64)
+    np.testing.assert_allclose(np.linalg.norm(features.image_embedding, axis=-1), 1, rtol=1e-5)
+    # The mask covers SOT..EOT: one position more than the caption's BPE tokens.
+    lengths = [len(clip.tokenizer.tokenize(c)) + 2 for c in features.captions]
+    np.testing.assert_array_equal(features.text_mask.sum(-1), lengths)
+    # The pooled embedding is CLIP's own encode_text, unchanged by capturing the token features.
+    direct = clip.encode_text(features.captions[:3], text_len=TEXT_LEN)["text_embedding"]
+    np.testing.assert_allclose(direct, features.text_embedding[:3], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_both_stages_learn_and_generate_images(clip, mesh_1, tmp_path):
+    config = _config()
+    features = unclip.encode_scenes(clip, 64, split="train", seed=0)
+    stages = {}
+    for name, build in (("prior", unclip.build_prior), ("decoder", unclip.build_decoder)):
+        model, task, batches = build(config, None, features=features)
+        state = train(task, batches, config[name], tmp_path / name, mesh=mesh_1)
+        losses = [r["train/loss"] for r in read_metrics(tmp_path / name) if "train/loss" in r]
+        assert losses[-1] < 0.8 * losses[0], (name, losses)
+        stages[name] = (model, state.params)
+
+    captions = ["a small red circle on the left", "a large blue square above a small green cross"]
+    out = unclip.generate(
+        captions, prior=stages["prior"], decoder=stages["decoder"], clip=clip,
+        rng=jax.random.key(0), prior_steps=4, decoder_steps=4, decoder_guidance=2.0, candidates=3,
+    )  # fmt: skip
+    assert out["images"].shape == (2, 3, 32, 32, 3) and out["images"].dtype == np.uint8
+    np.testing.assert_allclose(np.linalg.norm(out["image_embedding"], axis=-1), 1, rtol=1e-5)
+
+    # Guidance scales other than 1 need the stage trained with conditioning dropout.
+    prior_model, prior_params = stages["prior"]
+    decoder_model, decoder_params = stages["decoder"]
+    no_drop_prior = (type(prior_model)(prior_model.config.replace(text_drop=0.0)), prior_params)
+    with pytest.raises(ValueError, match="guidance_scale 3.0 needs .* text_drop is 0"):
+        unclip.generate(
+            captions, prior=no_drop_prior, decoder=stages["decoder"], clip=clip,
+            rng=jax.random.key(0), prior_guidance=3.0,
+        )  # fmt: skip
+    no_drop_decoder = (
+        type(decoder_model)(decoder_model.config.replace(image_drop=0.0)),
+        decoder_params,
+    )
+    with pytest.raises(ValueError, match="guidance_scale 2.0 needs .* image_drop is 0"):
+        unclip.generate(
+            captions, prior=stages["prior"], decoder=no_drop_decoder, clip=clip,
+            rng=jax.random.key(0), decoder_guidance=2.0,
+        )  # fmt: skip
+
+
+def test_mismatched_clip_features_are_named(clip):
+    features = unclip.encode_scenes(clip, 16, split="train", seed=0)
+    config = _config()
+    config.prior.model.text_width = 64
+    with pytest.raises(ValueError, match="width is 128, but the prior's text_width is 64"):
+        unclip.build_prior(config, None, features=features)
+    config = _config()
+    config.decoder.model.clip_dim = 32
+    with pytest.raises(ValueError, match="embedding width is 64, but the decoder's clip_dim is 32"):
+        unclip.build_decoder(config, None, features=features)
+    with pytest.raises(ValueError, match="give clip"):
+        unclip.build_decoder(config, None)
