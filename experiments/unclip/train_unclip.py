@@ -119,6 +119,7 @@ def evaluate_decoder(decoder, clip, test: unclip.SceneFeatures, config, rng) -> 
                 jax.random.fold_in(rng, i),
                 steps=sc.decoder_steps,
                 guidance_scale=sc.decoder_guidance,
+                method=sc.decoder_method,
                 text=test.tokens[rows],
             )
             for i, rows in enumerate(_batches(len(test), config.eval.batch))
@@ -154,6 +155,7 @@ def evaluate_pipeline(prior, decoder, clip, test, config, rng) -> tuple[dict, np
             decoder_guidance=sc.decoder_guidance,
             candidates=sc.candidates,
             prior_candidates=sc.prior_candidates,
+            decoder_method=sc.decoder_method,
         )["images"]
         for i, rows in enumerate(_batches(len(test), config.eval.batch))
     ]
