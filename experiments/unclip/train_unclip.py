@@ -57,7 +57,9 @@ def judge(image: np.ndarray, caption: str) -> dict[str, bool]:
     if wanted.relation is not None:
         (ca, sa), (cb, sb) = [(o.colour, o.shape) for o in wanted.objects]
         verdict["bound"] = _objects(drawn) == _objects(wanted)
-        verdict["swapped"] = ca != cb and _objects(drawn) == sorted([(cb, sa), (ca, sb)])
+        # A swap is only visible when both the colours and the shapes differ.
+        swap = sorted([(cb, sa), (ca, sb)])
+        verdict["swapped"] = ca != cb and sa != sb and _objects(drawn) == swap
     return verdict
 
 
