@@ -40,25 +40,6 @@ def get_config() -> ml_collections.ConfigDict:
     return config
 
 
-def _objects(scene: shapes.Scene) -> list[tuple[str, str]]:
-    return sorted((o.colour, o.shape) for o in scene.objects)
-
-
-def judge(image: np.ndarray, caption: str) -> dict[str, bool]:
-    """Caption match, and for two objects: binding (both (colour, shape) objects drawn) and a
-    swap (the shapes drawn with each other's colours)."""
-    wanted = shapes.parse_caption(caption)
-    drawn = shapes.parse(image)
-    verdict = {"correct": drawn.canonical() == wanted.canonical()}
-    if wanted.relation is not None:
-        (ca, sa), (cb, sb) = [(o.colour, o.shape) for o in wanted.objects]
-        verdict["bound"] = _objects(drawn) == _objects(wanted)
-        # A swap is only visible when both the colours and the shapes differ.
-        swap = sorted([(cb, sa), (ca, sb)])
-        verdict["swapped"] = ca != cb and sa != sb and _objects(drawn) == swap
-    return verdict
-
-
 def _rates(verdicts: list[dict], key: str) -> float | None:
     values = [v[key] for v in verdicts if key in v]
     return float(np.mean(values)) if values else None
@@ -106,7 +87,7 @@ def evaluate(model, params, pairs, dvae, reranker, config) -> tuple[dict, np.nda
             top_p=sc.top_p,
         )
         for record, caption, images in zip(batch, captions, out["images"], strict=True):
-            verdicts = [judge(image, caption) for image in images]
+            verdicts = [shapes.verdict(image, caption) for image in images]
             entry = {
                 "single": float(np.mean([v["correct"] for v in verdicts])),
                 "best": verdicts[0],  # CLIP's choice

@@ -44,25 +44,6 @@ def get_config() -> ml_collections.ConfigDict:
     return config
 
 
-def _objects(scene: shapes.Scene) -> list[tuple[str, str]]:
-    return sorted((o.colour, o.shape) for o in scene.objects)
-
-
-def judge(image: np.ndarray, caption: str) -> dict[str, bool]:
-    """Caption match, and for two objects: binding (both (colour, shape) objects drawn) and a
-    swap (the shapes drawn with each other's colours)."""
-    wanted = shapes.parse_caption(caption)
-    drawn = shapes.parse(image)
-    verdict = {"correct": drawn.canonical() == wanted.canonical()}
-    if wanted.relation is not None:
-        (ca, sa), (cb, sb) = [(o.colour, o.shape) for o in wanted.objects]
-        verdict["bound"] = _objects(drawn) == _objects(wanted)
-        # A swap is only visible when both the colours and the shapes differ.
-        swap = sorted([(cb, sa), (ca, sb)])
-        verdict["swapped"] = ca != cb and sa != sb and _objects(drawn) == swap
-    return verdict
-
-
 def _rate(verdicts: list[dict], key: str) -> float | None:
     values = [v[key] for v in verdicts if key in v]
     return float(np.mean(values)) if values else None
@@ -128,10 +109,10 @@ def evaluate_decoder(decoder, clip, test: unclip.SceneFeatures, config, rng) -> 
         ]
     )
     z = clip.encode_images(images)
-    truth = [judge(image, c) for image, c in zip(test.images, test.captions, strict=True)]
+    truth = [shapes.verdict(image, c) for image, c in zip(test.images, test.captions, strict=True)]
     other = np.roll(test.images, 1, axis=0)
-    chance = [judge(image, c) for image, c in zip(other, test.captions, strict=True)]
-    decoded = [judge(image, c) for image, c in zip(images, test.captions, strict=True)]
+    chance = [shapes.verdict(image, c) for image, c in zip(other, test.captions, strict=True)]
+    decoded = [shapes.verdict(image, c) for image, c in zip(images, test.captions, strict=True)]
     report = {
         "round_trip_cos": _cos(z, test.image_embedding),
         "round_trip_cos_unrelated": _cos(z, np.roll(test.image_embedding, 1, axis=0)),
@@ -165,7 +146,7 @@ def evaluate_pipeline(prior, decoder, clip, test, config, rng) -> tuple[dict, np
     held_out = test.held_out
     groups = {"all": [], "seen": [], "held_out": []}
     for k, caption in enumerate(test.captions):
-        verdicts = [judge(image, caption) for image in images[k]]
+        verdicts = [shapes.verdict(image, caption) for image in images[k]]
         groups["all"] += verdicts
         groups["held_out" if held_out[k] else "seen"] += verdicts
     report = {

@@ -316,3 +316,20 @@ def parse(image: np.ndarray) -> Scene:
 def check(image: np.ndarray, text: str) -> bool:
     """Whether ``image`` shows the scene ``text`` describes."""
     return parse(image).canonical() == parse_caption(text).canonical()
+
+
+def _pairs(scene: Scene) -> list[tuple[str, str]]:
+    return sorted((o.colour, o.shape) for o in scene.objects)
+
+
+def verdict(image: np.ndarray, text: str) -> dict[str, bool]:
+    """:func:`check` as ``correct``, and for a two-object caption ``bound`` (both (colour, shape)
+    objects drawn, whatever their sizes and places) and ``swapped`` (the two shapes drawn with each
+    other's colours; only visible when both the colours and the shapes differ)."""
+    wanted, drawn = parse_caption(text), parse(image)
+    out = {"correct": drawn.canonical() == wanted.canonical()}
+    if wanted.relation is not None:
+        (ca, sa), (cb, sb) = [(o.colour, o.shape) for o in wanted.objects]
+        out["bound"] = _pairs(drawn) == _pairs(wanted)
+        out["swapped"] = ca != cb and sa != sb and _pairs(drawn) == sorted([(cb, sa), (ca, sb)])
+    return out

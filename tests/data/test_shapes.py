@@ -64,3 +64,21 @@ def test_hand_written_scenes():
     assert shapes.check(image, "there is a large blue circle right of a small red square")
     assert not shapes.check(image, "a small red square above a large blue circle")
     assert not shapes.check(image, "a small red square left of a large blue diamond")
+
+
+def test_verdict_separates_binding_from_swapped_colours():
+    caption = "a large red circle left of a large blue square"
+    scene = shapes.parse_caption(caption)
+    boxes = [(4, 8, 13), (18, 8, 13)]  # (x, y, side) of each object, 2 px apart at least
+    right = shapes.render(scene, boxes, 32)
+    assert shapes.verdict(right, caption) == {"correct": True, "bound": True, "swapped": False}
+    (a, b) = scene.objects
+    swapped = Scene((Obj(a.shape, b.colour, a.size), Obj(b.shape, a.colour, b.size)), "left of")
+    got = shapes.verdict(shapes.render(swapped, boxes, 32), caption)
+    assert got == {"correct": False, "bound": False, "swapped": True}
+    # Same shapes: exchanging the colours draws the same objects, so it is no swap.
+    same = "a large red circle left of a large blue circle"
+    twin = shapes.parse_caption("a large blue circle left of a large red circle")
+    got = shapes.verdict(shapes.render(twin, boxes, 32), same)
+    assert got == {"correct": False, "bound": True, "swapped": False}
+    assert "bound" not in shapes.verdict(right, "a large red circle on the left")

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxaigc import parallel
 from jaxaigc.nn.conv import conv2d
 from jaxaigc.nn.unet import AttentionBlock, ResBlock, UNet, timestep_embedding
+from tests.helpers import assert_logical_axes
 
 KEY = jax.random.key(0)
 SMALL = dict(
@@ -119,11 +119,4 @@ def test_every_unet_parameter_has_logical_axis_names():
     abstract = jax.eval_shape(
         unet.init, KEY, jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 64)), jnp.zeros((1, 5, 32))
     )["params"]
-    known = {logical for logical, _ in parallel.DEFAULT_RULES}
-    leaves = jax.tree_util.tree_leaves_with_path(
-        abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned)
-    )
-    for path, leaf in leaves:
-        assert isinstance(leaf, nn.Partitioned), jax.tree_util.keystr(path)
-        assert len(leaf.names) == leaf.value.ndim, jax.tree_util.keystr(path)
-        assert set(leaf.names) <= known, (jax.tree_util.keystr(path), leaf.names)
+    assert_logical_axes(abstract)
