@@ -49,7 +49,7 @@ def dvae_config() -> ml_collections.ConfigDict:
 
 def dalle_config() -> ml_collections.ConfigDict:
     config = train_dalle.get_config()  # its dVAE and CLIP: the stages' runs in this workdir
-    config.train.update(dict(steps=800, checkpoint_every=400))
+    config.train.update(dict(steps=1200, checkpoint_every=400))
     config.eval.captions = 100
     return config
 
