@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaigc.nn import REMAT_POLICIES, Transformer, dense, layer_norm, partitioned
+from jaxaigc.nn.attention import decode_positions
 from jaxaigc.nn.layers import ACTIVATIONS
 from jaxaigc.nn.sparse import KINDS, DALLEMask, layer_masks, sparse_attention, splash_attention
 
@@ -193,13 +194,7 @@ class DALLE(nn.Module):
                 text, ((0, 0), (0, cfg.text_len - text.shape[1])), constant_values=cfg.pad_id
             )
             tokens = jnp.concatenate([text, image.astype(text.dtype)], 1)
-        positions = jnp.arange(tokens.shape[1])
-        if cfg.decode:
-            initialized = self.has_variable("cache", "position")
-            offset = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
-            if initialized:
-                positions = positions + offset.value
-                offset.value = offset.value + tokens.shape[1]
+        positions = decode_positions(self, tokens.shape[1], cfg.decode)
 
         dtype = jnp.dtype(cfg.dtype)
         x = self._embed(tokens, positions)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxaigc.nn import Transformer, causal_mask, dense, layer_norm, partitioned
+from jaxaigc.nn.attention import decode_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +63,7 @@ class GPT(nn.Module):
             (cfg.context_length, cfg.width),
             jnp.float32,
         )
-        positions = jnp.arange(tokens.shape[1])
-        if cfg.decode:
-            initialized = self.has_variable("cache", "position")
-            offset = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
-            if initialized:
-                positions = positions + offset.value
-                offset.value = offset.value + tokens.shape[1]
+        positions = decode_positions(self, tokens.shape[1], cfg.decode)
         # Gather from whole tables (FSDP all-gathers them anyway): a gather from a table sharded
         # along embed forces XLA into a full rematerialisation to reach the batch sharding.
         token_embedding = nn.with_logical_constraint(token_embedding, (None, None))

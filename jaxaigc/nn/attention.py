@@ -38,6 +38,20 @@ def _as_tuple(fns) -> tuple:
     return () if fns is None else tuple(fns) if isinstance(fns, (tuple, list)) else (fns,)
 
 
+def decode_positions(module: nn.Module, length: int, decode: bool) -> jax.Array:
+    """Positions int [length] of a call's tokens: ``0..length - 1``, or in decode mode the next
+    ones after the tokens already cached (a ``cache/position`` counter of ``module``; the call
+    that creates the cache only sizes it)."""
+    positions = jnp.arange(length)
+    if decode:
+        initialized = module.has_variable("cache", "position")
+        offset = module.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+        if initialized:
+            positions = positions + offset.value
+            offset.value = offset.value + length
+    return positions
+
+
 def causal_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
     """Each query attends to keys at its own position or earlier. Returns bool [q, k]."""
     return k_pos[None, :] <= q_pos[:, None]
