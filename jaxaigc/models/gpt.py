@@ -1,5 +1,12 @@
-"""A GPT-style decoder-only language model (Radford et al. 2019), the policy of the InstructGPT
-pipeline and the tiny LM the training loop is tested on."""
+"""A GPT-style decoder-only language model (Radford et al. 2019): the tiny LM the training loop is
+tested on, and InstructGPT's policy (``head="lm"``), reward and value models (``head="scalar"``:
+one number per position; Ouyang et al. 2022). Converted GPT-2 checkpoints
+(:func:`jaxaigc.convert.gpt2_from_torch`) are ``GPT`` s with ``tie_embeddings=True``.
+
+Padded batches pass ``valid`` (True at real tokens, left or right padding): a token's position is
+the number of real tokens before it, and pads are masked as keys, so a left-padded prompt gives
+the same outputs at its real tokens as the prompt alone.
+"""
 
 from __future__ import annotations
 
@@ -27,24 +34,56 @@ class GPTConfig:
     scan_layers: bool = False  # one compiled block for any depth
     remat_policy: str = "none"
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    tie_embeddings: bool = False  # GPT-2: the LM head is the token embedding, transposed
+    head: str = "lm"  # "lm": logits over the vocabulary; "scalar": a score per position
     # KV-cache mode for sampling: config.replace(decode=True). Decoding past context_length is the
     # caller's to prevent (jaxaigc.sample.decode checks it): positions beyond it give NaN logits.
     decode: bool = False
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; use one of {HEADS}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 
     def replace(self, **changes) -> GPTConfig:
         return dataclasses.replace(self, **changes)
 
 
+HEADS = ("lm", "scalar")
+
+
+class ScalarHead(nn.Module):
+    """x [b, t, d] -> float32 [b, t]: ``x . kernel + bias`` (kernel [d])."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.normal(x.shape[-1] ** -0.5)
+        kernel = self.param("kernel", partitioned(init, ("embed",)), (x.shape[-1],), jnp.float32)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ()), (), jnp.float32)
+        out = jnp.einsum("btd,d->bt", x, kernel.astype(self.dtype)).astype(jnp.float32)
+        return out + bias
+
+
 class GPT(nn.Module):
-    """tokens int32 [b, t] -> logits float32 [b, t, vocab]."""
+    """tokens int32 [b, t] (``valid`` bool [b, t], default all True) -> logits float32
+    [b, t, vocab], or with ``head="scalar"`` scores float32 [b, t].
+
+    In decode mode every call appends its tokens and their ``valid`` flags to the cache."""
 
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, *, valid: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
         cfg = self.config
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        if valid is not None and valid.shape != tokens.shape:
+            raise ValueError(f"valid has shape {valid.shape}; tokens have {tokens.shape}")
         if tokens.shape[1] > cfg.context_length:
             raise ValueError(
                 f"sequence length {tokens.shape[1]} exceeds the context length {cfg.context_length}"
@@ -63,7 +102,7 @@ class GPT(nn.Module):
             (cfg.context_length, cfg.width),
             jnp.float32,
         )
-        positions = decode_positions(self, tokens.shape[1], cfg.decode)
+        positions, mask = self._positions_and_mask(tokens, valid)
         # Gather from whole tables (FSDP all-gathers them anyway): a gather from a table sharded
         # along embed forces XLA into a full rematerialisation to reach the batch sharding.
         token_embedding = nn.with_logical_constraint(token_embedding, (None, None))
@@ -85,9 +124,34 @@ class GPT(nn.Module):
             remat_policy=cfg.remat_policy,
             dtype=dtype,
             name="transformer",
-        )(x)
+        )(x, mask)
         x = layer_norm(eps=cfg.ln_eps, dtype=dtype, name="ln_final")(x)
-        logits = dense(
-            cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype, name="head"
-        )(x)
+        if cfg.head == "scalar":
+            return ScalarHead(dtype, name="score")(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, token_embedding.astype(dtype))
+        else:
+            logits = dense(
+                cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype, name="head"
+            )(x)
         return logits.astype(jnp.float32)
+
+    def _positions_and_mask(self, tokens: jax.Array, valid: jax.Array | None):
+        """Position ids (int [t] or [b, t]) and the key padding mask (bool [b, 1, 1, keys] or
+        None). In decode mode the keys are the cache's slots and their flags are cached."""
+        cfg = self.config
+        slots = decode_positions(self, tokens.shape[1], cfg.decode)  # cache slots of the tokens
+        if valid is None and not cfg.decode:
+            return slots, None
+        valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
+        if cfg.decode:
+            initialized = self.has_variable("cache", "valid")
+            cached = self.variable("cache", "valid", jnp.zeros, valid.shape, bool)
+            if initialized:  # the call creating the cache only sizes it
+                cached.value = jax.lax.dynamic_update_slice(cached.value, valid, (0, slots[0]))
+                keys = cached.value
+                # Real tokens before each slot; leading pads get position 0 (they are masked).
+                positions = jnp.take(jnp.cumsum(keys, axis=1) - 1, slots, axis=1)
+                return jnp.maximum(positions, 0), keys[:, None, None, :]
+        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+        return positions, valid[:, None, None, :]
