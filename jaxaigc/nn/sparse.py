@@ -133,14 +133,13 @@ def _transpose_grid(x: jax.Array, side: int) -> jax.Array:
     return grid.swapaxes(1, 2).reshape(x.shape)
 
 
-def _window_rows(kind: str, side: int, kernel: int) -> int:
-    """How many earlier image rows an image query can reach under ``kind``."""
+def _reach(kind: str, side: int, kernel: int) -> int:
+    """The largest raster offset ``q - k`` an image query may attend under ``kind``."""
     if kind == "row":
-        return 1
-    if kind == "conv":  # largest offset kernel // 2 * (side + 1)
-        half = kernel // 2
-        return half + math.ceil(half / side)
-    return 0  # column: runs on the transposed grid, where it needs no earlier block
+        return side
+    if kind == "conv":
+        return kernel // 2 * (side + 1)
+    return 0  # column: runs on the transposed grid, where each block holds whole columns
 
 
 def _softmax_attend(q, keys, values, mask):
@@ -180,10 +179,11 @@ def sparse_attention(
 
     Text queries attend causally over text. Image queries go in blocks of whole grid rows
     (``block_size // image_side`` of them, at least one): each block takes one softmax over all
-    text keys and its own key block plus the earlier blocks its window reaches (row: one grid row
-    back, conv: ``kernel // 2`` and the wrap). Column runs on the transposed grid, where each
-    column is contiguous and each block attends only to itself. ``dense`` is plain causal
-    attention. Time and memory scale with the kept blocks; plain autodiff, any batch sharding.
+    text keys and the image keys from the furthest its window reaches to its own end (row: one
+    grid row back; conv: ``kernel // 2`` rows and columns back). Column runs on the transposed
+    grid, where each column is contiguous and each block attends only to itself. ``dense`` is
+    plain causal attention. Time and memory scale with the kept keys; plain autodiff, any batch
+    sharding.
 
     Args: q, k, v [b, n, h, d] with ``n <= text_len + image_side**2`` (a prefix of the sequence:
     all masks are causal, so padding the rest changes nothing). Returns [b, n, h, d].
@@ -207,33 +207,18 @@ def sparse_attention(
         raster = raster.reshape(side, side).T.ravel()
     rows = max(1, min(side, block_size // side))  # grid rows per query block
     num_blocks, block = math.ceil(side / rows), rows * side
-    back = math.ceil(_window_rows(kind, side, kernel) / rows)  # earlier key blocks in the window
-    # Key windows: blocks j - back .. j, from back blocks of zeros in front (masked out).
-    image_q = _pad_to(image_q, num_blocks * block)
-    image_k, image_v = (
-        _pad_to(
-            jnp.pad(x, [(0, 0), (back * block, 0), (0, 0), (0, 0)]), (back + num_blocks) * block
-        )
-        for x in (image_k, image_v)
-    )
-    b, h, d = q.shape[0], q.shape[2], q.shape[3]
-    image_q = image_q.reshape(b, num_blocks, block, h, d)
-    image_k, image_v = (
-        jnp.concatenate(
-            [
-                x[:, s * block : (s + num_blocks) * block].reshape(b, num_blocks, block, h, d)
-                for s in range(back + 1)
-            ],
-            axis=2,
-        )
-        for x in (image_k, image_v)
-    )  # (b, blocks, (back + 1) * block, h, d)
-    # The window's mask, evaluated by the same definition at raster indices.
+    reach = _reach(kind, side, kernel)
+    # Each query block scores the keys from ``reach`` tokens before its start to its end: one
+    # gather of a static [blocks, block + reach] index (out-of-grid indices are masked out).
     q_idx = np.arange(num_blocks)[:, None] * block + np.arange(block)[None]  # (blocks, block)
-    k_idx = q_idx[:, :1] - back * block + np.arange((back + 1) * block)[None]
+    k_idx = q_idx[:, :1] - reach + np.arange(block + reach)[None]  # (blocks, block + reach)
+    in_grid = (k_idx >= 0) & (k_idx < side**2)
+    b, h, d = q.shape[0], q.shape[2], q.shape[3]
+    image_q = _pad_to(image_q, num_blocks * block).reshape(b, num_blocks, block, h, d)
+    image_k, image_v = (x[:, np.clip(k_idx, 0, side**2 - 1)] for x in (image_k, image_v))
+    # The window's mask, evaluated by the same definition at raster indices.
     q_raster = raster[np.clip(q_idx, 0, side**2 - 1)][:, :, None]
     k_raster = raster[np.clip(k_idx, 0, side**2 - 1)][:, None, :]
-    in_grid = (k_idx >= 0) & (k_idx < side**2)
     window = in_grid[:, None, :] & _image_mask(kind, q_raster, k_raster, side, kernel)
     mask = np.concatenate([np.ones((num_blocks, block, t), bool), window], -1)[None, :, None]
     image_out = _softmax_attend(
