@@ -15,10 +15,14 @@ training (``image_drop``, ``text_drop``; rng "dropout"), independently; ``condit
 replaces both (the unconditional half of classifier-free guidance). The null image embedding
 lives in CLIP space, the null caption in the text encoder's output space.
 
-Output: eps [b, r, r, 3] with a fixed variance by default; ``variance="learned_range"`` adds 3
-channels of improved DDPM's variance interpolation (trained by the hybrid loss of
-``objectives.unclip``). Learned variances can NaN at small scale (REFERENCE Sec. 3), hence the
-fixed default.
+Output: eps [b, r, r, 3] (or v, Salimans & Ho 2022, or x0: ``prediction``) with a fixed variance by
+default; ``variance="learned_range"`` adds 3 channels of improved DDPM's variance interpolation
+(trained by the hybrid loss of ``objectives.unclip``). Learned variances can NaN at small scale
+(REFERENCE Sec. 3), hence the fixed default.
+
+Scale. The unit-norm CLIP embedding is multiplied by sqrt(clip_dim) (``scale_embedding``, as the
+prior scales it) before its projections, so its components have about unit variance like the
+other inputs of those layers.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxaigc.diffusion import VARIANCES, Diffusion, cosine_betas, sample_ddim, sample_ddpm
+from jaxaigc.diffusion.schedules import check_prediction
 from jaxaigc.models.prior import check_guidance, check_width, keep_conditioning
 from jaxaigc.nn import Transformer, dense, layer_norm, partitioned
 from jaxaigc.nn.unet import UNet, timestep_embedding
@@ -78,6 +83,8 @@ class DecoderConfig:
     image_drop: float = 0.1  # probability of dropping the image embedding in training
     text_drop: float = 0.5  # probability of dropping the caption in training
     variance: str = "fixed_small"  # "learned_range": 2x output channels
+    prediction: str = "eps"  # what the UNet outputs: "eps", "v" or "x0"
+    scale_embedding: bool = True  # multiply the image embedding by sqrt(clip_dim)
     num_timesteps: int = 1000
     dtype: str = "float32"  # compute dtype; parameters stay float32
     scan_layers: bool = False  # the text transformer's
@@ -121,6 +128,11 @@ class DecoderConfig:
                 raise ValueError(f"{name} {getattr(self, name)} is outside [0, 1]")
         if self.variance not in VARIANCES:
             raise ValueError(f"unknown variance {self.variance!r}; use one of {VARIANCES}")
+        check_prediction(self.prediction)
+
+    @property
+    def embedding_scale(self) -> float:
+        return self.clip_dim**0.5 if self.scale_embedding else 1.0
 
     @property
     def out_channels(self) -> int:
@@ -178,8 +190,8 @@ class TextEncoder(nn.Module):
 
 class Decoder(nn.Module):
     """x [b, r, r, in_channels] (noised image), t int [b] (model timesteps), image_embedding
-    [b, clip_dim], text int [b, <= text_len] (when ``text_layers > 0``) -> eps (and variance
-    channels) float32 [b, r, r, out_channels].
+    [b, clip_dim], text int [b, <= text_len] (when ``text_layers > 0``) -> eps / v / x0 (and
+    variance channels) float32 [b, r, r, out_channels].
 
     ``conditional`` bool [b] (False: null image embedding and caption) is optional;
     ``train=True`` applies dropout and the conditioning dropout (rng "dropout").
@@ -213,7 +225,8 @@ class Decoder(nn.Module):
             (cfg.clip_dim,),
             jnp.float32,
         )
-        image_embedding = jnp.where(keep_image[:, None], image_embedding, null_image).astype(dtype)
+        image_embedding = jnp.where(keep_image[:, None], image_embedding, null_image)
+        image_embedding = (cfg.embedding_scale * image_embedding).astype(dtype)
         emb = timestep_embedding(t, cfg.model_channels).astype(dtype)
         emb = dense(time_dim, ("embed", "mlp"), dtype=dtype, name="time_fc")(emb)
         emb = dense(time_dim, ("mlp", "embed"), dtype=dtype, name="time_proj")(nn.silu(emb))
@@ -318,7 +331,7 @@ def sample_decoder(
     shape = (image_embedding.shape[0], cfg.image_size, cfg.image_size, cfg.in_channels)
     options = dict(
         steps=steps,
-        prediction="eps",
+        prediction=cfg.prediction,
         variance=cfg.variance,
         guidance_scale=None if guidance_scale == 1 else guidance_scale,
         clip_x0=True,

@@ -1,10 +1,10 @@
 """The unCLIP objectives (Ramesh et al. 2022) on top of :mod:`jaxaigc.objectives.diffusion`:
 
 - prior: ||f(z_i^(t), t, y) - z_i||^2 on the scaled CLIP image embedding (prediction "x0");
-- decoder: DDPM's L_simple on eps, plus improved DDPM's variational bound with weight
-  lambda = 0.001 when the decoder learns its variances (Nichol & Dhariwal 2021, Eq. 16:
-  L_hybrid = L_simple + lambda L_vlb, L_vlb = T E_t[L_t]; the mean enters L_vlb with a stopped
-  gradient, so L_vlb trains only the variance).
+- decoder: DDPM's L_simple on eps (or the MSE on v or x0), plus improved DDPM's variational
+  bound with weight lambda = 0.001 when the decoder learns its variances (Nichol & Dhariwal 2021,
+  Eq. 16: L_hybrid = L_simple + lambda L_vlb, L_vlb = T E_t[L_t]; the mean enters L_vlb with a
+  stopped gradient, so L_vlb trains only the variance).
 
 CLIP features come precomputed in the batch; nothing here runs CLIP. Conditioning dropout for
 guidance happens inside the models (``train=True``), driven by the loss's rng.
@@ -21,7 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaigc.diffusion import Diffusion
-from jaxaigc.objectives.diffusion import loss_by_quartile, loss_weights, mean_flat, sample_timesteps
+from jaxaigc.objectives.diffusion import (
+    loss_by_quartile,
+    loss_weights,
+    mean_flat,
+    prediction_target,
+    sample_timesteps,
+)
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -134,12 +140,15 @@ def decoder_loss_fn(
     ``{"image": float [b, r, r, 3] in [-1, 1], "image_embedding": [b, clip_dim]}`` and
     ``"text_tokens"`` int [b, <= text_len] when the decoder encodes captions.
 
-    Loss: the (weighted) eps MSE, plus ``vlb_weight * T * L_t`` when the config's variance is
-    "learned_range". Metrics: ``mse``, ``loss_q0..3`` and, with learned variances, ``vlb``
-    (bits per dimension of the sampled L_t).
+    Loss: the (weighted) MSE on the config's ``prediction`` target (eps: DDPM's L_simple), plus
+    ``vlb_weight * T * L_t`` when the config's variance is "learned_range". Metrics: ``mse``,
+    ``loss_q0..3`` and, with learned variances, ``vlb`` (bits per dimension of the sampled L_t).
     """
+    prediction = model.config.prediction
     weights = jnp.asarray(
-        loss_weights(diffusion, prediction="eps", weighting=weighting, min_snr_gamma=min_snr_gamma),
+        loss_weights(
+            diffusion, prediction=prediction, weighting=weighting, min_snr_gamma=min_snr_gamma
+        ),
         jnp.float32,
     )
     learned = model.config.variance == "learned_range"
@@ -154,11 +163,13 @@ def decoder_loss_fn(
             {"params": params}, xt, diffusion.model_timesteps(t), batch["image_embedding"],
             batch.get("text_tokens"), train=True, rngs={"dropout": model_rng},
         )  # fmt: skip
-        eps, frac = jnp.split(out, 2, axis=-1) if learned else (out, None)
-        mse = mean_flat(jnp.square(eps - noise))
+        pred, frac = jnp.split(out, 2, axis=-1) if learned else (out, None)
+        target = prediction_target(diffusion, x0, t, noise, prediction=prediction)
+        mse = mean_flat(jnp.square(pred - target))
         losses = weights[t] * mse
         if not learned:
             return _loss_and_metrics(losses, mse, t, diffusion.num_timesteps)
+        _, eps = diffusion.split_prediction(pred, xt, t, prediction=prediction)
         vlb = vlb_terms(diffusion, x0, xt, t, eps, frac)
         losses = losses + vlb_weight * diffusion.num_timesteps * vlb
         return _loss_and_metrics(losses, mse, t, diffusion.num_timesteps, vlb=vlb)

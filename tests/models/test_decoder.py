@@ -13,6 +13,7 @@ import scipy.stats
 
 from jaxaigc import parallel
 from jaxaigc.models.decoder import PRESETS, Decoder, DecoderConfig, sample_decoder
+from jaxaigc.objectives.diffusion import sample_timesteps
 from jaxaigc.objectives.unclip import (
     decoder_loss_fn,
     discretized_gaussian_log_likelihood,
@@ -192,6 +193,41 @@ def test_training_drops_image_embedding_and_caption_independently(small_params):
     assert max_relative_difference(out, train(image_only, embedding, other_text)) > 1e-3
 
 
+def test_the_image_embedding_enters_scaled_to_unit_variance_components(small_params):
+    x, t, embedding, text = model_inputs(SMALL)
+    apply = lambda config, z: jax.jit(Decoder(config).apply)(  # noqa: E731
+        {"params": small_params}, x, t, z, text
+    )
+    scale = SMALL.clip_dim**0.5
+    np.testing.assert_allclose(
+        apply(SMALL, embedding),
+        apply(SMALL.replace(scale_embedding=False), scale * embedding),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+
+
+def test_v_prediction_regresses_v(small_params):
+    """The loss of a v-predicting decoder is the MSE against v = sqrt(ab) eps - sqrt(1 - ab) x0
+    at the t and noise it drew (the loss's own split of the rng)."""
+    config = SMALL.replace(prediction="v")
+    model, diffusion = Decoder(config), config.diffusion()
+    batch = make_batch(config)
+    loss, _ = jax.jit(decoder_loss_fn(model, diffusion))(small_params, batch, KEY)
+    model_rng, t_rng, noise_rng = jax.random.split(KEY, 3)
+    t = sample_timesteps(t_rng, 4, diffusion.num_timesteps)
+    x0 = batch["image"]
+    noise = jax.random.normal(noise_rng, x0.shape)
+    ab = diffusion.alphas_cumprod[np.asarray(t)][:, None, None, None]
+    xt = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * noise
+    out = model.apply(
+        {"params": small_params}, xt, diffusion.model_timesteps(t), batch["image_embedding"],
+        batch["text_tokens"], train=True, rngs={"dropout": model_rng},
+    )  # fmt: skip
+    v = np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0
+    np.testing.assert_allclose(loss, np.mean(np.square(out - v)), rtol=1e-4)
+    assert abs(float(loss) - float(np.mean(np.square(out - noise)))) > 1e-3  # not the eps MSE
+
+
 def test_errors_name_the_value_and_the_limit(small_params):
     variables = {"params": small_params}
     apply = Decoder(SMALL).apply
@@ -212,6 +248,8 @@ def test_errors_name_the_value_and_the_limit(small_params):
         TINY.replace(attention_resolutions=(16, 4))
     with pytest.raises(ValueError, match="unknown variance 'learned'"):
         TINY.replace(variance="learned")
+    with pytest.raises(ValueError, match="unknown prediction 'score'"):
+        TINY.replace(prediction="score")
     diffusion = SMALL.replace(num_timesteps=10).diffusion()
     no_image_drop = Decoder(SMALL.replace(image_drop=0.0))
     with pytest.raises(ValueError, match="guidance_scale 3.0 needs .* image_drop is 0"):
