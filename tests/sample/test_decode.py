@@ -8,7 +8,7 @@ import pytest
 
 from jaxaigc.models.dalle import DALLE, DALLEConfig
 from jaxaigc.models.gpt import GPT, GPTConfig
-from jaxaigc.sample.decode import filter_logits, sample, sample_image_tokens
+from jaxaigc.sample.decode import filter_logits, generate, sample, sample_image_tokens
 
 TINY = GPTConfig(vocab_size=16, context_length=8, width=32, layers=2, heads=2)
 
@@ -170,3 +170,70 @@ def test_bad_sampling_arguments_name_the_value():
         sample_image_tokens(DALLE_TINY, params, np.zeros((1, 5), np.int32), rng=key, top_p=0)
     with pytest.raises(ValueError, match="top_k must be >= 0"):
         sample(TINY, _params(TINY), np.zeros((1, 2), np.int32), steps=2, rng=key, top_k=-1)
+
+
+def _left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    length = max(map(len, prompts))
+    tokens = np.zeros((len(prompts), length), np.int32)
+    valid = np.zeros((len(prompts), length), bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, length - len(prompt) :], valid[row, length - len(prompt) :] = prompt, True
+    return tokens, valid
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 0.9), (0.0, 0, 1.0)]
+)
+def test_left_padded_batch_equals_each_prompt_alone(temperature, top_k, top_p):
+    config = TINY.replace(context_length=12)
+    params = _params(config)
+    prompts = [[1, 2, 3, 4], [5], [9, 8]]
+    keys = jax.random.split(jax.random.key(3), 3)
+    args = dict(steps=7, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=0, pad_id=15)
+    tokens, valid = _left_pad(prompts)
+    batch = generate(config, params, tokens, valid=valid, rng=keys, **args)
+    for row, prompt in enumerate(prompts):
+        alone = generate(config, params, np.array([prompt]), rng=keys[row : row + 1], **args)
+        np.testing.assert_array_equal(batch.tokens[row], alone.tokens[0])
+        np.testing.assert_array_equal(batch.mask[row], alone.mask[0])
+        np.testing.assert_allclose(batch.logprobs[row], alone.logprobs[0], rtol=1e-5, atol=1e-6)
+    assert len(np.unique(np.asarray(batch.tokens))) > 3  # varied tokens: a bug cannot hide
+
+
+def test_eos_stops_a_row_and_logprobs_are_at_the_temperature():
+    config = TINY.replace(context_length=16)
+    params = _params(config)
+    tokens, valid = _left_pad([[1, 2, 3], [4, 5], [6, 7, 8], [9]])
+    args = dict(steps=12, rng=jax.random.key(0), temperature=1.3, pad_id=11)
+    free = np.asarray(generate(config, params, tokens, valid=valid, **args).tokens)
+    eos = int(free[0, 2])  # row 0 stops at step 2 at the latest
+    got, logprobs, mask = map(
+        np.asarray, generate(config, params, tokens, valid=valid, eos_id=eos, **args)
+    )
+    for row in range(4):
+        ends = np.flatnonzero(free[row] == eos)
+        end = ends[0] if len(ends) else 11
+        # Until its EOS a row draws what it draws without one; then padding, masked, log-prob 0.
+        np.testing.assert_array_equal(got[row, : end + 1], free[row, : end + 1])
+        assert mask[row, : end + 1].all() and not mask[row, end + 1 :].any()
+        assert (got[row, end + 1 :] == 11).all() and (logprobs[row, end + 1 :] == 0).all()
+    assert not mask[0].all()
+    # The log-probs equal log softmax(logits / temperature) of a full forward on the sequences.
+    sequence = np.concatenate([tokens, got], 1)
+    full_valid = np.concatenate([valid, mask], 1)
+    logits = GPT(config).apply({"params": params}, sequence, valid=full_valid)
+    p = tokens.shape[1]
+    want = jax.nn.log_softmax(logits[:, p - 1 : -1] / 1.3)
+    want = np.take_along_axis(np.asarray(want), got[..., None], -1)[..., 0]
+    np.testing.assert_allclose(logprobs[mask], want[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_bad_inputs_are_named():
+    params = _params(TINY)
+    prompt = np.zeros((2, 3), np.int32)
+    with pytest.raises(ValueError, match="eos_id 16 is outside the vocabulary of 16"):
+        generate(TINY, params, prompt, steps=2, rng=jax.random.key(0), eos_id=16)
+    with pytest.raises(ValueError, match=r"valid has shape \(2, 2\)"):
+        generate(TINY, params, prompt, steps=2, rng=jax.random.key(0), valid=np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"one per row \(2\)"):
+        generate(TINY, params, prompt, steps=2, rng=jax.random.split(jax.random.key(0), 3))
