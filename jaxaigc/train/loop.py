@@ -43,6 +43,10 @@ class Task:
     ``loss_fn`` has the plain or, with ``has_model_state``, the stateful signature of
     :mod:`jaxaigc.train.step`; with ``pass_step`` it also takes the keyword ``step``.
     ``constrain_params(params) -> params``, if given, runs after every update.
+    A step that is more than one gradient update (PPO: a rollout, then epochs of minibatch
+    updates of ``loss_fn``) comes from ``make_step(tx, *, rng, schedule) -> step(state, batch)
+    -> (state, metrics)`` instead of :func:`make_train_step`; the learning-rate schedule then
+    spans ``steps * updates_per_step`` updates.
     """
 
     init: Callable[[jax.Array], Any]
@@ -50,6 +54,8 @@ class Task:
     has_model_state: bool = False
     pass_step: bool = False
     constrain_params: Callable[[Any], Any] | None = None
+    make_step: Callable[..., Callable] | None = None
+    updates_per_step: int = 1
 
 
 class Batches(Protocol):
@@ -151,7 +157,7 @@ def train(
     parallel.check_global_batch(tc.batch_size, mesh)
     tx, schedule = make_optimizer(
         peak_lr=oc.peak_lr,
-        total_steps=tc.steps,
+        total_steps=tc.steps * task.updates_per_step,
         warmup_steps=oc.warmup_steps,
         end_lr_ratio=oc.end_lr_ratio,
         b1=oc.b1,
@@ -180,17 +186,25 @@ def train(
         batches.set_state(data_state)
         print(f"resumed from step {start} ({checkpointer.directory})", flush=True)
 
-    step_fn = make_train_step(
-        task.loss_fn,
-        tx,
-        rng=step_rng,
-        has_model_state=task.has_model_state,
-        accum_steps=tc.accum_steps,
-        ema_decay=tc.ema_decay if use_ema else None,
-        schedule=schedule,
-        pass_step=task.pass_step,
-        constrain_params=task.constrain_params,
-    )
+    if task.make_step is None:
+        step_fn = make_train_step(
+            task.loss_fn,
+            tx,
+            rng=step_rng,
+            has_model_state=task.has_model_state,
+            accum_steps=tc.accum_steps,
+            ema_decay=tc.ema_decay if use_ema else None,
+            schedule=schedule,
+            pass_step=task.pass_step,
+            constrain_params=task.constrain_params,
+        )
+    elif tc.accum_steps != 1 or use_ema:
+        raise ValueError(
+            f"accum_steps={tc.accum_steps} and ema_decay={tc.ema_decay} are make_train_step's; "
+            "a task with its own make_step takes accum_steps=1 and ema_decay=0"
+        )
+    else:
+        step_fn = task.make_step(tx, rng=step_rng, schedule=schedule)
     writer = MetricsWriter(workdir)
     config_json = config.to_dict()
     jitted = None
