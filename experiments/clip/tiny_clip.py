@@ -1,10 +1,17 @@
-"""A small CLIP trained on CPU on the embedded image-caption data, then scored zero-shot.
+"""A small CLIP trained on CPU on the embedded image-caption data, then scored on transfer.
 
-The model and training mix are :mod:`jaxaigc.pipelines.clip` (shapes scenes, Noto emoji and
-Fashion-MNIST training images with caption templates). Evaluation, all on data never trained on:
+The model and training mix are :mod:`jaxaigc.pipelines.clip` (shapes scenes, Noto emoji and,
+unless ``config.data.fashion_mnist=False``, Fashion-MNIST training images with caption
+templates). Evaluation, all on images never trained on, each figure with its chance level:
 
-- Fashion-MNIST test, zero-shot: classes are represented only by prompts built from the class
-  names with templates that are not among the training captions; top-1 / top-5 (chance 10% / 50%).
+- Fashion-MNIST test by class prompts (templates not among the training captions), top-1 / top-5
+  (chance 10% / 50%): *prompted classification of classes seen in training* when Fashion-MNIST
+  is in the mix, zero-shot only when it is not.
+- Emoji among all emoji names (the 1,361 of Noto's train and test splits): held-out Noto emoji
+  (new names), and OpenMoji (another style, never trained on) for trained names (style shift
+  only) and held-out names (new concept and new style).
+- Shapes, compositional zero-shot: one-object test scenes of the held-out (colour, shape) pairs,
+  classified among all colour-shape prompts (beside the seen pairs).
 - Retrieval image<->caption, R@1 / R@5, on held-out emoji (test split) and on shapes test scenes.
 
     python experiments/clip/tiny_clip.py --workdir runs/clip --config.train.steps=1000
@@ -21,7 +28,7 @@ import numpy as np
 from jaxaigc import zero_shot
 from jaxaigc.cli import run_experiment
 from jaxaigc.compile_options import jit_inference
-from jaxaigc.data import builders, image_text
+from jaxaigc.data import builders, image_text, shapes
 from jaxaigc.data.preprocess import clip_ops
 from jaxaigc.pipelines import clip
 from jaxaigc.train.loop import train
@@ -34,15 +41,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every = 25
     config.train.checkpoint_every = 250
     config.eval = ml_collections.ConfigDict(
-        dict(fashion_mnist=10_000, shapes=1_000, batch_size=500)
+        dict(fashion_mnist=10_000, shapes=1_000, shape_scenes=2_000, batch_size=500)
     )
     return config
 
 
-def _images(source, ops, n: int) -> np.ndarray:
-    """The first ``n`` records' images after ``ops`` (deterministic transforms only)."""
+# The emoji training captions are the bare names; the shapes captions name a size.
+EMOJI_TEMPLATES = ("{}",)
+SHAPE_TEMPLATES = ("a small {}", "a large {}")
+
+
+def _images(source, ops, indices) -> np.ndarray:
+    """The images of records ``indices`` after ``ops`` (deterministic transforms only)."""
     out = []
-    for i in range(min(n, len(source))):
+    for i in indices:
         record = source[i]
         for op in ops:
             record = op.map(record)
@@ -68,20 +80,80 @@ def evaluate(model, variables, tokenizer, config: ml_collections.ConfigDict) -> 
     def tokenize(texts):
         return tokenizer.encode(texts, context_length=cfg.context_length, truncate=True)
 
+    def accuracy(images, names, labels, templates) -> dict:
+        weights = zero_shot.class_weights(
+            lambda t: embed(encode_text, t), tokenize, names, templates
+        )
+        top = zero_shot.classify(embed(encode_image, images), weights, np.asarray(labels))
+        return {**top, "chance_top1": 1 / len(names), "chance_top5": min(1, 5 / len(names))}
+
     results = {}
     fashion = builders.load("fashion_mnist", split="test", data_dir=config.data.data_dir)
     n = min(ev.fashion_mnist, len(fashion))
-    labels = np.array([fashion[i]["label"] for i in range(n)])
-    weights = zero_shot.class_weights(
-        lambda t: embed(encode_text, t), tokenize, builders.FASHION_MNIST_NAMES
-    )
-    accuracy = zero_shot.classify(embed(encode_image, _images(fashion, ops, n)), weights, labels)
-    results["fashion_mnist_zero_shot"] = {
-        **accuracy,
-        "chance_top1": 0.1,
-        "chance_top5": 0.5,
+    seen = bool(config.data.fashion_mnist)
+    results["fashion_mnist"] = {
+        **accuracy(
+            _images(fashion, ops, range(n)),
+            builders.FASHION_MNIST_NAMES,
+            [fashion[i]["label"] for i in range(n)],
+            zero_shot.DEFAULT_TEMPLATES,
+        ),
+        "classes_in_training": seen,
+        "kind": "prompted classification of classes seen in training" if seen else "zero-shot",
         "n": n,
     }
+
+    # Emoji among every name of both Noto splits.
+    noto = {
+        s: builders.load("emoji", split=s, data_dir=config.data.data_dir, resolution=32)
+        for s in ("train", "test")
+    }
+    split_names = {s: [src[i]["caption"] for i in range(len(src))] for s, src in noto.items()}
+    names = split_names["train"] + split_names["test"]
+    label = {name: i for i, name in enumerate(names)}
+    held_out = set(split_names["test"])
+    openmoji = (
+        builders.load("openmoji", split="test", data_dir=config.data.data_dir, resolution=32),
+        builders.load("openmoji", split="train", data_dir=config.data.data_dir, resolution=32),
+    )
+    emoji_sets = {
+        "noto_held_out_names": [(noto["test"], i) for i in range(len(noto["test"]))],
+        "openmoji_trained_names": [
+            (src, i)
+            for src in openmoji
+            for i in range(len(src))
+            if src[i]["caption"] in label and src[i]["caption"] not in held_out
+        ],
+        "openmoji_held_out_names": [
+            (src, i) for src in openmoji for i in range(len(src)) if src[i]["caption"] in held_out
+        ],
+    }
+    for key, records in emoji_sets.items():
+        images = np.stack([_images(src, ops, [i])[0] for src, i in records])
+        labels = [label[src[i]["caption"]] for src, i in records]
+        results[key] = {**accuracy(images, names, labels, EMOJI_TEMPLATES), "n": len(records)}
+
+    # One-object test scenes, held-out and seen (colour, shape) pairs, among all 40 pairs.
+    pair_names = [f"{c} {s}" for c in shapes.COLOURS for s in shapes.SHAPES]
+    images, _, scenes = shapes.generate(
+        ev.shape_scenes, cfg.image_resolution, seed=config.seed, split="test"
+    )
+    singles = [(i, sc.objects[0]) for i, sc in enumerate(scenes) if len(sc.objects) == 1]
+    for key, want in (("shapes_held_out_pairs", True), ("shapes_seen_pairs", False)):
+        chosen = [(i, o) for i, o in singles if ((o.colour, o.shape) in shapes.HELD_OUT) == want]
+        results[key] = {
+            **accuracy(
+                _images(
+                    image_text.ArraySource(images, [""] * len(images), name="eval"),
+                    ops,
+                    [i for i, _ in chosen],
+                ),
+                pair_names,
+                [pair_names.index(f"{o.colour} {o.shape}") for _, o in chosen],
+                SHAPE_TEMPLATES,
+            ),
+            "n": len(chosen),
+        }
 
     pairs = {
         "emoji_test": builders.load(
@@ -92,7 +164,7 @@ def evaluate(model, variables, tokenizer, config: ml_collections.ConfigDict) -> 
         ),
     }
     for name, source in pairs.items():
-        images = _images(source, ops, len(source))
+        images = _images(source, ops, range(len(source)))
         texts = tokenize([source[i]["caption"] for i in range(len(source))])
         recall = zero_shot.retrieval_recall(
             embed(encode_image, images), embed(encode_text, texts), ks=(1, 5)
@@ -104,6 +176,34 @@ def evaluate(model, variables, tokenizer, config: ml_collections.ConfigDict) -> 
             "n": len(source),
         }
     return results
+
+
+def summary_lines(report: dict) -> list[str]:
+    """One line per figure of :func:`evaluate`, each with its chance level."""
+
+    def top(r: dict) -> str:
+        return (
+            f"top-1 {r['top1']:.1%} (chance {r['chance_top1']:.2%}), top-5 {r['top5']:.1%} "
+            f"(chance {r['chance_top5']:.2%}), n={r['n']}"
+        )
+
+    fashion = report["fashion_mnist"]
+    lines = [
+        f"Fashion-MNIST, {fashion['kind']}: {top(fashion)}",
+        f"held-out Noto emoji among all names (zero-shot): {top(report['noto_held_out_names'])}",
+        f"OpenMoji, trained names (style shift): {top(report['openmoji_trained_names'])}",
+        f"OpenMoji, held-out names (zero-shot): {top(report['openmoji_held_out_names'])}",
+        f"shapes, held-out colour-shape pairs (zero-shot): {top(report['shapes_held_out_pairs'])}",
+        f"shapes, seen pairs: {top(report['shapes_seen_pairs'])}",
+    ]
+    for name in ("emoji_test", "shapes_test"):
+        r = report[name]
+        lines.append(
+            f"{name} retrieval: image->text R@1 {r['image_to_text_R@1']:.1%} R@5 "
+            f"{r['image_to_text_R@5']:.1%}, text->image R@1 {r['text_to_image_R@1']:.1%} "
+            f"(chance R@1 {r['chance_R@1']:.1%}, n={r['n']})"
+        )
+    return lines
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -119,19 +219,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         **evaluate(model, variables, tokenizer, config),
     }
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    zs = report["fashion_mnist_zero_shot"]
     print(
         f"loss {losses[0][1]:.3f} (step {losses[0][0]}) -> {losses[-1][1]:.3f} "
-        f"(step {losses[-1][0]}); Fashion-MNIST zero-shot top-1 {zs['top1']:.1%} "
-        f"(chance 10%), top-5 {zs['top5']:.1%}"
+        f"(step {losses[-1][0]})"
     )
-    for name in ("emoji_test", "shapes_test"):
-        r = report[name]
-        print(
-            f"  {name}: image->text R@1 {r['image_to_text_R@1']:.1%} R@5 "
-            f"{r['image_to_text_R@5']:.1%}, text->image R@1 {r['text_to_image_R@1']:.1%} "
-            f"(chance R@1 {r['chance_R@1']:.1%}, n={r['n']})"
-        )
+    for line in summary_lines(report):
+        print("  " + line)
     return report
 
 

