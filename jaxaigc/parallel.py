@@ -165,17 +165,31 @@ def check_global_batch(global_batch: int, mesh: Mesh) -> None:
             f"global batch size {global_batch} is not divisible by the data-parallel size {dp} "
             f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
         )
-    if global_batch % jax.process_count():
-        raise ValueError(
-            f"global batch size {global_batch} is not divisible by the {jax.process_count()} "
-            "processes"
-        )
+
+
+def _local_batch_shards(mesh: Mesh) -> list[int]:
+    """Which of the ``data x fsdp`` batch shards this process's devices hold, ascending."""
+    dp = data_parallel_size(mesh)
+    indices = batch_sharding(mesh).addressable_devices_indices_map((dp,))
+    return sorted({index[0].start or 0 for index in indices.values()})
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
+    """The rows of a global batch that this process's devices hold, in the order
+    ``jax.make_array_from_process_local_data`` (:func:`shard_batch`) takes them.
+
+    Processes whose devices share batch shards (a ``tensor`` axis across hosts) get the same rows.
+    """
+    check_global_batch(global_batch, mesh)
+    size = global_batch // data_parallel_size(mesh)
+    return np.concatenate([np.arange(k * size, (k + 1) * size) for k in _local_batch_shards(mesh)])
 
 
 def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
     """Assembles each process's rows of the batch into global arrays sharded over the batch axes.
 
-    ``local_batch`` holds this process's ``global_batch / process_count`` rows (numpy arrays).
+    ``local_batch`` holds this process's rows of the global batch (numpy arrays): those of
+    :func:`process_rows`, in that order; on one process, the whole batch.
     """
     leaves = jax.tree.leaves(local_batch)
     if not leaves:
@@ -183,7 +197,13 @@ def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
     local_rows = {np.shape(x)[0] for x in leaves}
     if len(local_rows) != 1:
         raise ValueError(f"batch leaves disagree on the batch size: {sorted(local_rows)}")
-    global_batch = local_rows.pop() * jax.process_count()
+    rows, shards, dp = local_rows.pop(), len(_local_batch_shards(mesh)), data_parallel_size(mesh)
+    if shards == dp:  # this process holds every batch shard: the whole batch
+        global_batch = rows
+    elif rows % shards:
+        raise ValueError(f"{rows} rows on this process do not split over its {shards} batch shards")
+    else:
+        global_batch = rows // shards * dp
     check_global_batch(global_batch, mesh)
 
     def put(x: Any) -> jax.Array:

@@ -1,22 +1,33 @@
-"""grain input pipelines: seeded shuffling, per-process sharding, batching, resumable position."""
+"""Input pipelines on grain: one global record order, read by each process for its own rows.
+
+Global batch ``s`` is positions ``[s B, (s + 1) B)`` of a grain ``IndexSampler`` over the whole
+source (reshuffled every epoch), so it depends on the seed and ``s`` alone, never on the number of
+processes. A process reads only the rows its devices hold (``select_rows``, from
+:func:`jaxaigc.parallel.process_rows`); random ops draw from the generator grain gives each
+position. The position is saved in those global terms, so any number of processes resumes it.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import grain
 import jax
+import numpy as np
+
+
+class DataStateMismatch(ValueError):
+    """A saved data position belongs to another global batch size, seed or dataset."""
 
 
 class BatchIterator:
-    """Host-local batches of a random-access source, reshuffled every epoch.
+    """This process's rows of the global batches of a random-access source.
 
-    Each process reads only its own ``1 / process_count`` of the records and yields
-    ``global_batch_size / process_count`` rows per batch. ``get_state`` / ``set_state`` save and
-    restore the position as JSON, so a resumed run continues with exactly the next batch.
-    The source must have a stable ``repr`` (grain checks it on restore).
+    ``get_state`` / ``set_state`` save and restore the position as JSON (batches consumed, with
+    the settings that define the order), so a resumed run continues with exactly the next global
+    batch, on any number of processes. The source needs a stable ``repr`` (it names the dataset
+    in the state).
     """
 
     def __init__(
@@ -29,40 +40,89 @@ class BatchIterator:
         num_epochs: int | None = None,
         operations: Sequence[Any] = (),
     ):
-        processes = jax.process_count()
-        if global_batch_size % processes:
-            raise ValueError(
-                f"global batch size {global_batch_size} is not divisible by {processes} processes"
-            )
-        self.local_batch_size = global_batch_size // processes
         if len(source) < global_batch_size:
             raise ValueError(
                 f"the source has {len(source)} records, fewer than one global batch "
                 f"({global_batch_size})"
             )
-        sampler = grain.samplers.IndexSampler(
-            len(source),
-            shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
-            shuffle=shuffle,
-            num_epochs=num_epochs,
-            seed=seed,
+        for op in operations:
+            if not isinstance(op, (grain.transforms.Map, grain.transforms.RandomMap)):
+                raise TypeError(
+                    f"operation {op!r} is not a grain Map or RandomMap: a record must stay one "
+                    "row of its global batch"
+                )
+        self.source, self.operations = source, tuple(operations)
+        self.global_batch_size = global_batch_size
+        # grain's own sampler, unsharded: position -> record key and a generator seeded by it.
+        self._sampler = grain.samplers.IndexSampler(
+            len(source), shuffle=shuffle, num_epochs=num_epochs, seed=seed
         )
-        loader = grain.DataLoader(
-            data_source=source,
-            sampler=sampler,
-            operations=[*operations, grain.transforms.Batch(self.local_batch_size, True)],
-            worker_count=0,
-        )
-        self._iterator = iter(loader)
+        self._settings = {
+            "global_batch_size": global_batch_size,
+            "seed": seed,
+            "shuffle": shuffle,
+            "num_epochs": num_epochs,
+            "dataset": repr(source),
+            "records": len(source),
+        }
+        self.rows = np.arange(global_batch_size)
+        self.batches_consumed = 0
+
+    def select_rows(self, rows: np.ndarray) -> None:
+        """Reads only these rows of every global batch from now on (this process's)."""
+        rows = np.asarray(rows)
+        if (
+            rows.ndim != 1
+            or rows.size == 0
+            or rows.min() < 0
+            or rows.max() >= self.global_batch_size
+        ):
+            raise ValueError(
+                f"rows {rows} are not indices into a global batch of {self.global_batch_size}"
+            )
+        self.rows = rows
 
     def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> Any:
-        return next(self._iterator)
+        start = self.batches_consumed * self.global_batch_size
+        if start + self.global_batch_size > len(self._sampler):
+            raise StopIteration
+        batch = [self._read(start + int(row)) for row in self.rows]
+        self.batches_consumed += 1
+        return jax.tree.map(lambda *rows: np.stack(rows), *batch)
+
+    def _read(self, position: int) -> Any:
+        metadata = self._sampler[position]
+        element = self.source[metadata.record_key]
+        for op in self.operations:
+            if isinstance(op, grain.transforms.RandomMap):
+                element = op.random_map(element, metadata.rng)
+            else:
+                element = op.map(element)
+        return element
 
     def get_state(self) -> dict:
-        return json.loads(self._iterator.get_state())
+        return {"batches_consumed": self.batches_consumed, **self._settings}
 
     def set_state(self, state: dict) -> None:
-        self._iterator.set_state(json.dumps(state, indent=4).encode())
+        """Continues after ``state["batches_consumed"]`` global batches.
+
+        Raises DataStateMismatch naming the setting that differs if the state was written for
+        another global batch size, seed, shuffle, epoch count or dataset.
+        """
+        if "batches_consumed" not in state:
+            raise DataStateMismatch(
+                "the saved data position is in grain's per-process format (a checkpoint from "
+                "before global batches); continue it with the jaxaigc version that wrote it, or "
+                "start a fresh workdir"
+            )
+        saved = {key: state.get(key) for key in self._settings}
+        differ = [key for key, value in self._settings.items() if saved[key] != value]
+        if differ:
+            shown = "; ".join(f"{k}: saved {saved[k]!r}, now {self._settings[k]!r}" for k in differ)
+            raise DataStateMismatch(
+                f"the saved data position cannot continue this input pipeline ({shown})"
+            )
+        self.batches_consumed = int(state["batches_consumed"])

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxaigc import parallel
@@ -59,8 +60,11 @@ class Task:
 
 
 class Batches(Protocol):
-    """A host-local batch iterator whose position can be saved and restored (e.g. grain's)."""
+    """This process's rows of each global batch, with a position that can be saved and restored
+    in global terms, so any number of processes resumes it (e.g.
+    :class:`jaxaigc.data.pipeline.BatchIterator`)."""
 
+    def select_rows(self, rows: np.ndarray) -> None: ...
     def __next__(self) -> Any: ...
     def get_state(self) -> dict: ...
     def set_state(self, state: dict) -> None: ...
@@ -103,19 +107,31 @@ def default_train_config() -> ml_collections.ConfigDict:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop polls, so the run can save and exit cleanly."""
+    """SIGTERM to any process as a step at which every process stops, saves and exits.
+
+    One process: the signal sets a flag the loop polls. Several: JAX's preemption service (which
+    catches SIGTERM itself; a Python handler would take the signal from it) tells every process
+    the same sync step.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._shared = jax.distributed.is_initialized()
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if not self._shared and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def stop_at(self, step: int) -> bool:
+        """Whether to save ``step`` and stop; call it on every process at every step."""
+        if self._shared:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -154,7 +170,7 @@ def train(
     tc, oc = config.train, config.optim
     mesh = mesh or parallel.make_mesh(config.mesh.shape.to_dict())
     rules = parallel.make_rules(config.mesh.rules.to_dict())
-    parallel.check_global_batch(tc.batch_size, mesh)
+    batches.select_rows(parallel.process_rows(mesh, tc.batch_size))
     tx, schedule = make_optimizer(
         peak_lr=oc.peak_lr,
         total_steps=tc.steps * task.updates_per_step,
@@ -234,7 +250,7 @@ def train(
                     window_start, window_steps = time.perf_counter(), 0
                 bar.update(1)
 
-                stop = preemption.requested
+                stop = preemption.stop_at(step)
                 if checkpointer.should_save(step) or step == tc.steps or stop:
                     _check_finite(metrics, step, checkpointer)
                     checkpointer.save(

@@ -1,7 +1,9 @@
-"""Trains the tiny LM in its own process, for the kill / preemption / resume tests.
+"""Trains the tiny LM in its own process (or as one of several, under
+``experiments/launch_local.py``), for the kill / preemption / resume tests.
 
-Writes ``final.npz`` (the final params) and ``compiles.json`` (compilations of the train step,
-in total and after the first step of this process) into the workdir.
+Process 0 writes ``final.npz`` (the final params and EMA), ``losses.json`` (step -> loss of the
+steps this run made) and ``compiles.json`` (compilations of the train step, in total and after the
+first step of this process) into the workdir.
 """
 
 import argparse
@@ -10,11 +12,14 @@ import logging
 import os
 import signal
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 
+from jaxaigc import parallel  # noqa: E402
 from jaxaigc.pipelines import lm  # noqa: E402
 from jaxaigc.train.loop import train  # noqa: E402
 
@@ -36,7 +41,18 @@ def main():
     parser.add_argument("--checkpoint-every", type=int, default=5)
     parser.add_argument("--kill-at", type=int, default=0, help="SIGKILL this process after step")
     parser.add_argument("--sigterm-at", type=int, default=0, help="SIGTERM this process at step")
+    parser.add_argument("--signal-process", type=int, default=0, help="which process kills")
+    parser.add_argument("--coordinator_address")
+    parser.add_argument("--num_processes", type=int)
+    parser.add_argument("--process_id", type=int)
     args = parser.parse_args()
+    distributed = {
+        name: getattr(args, name)
+        for name in ("coordinator_address", "num_processes", "process_id")
+        if getattr(args, name) is not None
+    }
+    parallel.initialize_distributed(**distributed)
+    signals = jax.process_index() == args.signal_process
 
     compiles = []  # compilations of the train step, read from JAX's compile log
 
@@ -47,7 +63,7 @@ def main():
 
     jax.config.update("jax_log_compiles", True)
     logging.getLogger("jax").addHandler(CountTrainStepCompiles())
-    counts = {}
+    counts, losses = {}, {}
 
     def hook(step, state, metrics):
         counts.setdefault("first_step", step)
@@ -55,21 +71,30 @@ def main():
         counts["total"] = len(compiles)
         counts["after_first_step"] = len(compiles) - counts["at_first_step"]
         counts["steps"] = counts.get("steps", 0) + 1
-        if step == args.kill_at:
+        losses[step] = float(metrics["train/loss"])
+        if signals and step == args.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        if step == args.sigterm_at:
+        if signals and step == args.sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)
 
     c = config(args.steps, args.checkpoint_every)
     _, task, batches = lm.build(c)
     state = train(task, batches, c, args.workdir, hooks=[hook])
-    leaves = jax.tree_util.tree_leaves_with_path({"params": state.params, "ema": state.ema_params})
+    final = {"params": state.params, "ema": state.ema_params}
+    # Parameters sharded over several processes are gathered whole onto each.
+    leaves = jax.tree_util.tree_leaves_with_path(
+        multihost_utils.process_allgather(final, tiled=True)
+    )
+    if jax.process_index() != 0:
+        return
     np.savez(
         os.path.join(args.workdir, "final.npz"),
         **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves},
     )
     with open(os.path.join(args.workdir, "compiles.json"), "w") as f:
         json.dump(counts, f)
+    with open(os.path.join(args.workdir, "losses.json"), "w") as f:
+        json.dump(losses, f)
 
 
 if __name__ == "__main__":

@@ -63,11 +63,14 @@ class NaNAt:
     """Batches of a regression task whose targets turn NaN from batch ``bad`` on."""
 
     def __init__(self, bad):
-        self.index, self.bad = 0, bad
+        self.index, self.bad, self.rows = 0, bad, np.arange(8)
+
+    def select_rows(self, rows):
+        self.rows = rows
 
     def __next__(self):
         self.index += 1
-        x = np.random.default_rng(self.index).normal(size=(8, 4)).astype(np.float32)
+        x = np.random.default_rng(self.index).normal(size=(8, 4)).astype(np.float32)[self.rows]
         y = x.sum(-1, keepdims=True) * (np.nan if self.index >= self.bad else 1.0)
         return {"x": x, "y": y}
 
@@ -115,7 +118,7 @@ def test_finite_loss_with_nan_gradient_is_caught_before_it_is_saved(tmp_path, me
         def __next__(self):
             batch = super().__next__()
             batch["y"] = np.nan_to_num(batch["y"])
-            return {**batch, "poison": np.full(8, self.index >= self.bad)}
+            return {**batch, "poison": np.full(len(self.rows), self.index >= self.bad)}
 
     config = default_train_config()
     config.train.update(steps=20, batch_size=8, checkpoint_every=4)
