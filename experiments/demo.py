@@ -20,6 +20,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxaigc.cli import join_distributed
+
 # experiments/ is not a package: the stages are scripts beside this file.
 for stage_dir in ("lm", "clip", "dvae", "dalle"):
     sys.path.insert(0, str(Path(__file__).resolve().parent / stage_dir))
@@ -99,6 +101,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unknown stages {sorted(unknown)}; known: {', '.join(STAGES)}")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
         logging.set_verbosity(logging.WARNING)
+    join_distributed()  # one process per host on pods and clusters
     workdir = Path(_WORKDIR.value)
     summaries = {}
     for name in _STAGES.value:
