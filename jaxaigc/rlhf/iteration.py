@@ -91,17 +91,16 @@ def _load(boxed: Any, params: Any | None, name: str) -> Any:
     """``boxed`` (logically annotated) with the values of ``params``, whose shapes must match."""
     if params is None:
         return boxed
-    shapes = jax.tree.map(jnp.shape, nn.meta.unbox(boxed))
-    given = jax.tree.map(jnp.shape, params)
-    if jax.tree.structure(shapes) != jax.tree.structure(given):
+    unboxed = nn.meta.unbox(boxed)
+    if jax.tree.structure(unboxed) != jax.tree.structure(params):
         raise ValueError(f"the {name} parameters do not have the {name} config's structure")
     for (path, want), got in zip(
-        jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(given), strict=True
+        jax.tree_util.tree_leaves_with_path(unboxed), jax.tree.leaves(params), strict=True
     ):
-        if tuple(want) != tuple(got):
+        if jnp.shape(want) != jnp.shape(got):
             raise ValueError(
-                f"the {name} parameter {jax.tree_util.keystr(path)} has shape {tuple(got)}; the "
-                f"{name} config (width, vocabulary, context) expects {tuple(want)}"
+                f"the {name} parameter {jax.tree_util.keystr(path)} has shape {jnp.shape(got)}; "
+                f"the {name} config (width, vocabulary, context) expects {jnp.shape(want)}"
             )
     return jax.tree.map(
         lambda box, value: box.replace_boxed(value) if isinstance(box, nn.Partitioned) else value,
