@@ -34,7 +34,7 @@ def join_distributed() -> None:
     count, index = given.get("num_processes"), given.get("process_id")
     if count is not None and count < 1:
         raise app.UsageError(f"--num_processes={count}: needs at least 1")
-    if index is not None and not 0 <= index < (count or index + 1):
+    if index is not None and (index < 0 or (count is not None and index >= count)):
         raise app.UsageError(f"--process_id={index}: must be in [0, --num_processes={count})")
     parallel.initialize_distributed(**given)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxaigc.cli import run_experiment
 from jaxaigc.data.text import arithmetic_lines, decode_bytes, encode_bytes
@@ -55,7 +56,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     model, task, batches = lm.build(config)
     state = train(task, batches, config, workdir)
-    params = state.eval_params
+    # Every process samples on one of its devices, so each needs the whole parameters (a run of
+    # several processes shards them over all); process 0 writes the report.
+    params = multihost_utils.process_allgather(state.eval_params, tiled=True)
 
     # Sums whose operand pairs never occur in the training text.
     held_out = arithmetic_lines(config.eval.prompts, seed=config.data.seed + 1, split="held_out")
@@ -75,6 +78,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             for p, c, a, ok in zip(prompts, completions, answers, correct, strict=True)
         ][: config.eval.examples],
     }
+    if jax.process_index() != 0:
+        return report
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     print(

@@ -1,0 +1,38 @@
+"""The multi-process flags: bad values fail before any connection is attempted."""
+
+import jax
+import pytest
+from absl import app, flags
+
+from jaxaigc import cli
+
+
+@pytest.fixture
+def parse():
+    def parse(*argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["prog", *argv])
+
+    yield parse
+    flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num_processes=0"], "--num_processes=0: needs at least 1"),
+        (["--num_processes=2", "--process_id=2"], r"--process_id=2: must be in \[0, --num_pro"),
+        (["--process_id=-1"], r"--process_id=-1: must be in \[0, --num_processes=None\)"),
+    ],
+)
+def test_bad_process_flags_are_usage_errors(parse, argv, message):
+    parse("--coordinator_address=localhost:1", *argv)
+    with pytest.raises(app.UsageError, match=message):
+        cli.join_distributed()
+    assert not jax.distributed.is_initialized()
+
+
+def test_without_flags_or_cluster_the_run_is_one_process(parse):
+    parse()
+    cli.join_distributed()
+    assert not jax.distributed.is_initialized() and jax.process_count() == 1
