@@ -218,8 +218,10 @@ def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
 def initialize_distributed(**kwargs: Any) -> None:
     """Joins a multi-host run (``jax.distributed.initialize``); a no-op for a single process.
 
-    On TPU pods and SLURM / Open MPI clusters JAX discovers the coordinator itself; elsewhere pass
-    ``coordinator_address``, ``num_processes`` and ``process_id`` (or set JAX's environment).
+    On TPU pods and SLURM / Open MPI / GKE clusters JAX discovers the coordinator itself; elsewhere
+    pass ``coordinator_address``, ``num_processes`` and ``process_id`` (or set JAX's environment).
+    CPU processes exchange collectives over gloo, jax 0.10.2's default
+    ``jax_cpu_collectives_implementation`` (set it to ``"mpi"`` for MPI).
     """
     if jax.distributed.is_initialized():
         return

@@ -83,6 +83,13 @@ def test_shard_batch_places_rows_over_data_axes(mesh_2x2x2):
     assert {s.data.shape for s in sharded["x"].addressable_shards} == {(2, 3)}
 
 
+def test_one_process_holds_every_row(mesh_2x2x2):
+    # Several processes are tested with real ones in tests/train/test_multihost.py.
+    np.testing.assert_array_equal(parallel.process_rows(mesh_2x2x2, 8), np.arange(8))
+    with pytest.raises(ValueError, match="global batch size 6 is not divisible by the data-par"):
+        parallel.process_rows(mesh_2x2x2, 6)
+
+
 def test_indivisible_batch_is_a_clear_error(mesh_2x2x2):
     with pytest.raises(ValueError, match="global batch size 6 is not divisible by the data-par"):
         parallel.shard_batch({"x": np.zeros((6, 2))}, mesh_2x2x2)
