@@ -1,0 +1,336 @@
+"""InstructGPT end to end on the synthetic instruction tasks (Ouyang et al. 2022): a byte-level GPT
+pretrained on the corpus -> SFT on demonstrations -> a reward model on K-way comparisons -> PPO
+(or PPO-ptx) on RL prompts. Each stage is a :func:`jaxaigc.train.loop.train` run in its own
+workdir (checkpointed, resumable) and starts from the previous stage's parameters.
+
+Text is bytes (vocabulary 256): a sequence is ``prompt + SEPARATOR + response + "\\n"``, the
+newline being EOS (no task's answer contains one) and byte 0 the padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxaigc.data import instructions
+from jaxaigc.data.pipeline import BatchIterator
+from jaxaigc.data.text import decode_bytes, encode_bytes
+from jaxaigc.models.gpt import GPT, GPTConfig
+from jaxaigc.objectives.autoregressive import lm_loss_fn, next_token_nll
+from jaxaigc.rlhf import (
+    PPOConfig,
+    center_rewards,
+    encode_comparison,
+    encode_example,
+    left_pad,
+    make_ppo_task,
+    reward_loss_fn,
+    sequence_scores,
+    sft_loss_fn,
+)
+from jaxaigc.rlhf.iteration import load_params
+from jaxaigc.sample.decode import generate
+from jaxaigc.train.loop import Task, default_train_config
+
+VOCAB, EOS, PAD = 256, ord("\n"), 0
+SEPARATOR = " Answer: "
+STAGES = ("pretrain", "sft", "rm", "ppo")
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = default_train_config()
+    config.model = ml_collections.ConfigDict(
+        dataclasses.asdict(GPTConfig(vocab_size=VOCAB, context_length=128, width=96, layers=3))
+    )
+    config.data = ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            prompt_length=88,  # bytes of prompt + SEPARATOR, left-padded
+            response_length=40,  # the most bytes a response takes, EOS included
+            demonstrations=20_000,
+            comparisons=4_000,
+            max_k=9,
+            labeller_temperature=0.1,
+            rl_prompts=4_096,
+            corpus=20_000,
+            corpus_source="auto",
+        )
+    )
+
+    def stage(steps: int, batch_size: int, peak_lr: float) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(dict(steps=steps, batch_size=batch_size, peak_lr=peak_lr))
+
+    config.pretrain = stage(2_000, 32, 3e-3)
+    config.sft = stage(1_500, 32, 1e-3)
+    config.rm = stage(600, 16, 5e-4)
+    config.ppo = stage(100, 32, 2e-5)
+    config.ppo.algorithm = ml_collections.ConfigDict(
+        dataclasses.asdict(
+            PPOConfig(
+                response_length=40,
+                temperature=1.0,
+                eos_id=EOS,
+                pad_id=PAD,
+                minibatches=2,
+                kl_coef=0.02,
+                gamma_ptx=0.0,
+            )
+        )
+    )
+    return config
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    """``config`` with the stage's steps, batch size and learning rate in ``train`` / ``optim``."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; use one of {STAGES}")
+    out = ml_collections.ConfigDict(config.to_dict())
+    section = config[stage]
+    out.train.steps, out.train.batch_size = section.steps, section.batch_size
+    out.optim.peak_lr = section.peak_lr
+    return out
+
+
+def policy_config(config: ml_collections.ConfigDict) -> GPTConfig:
+    return GPTConfig(**config.model.to_dict())
+
+
+def reward_config(config: ml_collections.ConfigDict) -> GPTConfig:
+    return policy_config(config).replace(head="scalar")
+
+
+def prompt_bytes(prompt: instructions.Prompt) -> list[int]:
+    return encode_bytes(prompt.text + SEPARATOR).tolist()
+
+
+def response_bytes(response: str) -> list[int]:
+    # A newline would end the response early: it is EOS.
+    return encode_bytes(response.replace("\n", " ")).tolist()
+
+
+class ArrayRecords:
+    """Row ``i`` of each named array as one record: an in-memory random-access source."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], *, name: str):
+        self.arrays, self.name = arrays, name
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {key: value[index] for key, value in self.arrays.items()}
+
+    def __repr__(self) -> str:
+        return f"ArrayRecords({self.name!r}, n={len(self)})"
+
+
+def _lines(texts: Sequence[str], length: int) -> dict[str, np.ndarray]:
+    """Texts as separate right-padded lines ``text + "\\n"`` of ``length + 1`` bytes, with the
+    weights of their real targets (pads after the newline are not predicted)."""
+    tokens = np.full((len(texts), length + 1), PAD, np.int32)
+    for row, text in enumerate(texts):
+        ids = encode_bytes(text.replace("\n", " "))[:length].tolist() + [EOS]
+        tokens[row, : len(ids)] = ids
+    weights = (np.arange(length)[None] < (tokens != PAD).sum(1)[:, None] - 1).astype(np.float32)
+    return {"tokens": tokens, "weights": weights}
+
+
+def corpus_lines(config: ml_collections.ConfigDict, n: int, *, seed: int) -> dict[str, np.ndarray]:
+    texts, _ = instructions.pretraining_corpus(n, seed=seed, source=config.data.corpus_source)
+    return _lines(texts, config.model.context_length - 1)
+
+
+def _iterator(arrays: dict[str, np.ndarray], config, stage: str) -> BatchIterator:
+    source = ArrayRecords(arrays, name=f"instructgpt-{stage}")
+    return BatchIterator(source, global_batch_size=config[stage].batch_size, seed=config.seed)
+
+
+def _init(model: GPT, length: int, params=None, name: str = "model"):
+    def init(rng: jax.Array):
+        boxed = model.init(rng, jnp.zeros((1, length), jnp.int32))
+        return {"params": load_params(boxed["params"], params, name)}
+
+    return init
+
+
+def build_pretrain(config) -> tuple[Task, BatchIterator]:
+    """The byte LM on corpus lines."""
+    model = GPT(policy_config(config))
+    arrays = corpus_lines(config, config.data.corpus, seed=config.data.seed)
+    length = config.model.context_length
+    return Task(init=_init(model, length), loss_fn=lm_loss_fn(model)), _iterator(
+        arrays, config, "pretrain"
+    )
+
+
+def _sft_arrays(config, examples: Sequence[instructions.Example]) -> dict[str, np.ndarray]:
+    rows = [
+        encode_example(
+            prompt_bytes(e.prompt),
+            response_bytes(e.response)[: config.data.response_length - 1],
+            length=config.model.context_length,
+            eos_id=EOS,
+            pad_id=PAD,
+            vocab_size=VOCAB,
+        )
+        for e in examples
+    ]
+    tokens, mask = (np.stack(x) for x in zip(*rows, strict=True))
+    return {"tokens": tokens, "response_mask": mask}
+
+
+def build_sft(config, pretrained_params) -> tuple[Task, BatchIterator]:
+    """Fine-tuning of the pretrained LM on demonstrations (response tokens only)."""
+    model = GPT(policy_config(config))
+    demos = instructions.demonstrations(config.data.demonstrations, seed=config.data.seed)
+    task = Task(
+        init=_init(model, config.model.context_length, pretrained_params, "pretrained"),
+        loss_fn=sft_loss_fn(model),
+    )
+    return task, _iterator(_sft_arrays(config, demos), config, "sft")
+
+
+def comparison_arrays(config, comparisons) -> dict[str, np.ndarray]:
+    rows = [
+        encode_comparison(
+            prompt_bytes(c.prompt),
+            [response_bytes(r)[: config.data.response_length - 1] for r in c.responses],
+            c.ranking,
+            max_k=config.data.max_k,
+            length=config.model.context_length,
+            eos_id=EOS,
+            pad_id=PAD,
+            vocab_size=VOCAB,
+        )
+        for c in comparisons
+    ]
+    return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+
+
+def build_rm(config, sft_params) -> tuple[Task, BatchIterator]:
+    """The reward model: the SFT transformer with a scalar head in place of the unembedding."""
+    model = GPT(reward_config(config))
+    comparisons = instructions.comparisons(
+        config.data.comparisons,
+        seed=config.data.seed,
+        k=(4, config.data.max_k),
+        temperature=config.data.labeller_temperature,
+    )
+
+    def init(rng: jax.Array):
+        boxed = model.init(rng, jnp.zeros((1, config.model.context_length), jnp.int32))["params"]
+        trunk = {k: v for k, v in sft_params.items() if k != "head"}
+        trunk["score"] = nn.meta.unbox(boxed["score"])  # a fresh head
+        return {"params": load_params(boxed, trunk, "SFT")}
+
+    task = Task(init=init, loss_fn=reward_loss_fn(model))
+    return task, _iterator(comparison_arrays(config, comparisons), config, "rm")
+
+
+def centred_reward_params(config, rm_params, n: int = 256):
+    """The reward model with its bias set so that ``n`` demonstrations score mean 0."""
+    demos = instructions.demonstrations(n, seed=config.data.seed + 1)
+    arrays = _sft_arrays(config, demos)
+    scores = reward_scores(config, rm_params, arrays["tokens"], arrays["response_mask"])
+    return center_rewards(rm_params, jnp.asarray(scores))
+
+
+def reward_scores(config, rm_params, tokens: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
+    """Scores [n] of right-padded sequences at their EOS."""
+    model = GPT(reward_config(config))
+    valid = np.arange(tokens.shape[1])[None] <= _last(response_mask)[:, None]
+    score = jax.jit(lambda p, t, v, m: sequence_scores(model, p, t, v, m))
+    return np.concatenate(
+        [
+            np.asarray(
+                score(rm_params, tokens[i : i + 64], valid[i : i + 64], response_mask[i : i + 64])
+            )
+            for i in range(0, len(tokens), 64)
+        ]
+    )
+
+
+def _last(mask: np.ndarray) -> np.ndarray:
+    return mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+
+
+def ppo_config(config) -> PPOConfig:
+    return PPOConfig(**config.ppo.algorithm.to_dict())
+
+
+def build_ppo(config, sft_params, rm_params) -> tuple[Task, BatchIterator]:
+    """PPO (``gamma_ptx`` 0) or PPO-ptx from the SFT policy and the centred reward model."""
+    ppo = ppo_config(config)
+    prompts = instructions.rl_prompts(config.data.rl_prompts, seed=config.data.seed)
+    prompt, valid = left_pad(
+        [prompt_bytes(p) for p in prompts],
+        length=config.data.prompt_length,
+        pad_id=PAD,
+        vocab_size=VOCAB,
+    )
+    corpus = corpus_lines(config, len(prompts), seed=config.data.seed + 1)
+    arrays = {
+        "prompt": prompt,
+        "prompt_valid": valid,
+        "ptx": corpus["tokens"],
+        "ptx_weights": corpus["weights"],
+    }
+    task = make_ppo_task(
+        policy_config(config),
+        reward_config(config),
+        ppo,
+        policy_params=sft_params,
+        reward_params=rm_params,
+    )
+    return task, _iterator(arrays, config, "ppo")
+
+
+def respond(
+    config, params, prompts: Sequence[instructions.Prompt], *, temperature: float = 0.0, seed=0
+) -> list[str]:
+    """The policy's responses (greedy by default) to ``prompts``, up to EOS."""
+    tokens, valid = left_pad(
+        [prompt_bytes(p) for p in prompts],
+        length=config.data.prompt_length,
+        pad_id=PAD,
+        vocab_size=VOCAB,
+    )
+    steps = config.data.response_length
+    out = []
+    for i in range(0, len(prompts), 64):
+        samples = generate(
+            policy_config(config),
+            params,
+            tokens[i : i + 64],
+            valid=valid[i : i + 64],
+            steps=steps,
+            rng=jax.random.key(seed + i),
+            temperature=temperature,
+            eos_id=EOS,
+            pad_id=PAD,
+        )
+        for row, mask in zip(np.asarray(samples.tokens), np.asarray(samples.mask), strict=True):
+            out.append(decode_bytes(row[mask & (row != EOS)]))
+    return out
+
+
+def pretraining_nll(config, params, lines: dict[str, np.ndarray]) -> float:
+    """Mean NLL per byte of held-out corpus lines under the policy."""
+    model = GPT(policy_config(config))
+
+    @jax.jit
+    def nll(p, tokens, weights):
+        logits = model.apply({"params": p}, tokens[:, :-1])
+        return next_token_nll(logits, tokens[:, 1:], weights)
+
+    total = count = 0.0
+    for i in range(0, len(lines["tokens"]), 64):
+        s, c = nll(params, lines["tokens"][i : i + 64], lines["weights"][i : i + 64])
+        total, count = total + float(s.sum()), count + float(c.sum())
+    return total / count
