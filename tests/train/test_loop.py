@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from jaxaigc import parallel
+from jaxaigc.data.pipeline import BatchIterator, DataStateMismatch
 from jaxaigc.models.clip import CLIP, CLIPConfig
 from jaxaigc.models.gpt import GPT, GPTConfig
 from jaxaigc.objectives.autoregressive import lm_loss_fn
@@ -128,6 +129,35 @@ def test_finite_loss_with_nan_gradient_is_caught_before_it_is_saved(tmp_path, me
         train(Task(task.init, loss_fn), Poisoned(bad), config, tmp_path, mesh=mesh_2x2x2)
     checkpoints = tmp_path / "checkpoints"
     assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [4]
+
+
+class Rows:
+    """Records of the regression task, as a random-access source."""
+
+    def __init__(self, n):
+        self.x = np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.x[i].sum(keepdims=True)}
+
+    def __repr__(self):
+        return f"Rows({len(self)})"
+
+
+def test_resume_with_another_global_batch_names_it_and_keeps_the_checkpoint(tmp_path, mesh_1):
+    config = default_train_config()
+    config.train.update(steps=4, batch_size=8, checkpoint_every=2)
+    batches = BatchIterator(Rows(64), global_batch_size=8, seed=0)
+    train(regression_task(), batches, config, tmp_path, mesh=mesh_1)
+    config.train.update(steps=6, batch_size=16)
+    batches = BatchIterator(Rows(64), global_batch_size=16, seed=0)
+    with pytest.raises(DataStateMismatch, match="global_batch_size: saved 8, now 16"):
+        train(regression_task(), batches, config, tmp_path, mesh=mesh_1)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
+    assert not (tmp_path / "corrupt_checkpoints").exists()
 
 
 def test_gradient_accumulation_equals_one_big_batch(mesh_2x2x2):
