@@ -13,6 +13,7 @@ and score curves, and the pretraining NLL of each policy (the alignment tax).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -33,10 +34,16 @@ def get_config() -> ml_collections.ConfigDict:
     return config
 
 
-def _stage(config, name: str, build, workdir: Path, *inputs):
+def _stage(config, name: str, build, workdir: Path, *inputs, run_name: str | None = None):
+    """Trains a stage in ``workdir / run_name`` (default ``name``); exits if it stopped early
+    (SIGTERM: saved; rerunning resumes it) rather than starting the next stage."""
     stage = ig.stage_config(config, name)
     task, batches = build(stage, *inputs)
-    return jax.device_get(train(task, batches, stage, workdir / name).params)
+    run_name = run_name or name
+    state = train(task, batches, stage, workdir / run_name)
+    if int(state.step) < stage.train.steps * task.updates_per_step:
+        sys.exit(f"stage {run_name} stopped at update {int(state.step)}; rerun to resume")
+    return jax.device_get(state.params)
 
 
 def _rm_accuracy(config, rm_params) -> dict:
@@ -76,11 +83,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     for name, gamma in (("ppo", 0.0), ("ppo_ptx", config.ptx_gamma)):
         run_config = ml_collections.ConfigDict(config.to_dict())
         run_config.ppo.algorithm.gamma_ptx = gamma
-        stage = ig.stage_config(run_config, "ppo")
-        task, batches = ig.build_ppo(stage, sft, rm)
-        policies[name] = jax.device_get(train(task, batches, stage, workdir / name).params)[
-            "policy"
-        ]
+        params = _stage(run_config, "ppo", ig.build_ppo, workdir, sft, rm, run_name=name)
+        policies[name] = params["policy"]
         records = read_metrics(workdir / name)
         curves[name] = {
             key: [(r["step"], r[key]) for r in records if key in r]

@@ -46,7 +46,9 @@ STAGES = ("pretrain", "sft", "rm", "ppo")
 def get_config() -> ml_collections.ConfigDict:
     config = default_train_config()
     config.model = ml_collections.ConfigDict(
-        dataclasses.asdict(GPTConfig(vocab_size=VOCAB, context_length=128, width=96, layers=3))
+        dataclasses.asdict(
+            GPTConfig(vocab_size=VOCAB, context_length=128, width=64, layers=2, heads=2)
+        )
     )
     config.data = ml_collections.ConfigDict(
         dict(
@@ -66,10 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
     def stage(steps: int, batch_size: int, peak_lr: float) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(dict(steps=steps, batch_size=batch_size, peak_lr=peak_lr))
 
-    config.pretrain = stage(2_000, 32, 3e-3)
-    config.sft = stage(1_500, 32, 1e-3)
-    config.rm = stage(600, 16, 5e-4)
-    config.ppo = stage(100, 32, 2e-5)
+    config.pretrain = stage(1_500, 16, 3e-3)
+    config.sft = stage(1_000, 16, 1e-3)
+    config.rm = stage(300, 8, 5e-4)
+    config.ppo = stage(60, 16, 2e-5)
     config.ppo.algorithm = ml_collections.ConfigDict(
         dataclasses.asdict(
             PPOConfig(

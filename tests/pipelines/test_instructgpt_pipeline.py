@@ -1,0 +1,59 @@
+"""The InstructGPT pipeline end to end on a toy configuration: every stage trains, checkpoints and
+hands its parameters on; the report holds every figure."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxaigc.pipelines import instructgpt as ig
+
+SCRIPT = Path(__file__).parents[2] / "experiments" / "instructgpt" / "train_instructgpt.py"
+
+
+def _experiment():
+    spec = importlib.util.spec_from_file_location("train_instructgpt", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_byte_layout():
+    config = ig.get_config()
+    prompt = ig.instructions.make_prompts(1, seed=0)[0]
+    arrays = ig._sft_arrays(config, [ig.instructions.Example(prompt, "olleh")])
+    tokens, mask = arrays["tokens"][0], arrays["response_mask"][0]
+    text = bytes(tokens[mask].astype(np.uint8).tolist()).decode()
+    assert text == "olleh\n"  # the response and its EOS, nothing of the prompt
+    assert bytes(tokens[: mask.argmax()].astype(np.uint8).tolist()).decode().endswith(ig.SEPARATOR)
+    with pytest.raises(ValueError, match="unknown stage 'dpo'"):
+        ig.stage_config(config, "dpo")
+
+
+@pytest.mark.slow
+def test_toy_run_end_to_end(tmp_path):
+    experiment = _experiment()
+    config = experiment.get_config()
+    config.model.update(width=32, layers=1, heads=2)
+    config.data.update(demonstrations=64, comparisons=32, rl_prompts=16, corpus=64)
+    for stage, steps, batch in (("pretrain", 2, 8), ("sft", 2, 8), ("rm", 2, 4), ("ppo", 2, 8)):
+        config[stage].update(steps=steps, batch_size=batch)
+    config.train.log_every = 1
+    config.eval.update(prompts=8, comparisons=8, corpus=16)
+    report = experiment.run(config, tmp_path)
+    for stage in ("pretrain", "sft", "rm", "ppo", "ppo_ptx"):
+        assert (tmp_path / stage / "checkpoints" / "2").is_dir(), stage
+    assert 0 <= report["reward_model"]["accuracy"] <= 1 and report["reward_model"]["pairs"] > 0
+    assert set(report["gold_score"]) == {
+        f"{n}/{s}"
+        for n in ("sft", "ppo", "ppo_ptx")
+        for s in ("train_templates", "held_out_template")
+    }
+    assert len(report["curves"]["ppo"]["rollout/kl"]) == 2
+    assert report["curves"]["ppo"]["rollout/kl"][0][1] == 0.0  # the policy starts as SFT
+    assert (
+        report["curves"]["ppo_ptx"]["train/ptx_nll"]
+        and not report["curves"]["ppo"]["train/ptx_nll"]
+    )
+    assert all(np.isfinite(v) for v in report["pretraining_nll"].values())
