@@ -132,7 +132,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     scores, images, captions = evaluate(
         model.config, state.eval_params, pairs, dvae_model, reranker, config
     )
-    write_samples(workdir / "samples.png", images, captions)
     report = {
         "first_logged": {"step": first["step"], "loss": first["train/loss"]},
         "final": {
@@ -143,6 +142,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         },
         **scores,
     }
+    if jax.process_index() != 0:  # every process evaluates; process 0 reports
+        return report
+    write_samples(workdir / "samples.png", images, captions)
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
         f"loss {first['train/loss']:.3f} (step {first['step']}) -> {last['train/loss']:.3f} "

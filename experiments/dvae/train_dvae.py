@@ -152,7 +152,8 @@ def evaluate(model: DVAEConfig, variables: dict, config: ml_collections.ConfigDi
             judged = np.array([(shapes.check(o, c), shapes.check(r, c)) for o, r, c in pairs])
             report[name]["judge_originals"] = float(judged[:, 0].mean())
             report[name]["judge_reconstructions"] = float(judged[:, 1].mean())
-    write_grid(workdir / "reconstructions.png", grid)
+    if jax.process_index() == 0:
+        write_grid(workdir / "reconstructions.png", grid)
     return report
 
 
@@ -173,6 +174,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         ),
         **evaluate(model, as_dvae_variables(params), config, workdir),
     }
+    if jax.process_index() != 0:  # every process evaluates; process 0 reports
+        return report
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     print(

@@ -78,7 +78,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             for p, c, a, ok in zip(prompts, completions, answers, correct, strict=True)
         ][: config.eval.examples],
     }
-    if jax.process_index() != 0:
+    if jax.process_index() != 0:  # every process evaluates; process 0 reports
         return report
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 

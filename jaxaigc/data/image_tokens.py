@@ -20,6 +20,7 @@ split is scene i of :func:`jaxaigc.data.shapes.generate` for that split.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -99,9 +100,12 @@ def _decode_uint8(model: dvae.DVAEConfig, variables: dict, ids: jax.Array) -> ja
     return jnp.round(dvae.decode(model, variables, ids) * 255).astype(jnp.uint8)
 
 
-# One compiled program per (model config, batch shape): the config is hashable and static.
-_encode = jit_inference(dvae.encode, static_argnums=0)
-_decode = jit_inference(_decode_uint8, static_argnums=0)
+@functools.cache
+def _jitted(fn: Callable) -> Callable:
+    """``fn`` jitted on first use, not at import: ``jit_inference`` asks for the backend, which
+    would start it before a multi-process run has joined. One compiled program per (model config,
+    batch shape): the config is hashable and static."""
+    return jit_inference(fn, static_argnums=0)
 
 
 def _batches(items: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
@@ -125,7 +129,8 @@ def encode_images(
     """
     batch_size = min(batch_size, len(images))
     # Dispatch is asynchronous: every batch is queued before the first result is read.
-    ids = [_encode(model, variables, chunk) for chunk in _batches(images, batch_size)]
+    encode = _jitted(dvae.encode)
+    ids = [encode(model, variables, chunk) for chunk in _batches(images, batch_size)]
     ids = np.concatenate(jax.device_get(ids))[: len(images)]
     return ids.reshape(len(images), -1)
 
@@ -140,7 +145,8 @@ def decode_images(
         raise ValueError(f"{length} tokens per image is not a square grid")
     grids = np.asarray(tokens, np.int32).reshape(n, side, side)
     batch_size = min(batch_size, n)
-    out = [_decode(model, variables, chunk) for chunk in _batches(grids, batch_size)]
+    decode = _jitted(_decode_uint8)
+    out = [decode(model, variables, chunk) for chunk in _batches(grids, batch_size)]
     return np.concatenate(jax.device_get(out))[:n]
 
 
