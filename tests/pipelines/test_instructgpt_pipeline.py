@@ -37,7 +37,8 @@ def test_toy_run_end_to_end(tmp_path):
     config = experiment.get_config()
     config.model.update(width=32, layers=1, heads=2)
     config.data.update(demonstrations=64, comparisons=32, rl_prompts=16, corpus=64)
-    for stage, steps, batch in (("pretrain", 2, 8), ("sft", 2, 8), ("rm", 2, 4), ("ppo", 2, 8)):
+    # Batches divide over the 8 emulated devices; PPO minibatches too.
+    for stage, steps, batch in (("pretrain", 2, 8), ("sft", 2, 8), ("rm", 2, 8), ("ppo", 2, 16)):
         config[stage].update(steps=steps, batch_size=batch)
     config.train.log_every = 1
     config.eval.update(prompts=8, comparisons=8, corpus=16)
