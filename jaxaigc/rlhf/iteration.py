@@ -87,7 +87,7 @@ def _check_models(policy: GPTConfig, reward: GPTConfig, ppo: PPOConfig) -> None:
             )
 
 
-def _load(boxed: Any, params: Any | None, name: str) -> Any:
+def load_params(boxed: Any, params: Any | None, name: str) -> Any:
     """``boxed`` (logically annotated) with the values of ``params``, whose shapes must match."""
     if params is None:
         return boxed
@@ -183,9 +183,9 @@ def make_ppo_task(
     def init(rng: jax.Array) -> dict:
         policy_rng, reward_rng = jax.random.split(rng)
         example = jnp.zeros((1, policy_config.context_length), jnp.int32)
-        pi = _load(policy.init(policy_rng, example)["params"], policy_params, "policy")
+        pi = load_params(policy.init(policy_rng, example)["params"], policy_params, "policy")
         example = jnp.zeros((1, reward_config.context_length), jnp.int32)
-        rm = _load(scorer.init(reward_rng, example)["params"], reward_params, "reward")
+        rm = load_params(scorer.init(reward_rng, example)["params"], reward_params, "reward")
         return {
             "params": {"policy": pi, "value": rm},  # the value model starts as the RM
             "frozen": {"reference": pi, "reward": rm},
