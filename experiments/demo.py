@@ -2,9 +2,11 @@
 
 Stages: a tiny byte-level GPT learning addition (``experiments/lm/tiny_lm.py``), a small CLIP
 trained contrastively and scored zero-shot (``experiments/clip/tiny_clip.py``), a dVAE that
-turns scene images into 8x8 tokens (``experiments/dvae/train_dvae.py``) and the DALL-E
+turns scene images into 8x8 tokens (``experiments/dvae/train_dvae.py``), the DALL-E
 transformer generating scenes from captions with the dVAE's tokens and CLIP's reranking
-(``experiments/dalle/train_dalle.py``). Each stage writes into ``<workdir>/<stage>``; a second
+(``experiments/dalle/train_dalle.py``) and unCLIP, a diffusion prior and decoder on the CLIP
+stage's embeddings, judged on the DALL-E stage's test captions beside it
+(``experiments/unclip/train_unclip.py``). Each stage writes into ``<workdir>/<stage>``; a second
 run resumes from the stages' checkpoints.
 
     python experiments/demo.py --workdir runs/demo [--stages lm,clip --clip.train.steps=400 ...]
@@ -23,12 +25,13 @@ from ml_collections import config_flags
 from jaxaigc.cli import join_distributed
 
 # experiments/ is not a package: the stages are scripts beside this file.
-for stage_dir in ("lm", "clip", "dvae", "dalle"):
+for stage_dir in ("lm", "clip", "dvae", "dalle", "unclip"):
     sys.path.insert(0, str(Path(__file__).resolve().parent / stage_dir))
 import tiny_clip  # noqa: E402
 import tiny_lm  # noqa: E402
 import train_dalle  # noqa: E402
 import train_dvae  # noqa: E402
+import train_unclip  # noqa: E402
 
 
 def lm_config() -> ml_collections.ConfigDict:
@@ -41,7 +44,7 @@ def lm_config() -> ml_collections.ConfigDict:
 
 def clip_config() -> ml_collections.ConfigDict:
     config = tiny_clip.get_config()
-    config.train.steps = 800  # ~5 min on 2 CPU cores: Fashion-MNIST zero-shot top-1 ~83%
+    config.train.steps = 800  # ~5 min on 2 CPU cores
     return config
 
 
@@ -56,6 +59,15 @@ def dalle_config() -> ml_collections.ConfigDict:
     return config
 
 
+def unclip_config() -> ml_collections.ConfigDict:
+    config = train_unclip.get_config()  # its CLIP (and DALL-E): the stages' runs in this workdir
+    config.prior.train.update(dict(steps=500, checkpoint_every=500))
+    config.decoder.train.update(dict(steps=500, checkpoint_every=500))
+    # The dalle stage's 100 test captions; the standalone experiment sweeps the samplers.
+    config.eval.update(dict(scenes=100, sweep=""))
+    return config
+
+
 def _lm_summary(report: dict) -> str:
     first, final = report["first_logged_loss"], report["final_loss"]
     return (
@@ -66,16 +78,12 @@ def _lm_summary(report: dict) -> str:
 
 
 def _clip_summary(report: dict) -> str:
-    zs, emoji = report["fashion_mnist_zero_shot"], report["emoji_test"]
-    return (
-        f"Fashion-MNIST zero-shot top-1 {zs['top1']:.1%} (chance 10%); held-out emoji "
-        f"image->text R@1 {emoji['image_to_text_R@1']:.1%} (chance {emoji['chance_R@1']:.1%})"
-    )
+    return "\n".join(tiny_clip.summary_lines(report))
 
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its outputs.")
 _STAGES = flags.DEFINE_list(
-    "stages", ["lm", "clip", "dvae", "dalle"], "Which stages to run, in order."
+    "stages", ["lm", "clip", "dvae", "dalle", "unclip"], "Which stages to run, in order."
 )
 STAGES = {
     "lm": (tiny_lm.run, config_flags.DEFINE_config_dict("lm", lm_config()), _lm_summary),
@@ -89,6 +97,11 @@ STAGES = {
         train_dalle.run,
         config_flags.DEFINE_config_dict("dalle", dalle_config()),
         train_dalle.summary,
+    ),
+    "unclip": (
+        train_unclip.run,
+        config_flags.DEFINE_config_dict("unclip", unclip_config()),
+        train_unclip.summary,
     ),
 }
 
@@ -109,6 +122,10 @@ def main(argv: list[str]) -> None:
         if name == "dalle":  # DALL-E models the dVAE stage's tokens, reranked by the CLIP stage
             config.value.dvae_workdir = config.value.dvae_workdir or str(workdir / "dvae")
             config.value.clip_workdir = config.value.clip_workdir or str(workdir / "clip")
+        if name == "unclip":  # the CLIP stage's embeddings; beside DALL-E when its stage exists
+            config.value.clip_workdir = config.value.clip_workdir or str(workdir / "clip")
+            if config.value.dalle_workdir is None and (workdir / "dalle" / "checkpoints").is_dir():
+                config.value.dalle_workdir = str(workdir / "dalle")
         print(f"\n== stage {name} ==", flush=True)
         start = time.perf_counter()
         report = run(config.value, workdir / name)
@@ -117,12 +134,15 @@ def main(argv: list[str]) -> None:
     print("\n== outputs ==")
     for name, (line, seconds) in summaries.items():
         stage_dir = workdir / name
-        steps = sorted(
-            int(p.name) for p in (stage_dir / "checkpoints").iterdir() if p.name.isdigit()
-        )
         print(f"  {name} ({seconds:.0f} s): {line}")
-        print(f"    report {stage_dir / 'report.json'}; metrics {stage_dir / 'metrics.jsonl'}")
-        print(f"    checkpoints {stage_dir / 'checkpoints'} (steps {', '.join(map(str, steps))})")
+        print(f"    report {stage_dir / 'report.json'}")
+        # One run per stage; unclip trains two, in <stage>/prior and <stage>/decoder.
+        for checkpoints in sorted(stage_dir.glob("**/checkpoints")):
+            steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+            print(
+                f"    checkpoints {checkpoints} (steps {', '.join(map(str, steps))}); metrics "
+                f"{checkpoints.parent / 'metrics.jsonl'}"
+            )
         for png in sorted(stage_dir.glob("*.png")):
             print(f"    image grid {png}")
     print(f"  view the curves: tensorboard --logdir {workdir}")

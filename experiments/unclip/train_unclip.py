@@ -15,14 +15,22 @@ test scenes (half name a (colour, shape) pair that never occurs in training):
   judge's (:func:`jaxaigc.data.shapes.check`) accuracy on images decoded from the true z_i,
   between the ground-truth images (ceiling) and another scene's image (chance);
 - pipeline: the judge's caption accuracy of text -> image samples, two-object attribute binding
-  (both (colour, shape) objects drawn; colours swapped), and the held-out pairs.
+  (both (colour, shape) objects drawn; colours swapped), and the held-out pairs; the same against
+  the decoder's sampler, steps and guidance scale (``config.eval.sweep``, on the first
+  ``sweep_scenes`` test scenes);
+- beside DALL-E (``config.dalle_workdir``, e.g. the demo's ``dalle`` stage): its figures on the
+  same test captions (``config.eval.seed`` is the DALL-E pairs' test stream).
 
-``samples.png``: per caption the ground truth, its decoded z_i, then the pipeline's samples.
+``samples.png``: per caption the ground truth, its decoded z_i, the pipeline's samples, then
+DALL-E's CLIP-best of its candidates when a DALL-E run is given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -33,14 +41,50 @@ from PIL import Image, ImageDraw
 from jaxaigc.cli import run_experiment
 from jaxaigc.data import shapes
 from jaxaigc.models.prior import sample_prior
-from jaxaigc.pipelines import unclip
+from jaxaigc.pipelines import dalle, unclip
 from jaxaigc.train.loop import train
 from jaxaigc.train.metrics import read_metrics
+
+# experiments/ is not a package: the DALL-E experiment's evaluation is a script beside this one.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dalle"))
+import train_dalle  # noqa: E402
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = unclip.get_config()
-    config.eval = ml_collections.ConfigDict(dict(scenes=200, batch=100, grid_captions=10))
+    config.dalle_workdir = ml_collections.FieldReference(None, field_type=str)
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            scenes=200,
+            batch=100,
+            grid_captions=10,
+            seed=0,  # the DALL-E pairs' test stream (TokenPairsConfig.seed): the same captions
+            # Decoder sampler method:steps:guidance, each through the whole pipeline.
+            sweep="ddim:10:3,ddim:25:3,ddim:50:3,ddim:250:3,ddim:50:1,ddim:50:5,ddpm:100:3",
+            sweep_scenes=100,
+        )
+    )
+    return config
+
+
+def parse_samplers(text: str) -> list[tuple[str, int, float]]:
+    """``"ddim:25:3,ddpm:100:1"`` -> ``[("ddim", 25, 3.0), ("ddpm", 100, 1.0)]``; "" -> []."""
+    samplers = []
+    for item in filter(None, text.split(",")):
+        parts = item.split(":")
+        if len(parts) != 3 or parts[0] not in ("ddim", "ddpm"):
+            raise ValueError(f"sampler {item!r} is not method:steps:guidance with ddim or ddpm")
+        samplers.append((parts[0], int(parts[1]), float(parts[2])))
+    return samplers
+
+
+def with_sampler(config: ml_collections.ConfigDict, sampler: tuple[str, int, float]):
+    """A copy of ``config`` whose decoder samples with ``(method, steps, guidance)``."""
+    config = config.copy_and_resolve_references()
+    method, steps, guidance = sampler
+    config.sample.update(
+        dict(decoder_method=method, decoder_steps=steps, decoder_guidance=guidance)
+    )
     return config
 
 
@@ -143,6 +187,9 @@ def evaluate_pipeline(prior, decoder, clip, test, config, rng) -> tuple[dict, np
         for i, rows in enumerate(_batches(len(test), config.eval.batch))
     ]
     images = np.concatenate(outputs)  # (n, candidates, r, r, 3)
+    # CLIP score: cos(CLIP(image), z_t of its caption), graded where the judge is all or nothing.
+    z = clip.encode_images(images.reshape(-1, *images.shape[2:])).reshape(*images.shape[:2], -1)
+    clip_score = np.einsum("ncd,nd->nc", z, test.text_embedding)
     held_out = test.held_out
     groups = {"all": [], "seen": [], "held_out": []}
     for k, caption in enumerate(test.captions):
@@ -158,7 +205,55 @@ def evaluate_pipeline(prior, decoder, clip, test, config, rng) -> tuple[dict, np
         }
         for name, verdicts in groups.items()
     }
+    report["all"]["clip_score"] = float(clip_score.mean())
+    # The same score of the ground-truth images, and of each caption against another scene's.
+    report["all"]["clip_score_ground_truth"] = _cos(test.image_embedding, test.text_embedding)
+    report["all"]["clip_score_other_scene"] = _cos(
+        np.roll(test.image_embedding, 1, axis=0), test.text_embedding
+    )
     return report, images
+
+
+def sweep_pipeline(prior, decoder, clip, test, config, rng) -> dict:
+    """The pipeline's judge figures on the first ``config.eval.sweep_scenes`` test scenes for each
+    decoder sampler of ``config.eval.sweep`` (the prior samples as configured)."""
+    n = min(config.eval.sweep_scenes, len(test))
+    head = dataclasses.replace(
+        test, **{f.name: getattr(test, f.name)[:n] for f in dataclasses.fields(test)}
+    )
+    report = {}
+    for sampler in parse_samplers(config.eval.sweep):
+        start = time.perf_counter()
+        figures, _ = evaluate_pipeline(
+            prior, decoder, clip, head, with_sampler(config, sampler), rng
+        )
+        report["{}:{}:{:g}".format(*sampler)] = {
+            **figures["all"],
+            "held_out_judge_accuracy": figures["held_out"]["judge_accuracy"],
+            "seconds": time.perf_counter() - start,
+        }
+    return report
+
+
+def evaluate_dalle(config, test: unclip.SceneFeatures) -> tuple[dict, np.ndarray]:
+    """The DALL-E run in ``config.dalle_workdir`` on the same test captions, with its own
+    experiment's evaluation (``train_dalle.evaluate``: its CLIP reranks its candidates); returns
+    its figures and CLIP's best image for each grid caption."""
+    model, params, pairs, dvae, run_config = dalle.load_trained(config.dalle_workdir)
+    split = pairs.splits["test"]
+    captions = [str(split[i]["caption"]) for i in range(min(len(test), len(split)))]
+    if captions != test.captions:
+        raise ValueError(
+            f"the DALL-E run's {len(split)} test captions are not the unCLIP test captions: set "
+            f"config.eval.seed to its pairs' seed {run_config.data.seed} and config.eval.scenes "
+            f"to at most {len(split)}"
+        )
+    run_config.eval.update(dict(captions=len(test), grid_captions=config.eval.grid_captions))
+    reranker = dalle.load_reranker(run_config.clip_workdir)
+    report, images, _ = train_dalle.evaluate(
+        model.config, params, pairs, dvae, reranker, run_config
+    )
+    return report, images[:, 0]
 
 
 def write_samples(path: Path, rows: list[list[np.ndarray]], captions: list[str], *, scale=3):
@@ -204,7 +299,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         stages[name] = (model, state.eval_params)
 
     test = unclip.encode_scenes(
-        clip, config.eval.scenes, split="test", seed=data.seed, text_len=text_len,
+        clip, config.eval.scenes, split="test", seed=config.eval.seed, text_len=text_len,
         batch=data.encode_batch,
     )  # fmt: skip
     rng = jax.random.key(config.prior.seed)
@@ -214,20 +309,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     pipeline_report, generated = evaluate_pipeline(
         stages["prior"], stages["decoder"], clip, test, config, pipeline_rng
     )
-    n = config.eval.grid_captions
-    write_samples(
-        workdir / "samples.png",
-        [[test.images[k], decoded[k], *generated[k]] for k in range(n)],
-        test.captions[:n],
-    )
+    sweep = sweep_pipeline(stages["prior"], stages["decoder"], clip, test, config, pipeline_rng)
+    n = min(config.eval.grid_captions, len(test))
+    rows = [[test.images[k], decoded[k], *generated[k]] for k in range(n)]
     report = {
         "prior": {**_losses(workdir / "prior"), **prior_report},
         "decoder": {**_losses(workdir / "decoder"), **decoder_report},
         "pipeline": pipeline_report,
+        "sweep": sweep,
         "test_scenes": len(test),
         "held_out_scenes": int(test.held_out.sum()),
         "sample": config.sample.to_dict(),
     }
+    if config.dalle_workdir is not None:
+        report["dalle"], dalle_images = evaluate_dalle(config, test)
+        rows = [row + [image] for row, image in zip(rows, dalle_images, strict=True)]
+    write_samples(workdir / "samples.png", rows, test.captions[:n])
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _print(report, workdir)
     return report
@@ -257,6 +354,11 @@ def _print(report: dict, workdir: Path) -> None:
         f"(ground-truth images {d['judge_accuracy_ground_truth']:.1%}, another scene's image "
         f"{d['judge_accuracy_other_scene']:.1%})"
     )
+    print(
+        f"  text -> image CLIP score cos(CLIP(image), z_t) {g['all']['clip_score']:.3f} "
+        f"(ground-truth images {g['all']['clip_score_ground_truth']:.3f}, another scene's "
+        f"{g['all']['clip_score_other_scene']:.3f})"
+    )
     for name in ("all", "seen", "held_out"):
         r = g[name]
         binding = (
@@ -270,20 +372,49 @@ def _print(report: dict, workdir: Path) -> None:
             f"{r['judge_accuracy']:.1%} (another scene's image "
             f"{d['judge_accuracy_other_scene']:.1%}){binding}"
         )
+    for name, r in report["sweep"].items():
+        print(
+            f"  decoder sampler {name} ({r['samples']} captions): judge accepts "
+            f"{r['judge_accuracy']:.1%} (held-out pairs {r['held_out_judge_accuracy']:.1%}), "
+            f"two objects bound {_percent(r['two_object_binding'])}; CLIP score "
+            f"{r['clip_score']:.3f}; {r['seconds']:.0f} s"
+        )
+    if "dalle" in report:
+        r, k = report["dalle"], report["dalle"]["candidates"]
+        for name in ("all", "seen", "held_out"):
+            print(
+                f"  DALL-E on the same {name} captions ({r[name]['captions']}): single sample "
+                f"{r[name]['single_sample_accuracy']:.1%}, CLIP best of {k} "
+                f"{r[name]['best_of_n_accuracy']:.1%}; two objects bound "
+                f"{_percent(r[name]['two_object_binding_single_sample'])} of single samples "
+                f"(colours swapped {_percent(r[name]['two_object_swapped_single_sample'])})"
+            )
     print(f"  samples: {workdir / 'samples.png'}")
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def summary(report: dict) -> str:
     """One line for the demo's closing summary."""
     p, d, g = report["prior"], report["decoder"], report["pipeline"]
     k = p["candidates"]
-    return (
+    line = (
         f"prior cos(z_i) {p[f'cos_prior_best_of_{k}']:.3f} vs text baseline "
-        f"{p['cos_text_baseline']:.3f}; decoder round trip cos {d['round_trip_cos']:.3f}; "
-        f"text -> image judge {g['all']['judge_accuracy']:.1%} (held-out pairs "
-        f"{g['held_out']['judge_accuracy']:.1%}), two-object binding "
-        f"{g['all']['two_object_binding']:.1%}"
+        f"{p['cos_text_baseline']:.3f}; decoder judge on decode(true z_i) "
+        f"{d['judge_accuracy_decoded']:.1%}; text -> image judge {g['all']['judge_accuracy']:.1%} "
+        f"(held-out pairs {g['held_out']['judge_accuracy']:.1%}), two-object binding "
+        f"{_percent(g['all']['two_object_binding'])}"
     )
+    if "dalle" in report:
+        r = report["dalle"]["all"]
+        line += (
+            f"; DALL-E on the same {r['captions']} captions: single sample "
+            f"{r['single_sample_accuracy']:.1%}, binding "
+            f"{_percent(r['two_object_binding_single_sample'])}"
+        )
+    return line
 
 
 if __name__ == "__main__":

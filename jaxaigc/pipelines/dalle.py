@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grain
 import jax
@@ -31,6 +32,7 @@ from jaxaigc.objectives.dalle import dalle_loss_fn
 from jaxaigc.pipelines import clip as clip_pipeline
 from jaxaigc.pipelines import dvae as dvae_pipeline
 from jaxaigc.sample.decode import sample_image_tokens
+from jaxaigc.train import checkpoint
 from jaxaigc.train.loop import Task, default_train_config
 
 
@@ -106,9 +108,23 @@ def build(
 ) -> tuple[DALLE, Task, BatchIterator, image_tokens.TokenPairs, tuple]:
     """The model, its task, the training batches, the cached pairs and the dVAE
     ``(config, variables)`` that made them."""
+    model = DALLE(model_config(config))
+    pairs, (dvae_config, dvae_variables) = _pairs_and_dvae(config)
+    check_compatible(model.config, pairs, dvae_config)
+    batches = BatchIterator(
+        pairs.splits["train"],
+        global_batch_size=config.train.batch_size,
+        seed=config.seed,
+        operations=[TokensOnly()],
+    )
+    task = Task(init=_init_fn(model), loss_fn=dalle_loss_fn(model))
+    return model, task, batches, pairs, (dvae_config, dvae_variables)
+
+
+def _pairs_and_dvae(config: ml_collections.ConfigDict) -> tuple[image_tokens.TokenPairs, tuple]:
+    """The cached pairs of the run ``config``, and the dVAE ``(config, variables)`` behind them."""
     if config.dvae_workdir is None:
         raise ValueError("config.dvae_workdir is required: the dVAE run whose tokens DALL-E models")
-    model = DALLE(model_config(config))
     dvae_config, dvae_variables, dvae_step = dvae_pipeline.load_trained(config.dvae_workdir)
     pairs = image_tokens.load(
         pairs_config(config),
@@ -117,7 +133,10 @@ def build(
         dvae_step=dvae_step,
         data_dir=config.data.data_dir,
     )
-    check_compatible(model.config, pairs, dvae_config)
+    return pairs, (dvae_config, dvae_variables)
+
+
+def _init_fn(model: DALLE):
     cfg = model.config
 
     def init(rng: jax.Array):
@@ -127,14 +146,35 @@ def build(
             jnp.zeros((1, cfg.image_len), jnp.int32),
         )
 
-    batches = BatchIterator(
-        pairs.splits["train"],
-        global_batch_size=config.train.batch_size,
-        seed=config.seed,
-        operations=[TokensOnly()],
-    )
-    task = Task(init=init, loss_fn=dalle_loss_fn(model))
-    return model, task, batches, pairs, (dvae_config, dvae_variables)
+    return init
+
+
+def load_trained(
+    workdir: str | Path, *, step: int | None = None, device: jax.Device | None = None
+) -> tuple[DALLE, Any, image_tokens.TokenPairs, tuple, ml_collections.ConfigDict]:
+    """The transformer trained in ``workdir`` (by :func:`build` and
+    :func:`jaxaigc.train.loop.train`) with what generation needs beside it, read from the
+    checkpoint's run config: the EMA parameters when the run kept them
+    (:func:`jaxaigc.train.checkpoint.load_trained`), the cached pairs (their tokenizer encodes
+    captions) and the dVAE that decodes the image tokens.
+
+    Returns:
+      ``(model, params, pairs, dvae, run_config)``, ``dvae`` = ``(config, variables)``.
+    """
+
+    def init_fn(config: dict):
+        return _init_fn(DALLE(model_config(ml_collections.ConfigDict(config))))
+
+    try:
+        config, variables, _ = checkpoint.load_trained(workdir, init_fn, step=step, device=device)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"no DALL-E checkpoint in {Path(workdir).absolute() / 'checkpoints'}; train one with "
+            f"`python experiments/dalle/train_dalle.py --workdir {workdir}`"
+        ) from error
+    config = ml_collections.ConfigDict(config)
+    pairs, dvae = _pairs_and_dvae(config)
+    return DALLE(model_config(config)), variables["params"], pairs, dvae, config
 
 
 class Reranker:

@@ -40,6 +40,7 @@ from jaxaigc.models.decoder import Decoder, DecoderConfig, sample_decoder
 from jaxaigc.models.prior import Prior, PriorConfig, check_guidance, sample_prior
 from jaxaigc.objectives.unclip import decoder_loss_fn, prior_loss_fn
 from jaxaigc.pipelines import clip as clip_pipeline
+from jaxaigc.train import checkpoint
 from jaxaigc.train.loop import Task, default_train_config
 
 # Shapes captions are at most 19 CLIP tokens with SOT and EOT.
@@ -63,12 +64,15 @@ def get_config() -> ml_collections.ConfigDict:
     # No caption pathway by default: the paper found it "offers little help" with binding, and
     # the image embedding alone keeps the tiny decoder cheap. Attention only at 8 px: at 16 px
     # (256 tokens) it made a CPU train step 1.7x slower (1.25 -> 0.75 s at batch 32, loaded
-    # 2-core machine), and 8 px already sees the whole 32 px scene.
+    # 2-core machine), and 8 px already sees the whole 32 px scene. v prediction: after 600
+    # updates the round trip cos(CLIP(decode(z_i)), z_i) was 0.77-0.81 against eps's 0.09-0.28,
+    # with black backgrounds and the scene's colours where eps left noise (BUILD_NOTES, unCLIP).
     decoder.model = dataclasses.asdict(
         DecoderConfig.from_name(
-            "tiny", attention_resolutions=(8,), text_layers=0, text_len=0, text_vocab=0
+            "tiny", attention_resolutions=(8,), text_layers=0, text_len=0, text_vocab=0,
+            prediction="v",
         )
-    )
+    )  # fmt: skip
     decoder.optim.update(dict(peak_lr=2e-3, warmup_steps=50))
     decoder.train.update(dict(batch_size=32, steps=1000, log_every=50, checkpoint_every=500))
     config.decoder = decoder
@@ -78,12 +82,11 @@ def get_config() -> ml_collections.ConfigDict:
             prior_steps=64,  # paper: 64 strided DDIM steps
             prior_candidates=2,  # paper: best of 2 by z_i . z_t
             prior_guidance=1.0,
-            # Measured on a 350-step tiny decoder (16 test scenes, round trip cos(CLIP(decode(z_i)),
-            # z_i)): DDIM 25 steps 0.13 unguided, 0.26 at guidance 3; DDPM 100 steps 0.18
-            # unguided; DDPM 250 steps 0.52 at guidance 3, with clean backgrounds where DDIM's stay
-            # speckled: an undertrained eps model needs the ancestral sampler's fresh noise.
-            decoder_method="ddpm",
-            decoder_steps=100,
+            # The v decoder after 600 updates (100 test scenes, round trip cos(CLIP(decode(z_i)),
+            # z_i)): DDIM 25 steps 0.768 unguided, 0.805 at guidance 3; DDPM 100 steps at
+            # guidance 3 0.814 for 3.4x the time. (An eps decoder needed DDPM's fresh noise.)
+            decoder_method="ddim",
+            decoder_steps=25,
             decoder_guidance=3.0,
             candidates=1,  # images per caption
         )
@@ -262,13 +265,6 @@ def build_prior(
     ]
     _check_fields(checks, cfg, "prior")
 
-    def init(rng: jax.Array):
-        d, n = cfg.embed_dim, cfg.text_len
-        return model.init(
-            rng, jnp.zeros((1, d)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, n, cfg.text_width)),
-            jnp.zeros((1, d)), text_mask=jnp.ones((1, n), bool),
-        )  # fmt: skip
-
     source = ArrayRecords(
         {
             "text_tokens": features.text_tokens,
@@ -281,7 +277,8 @@ def build_prior(
     batches = BatchIterator(
         source, global_batch_size=config.prior.train.batch_size, seed=config.prior.seed
     )
-    return model, Task(init=init, loss_fn=prior_loss_fn(model, cfg.diffusion())), batches
+    task = Task(init=prior_init(model), loss_fn=prior_loss_fn(model, cfg.diffusion()))
+    return model, task, batches
 
 
 def build_decoder(
@@ -315,6 +312,32 @@ def build_decoder(
             )
         arrays["text_tokens"] = features.tokens
 
+    source = ArrayRecords(arrays, name=f"unclip-decoder/{len(features)}")
+    batches = BatchIterator(
+        source, global_batch_size=config.decoder.train.batch_size, seed=config.decoder.seed
+    )
+    task = Task(init=decoder_init(model), loss_fn=decoder_loss_fn(model, cfg.diffusion()))
+    return model, task, batches
+
+
+def prior_init(model: Prior):
+    """``init(rng)``: the prior's variables, from one example of zeros."""
+    cfg = model.config
+
+    def init(rng: jax.Array):
+        d, n = cfg.embed_dim, cfg.text_len
+        return model.init(
+            rng, jnp.zeros((1, d)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, n, cfg.text_width)),
+            jnp.zeros((1, d)), text_mask=jnp.ones((1, n), bool),
+        )  # fmt: skip
+
+    return init
+
+
+def decoder_init(model: Decoder):
+    """``init(rng)``: the decoder's variables, from one example of zeros."""
+    cfg = model.config
+
     def init(rng: jax.Array):
         r = cfg.image_size
         text = jnp.zeros((1, cfg.text_len), jnp.int32) if cfg.text_layers else None
@@ -323,11 +346,45 @@ def build_decoder(
             jnp.zeros((1, cfg.clip_dim)), text,
         )  # fmt: skip
 
-    source = ArrayRecords(arrays, name=f"unclip-decoder/{len(features)}")
-    batches = BatchIterator(
-        source, global_batch_size=config.decoder.train.batch_size, seed=config.decoder.seed
-    )
-    return model, Task(init=init, loss_fn=decoder_loss_fn(model, cfg.diffusion())), batches
+    return init
+
+
+_STAGES = {
+    "prior": (Prior, PriorConfig, prior_init),
+    "decoder": (Decoder, DecoderConfig, decoder_init),
+}
+
+
+def load_trained(
+    workdir: str | Path, stage: str, *, step: int | None = None, device: jax.Device | None = None
+) -> tuple[Prior | Decoder, Any, int]:
+    """The prior or the decoder (``stage``) trained in ``<workdir>/<stage>`` (by
+    ``experiments/unclip/train_unclip.py`` or the demo), as :func:`generate` takes it: the EMA
+    parameters when the run kept them, on ``device``
+    (:func:`jaxaigc.train.checkpoint.load_trained`).
+
+    Returns:
+      ``(model, params, step)``: the model built from the checkpoint's run config, its parameters
+      and the checkpoint's step.
+    """
+    if stage not in _STAGES:
+        raise ValueError(f"unknown unCLIP stage {stage!r}; use one of {list(_STAGES)}")
+    module, config_class, init = _STAGES[stage]
+
+    def model_of(run_config: dict):
+        return module(config_class(**run_config["model"]))
+
+    directory = Path(workdir) / stage
+    try:
+        run_config, variables, step = checkpoint.load_trained(
+            directory, lambda c: init(model_of(c)), step=step, device=device
+        )
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"no unCLIP {stage} checkpoint in {directory.absolute() / 'checkpoints'}; train one "
+            f"with `python experiments/unclip/train_unclip.py --workdir {workdir}`"
+        ) from error
+    return model_of(run_config), variables["params"], step
 
 
 def _check_fields(checks, cfg, section: str) -> None:

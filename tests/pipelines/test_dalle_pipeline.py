@@ -1,5 +1,6 @@
 """The DALL-E pipeline end to end at toy size: pairs from a dVAE checkpoint, the loss falls through
-the generic loop, generation returns CLIP-ordered decoded samples; mismatches are named."""
+the generic loop, the run reloads from its checkpoint, generation returns CLIP-ordered decoded
+samples; mismatches are named."""
 
 import dataclasses
 
@@ -20,6 +21,7 @@ from jaxaigc.train.checkpoint import Checkpointer
 from jaxaigc.train.loop import train
 from jaxaigc.train.metrics import read_metrics
 from jaxaigc.train.state import TrainState
+from tests.helpers import assert_trees_equal
 
 DVAE = DVAEConfig(n_hid=8, n_blk_per_group=1, group_count=3, vocab_size=64, n_init=8)
 
@@ -62,6 +64,13 @@ def test_loss_falls_and_generation_is_reranked(dvae_workdir, tmp_path):
     state = train(task, batches, config, tmp_path / "run")
     losses = [r["train/loss"] for r in read_metrics(tmp_path / "run") if "train/loss" in r]
     assert losses[-1] < 0.8 * losses[0], losses
+    # The run rebuilt from its workdir: the same model, parameters, tokenizer and dVAE.
+    loaded, params, loaded_pairs, loaded_dvae, _ = dalle.load_trained(tmp_path / "run")
+    assert loaded.config == model.config
+    assert_trees_equal(params, jax.device_get(state.eval_params))
+    assert loaded_pairs.tokenizer.__getstate__() == pairs.tokenizer.__getstate__()
+    assert loaded_dvae[0] == dvae_model[0]
+    assert_trees_equal(loaded_dvae[1], dvae_model[1])
 
     try:
         ClipTokenizer()

@@ -1,6 +1,7 @@
 """The unCLIP pipeline end to end at toy size: CLIP features of shapes scenes from a random tiny
-CLIP, both stages' losses fall through the generic loop, text -> image returns uint8 images, and
-guidance without conditioning dropout is refused by name."""
+CLIP, both stages' losses fall through the generic loop, both reload from their checkpoints,
+text -> image returns uint8 images, and guidance without conditioning dropout is refused by
+name."""
 
 import flax.linen as nn
 import jax
@@ -13,6 +14,7 @@ from jaxaigc.models.clip import CLIP, CLIPConfig
 from jaxaigc.pipelines import unclip
 from jaxaigc.train.loop import train
 from jaxaigc.train.metrics import read_metrics
+from tests.helpers import assert_trees_equal
 
 TEXT_LEN = 24
 
@@ -70,7 +72,11 @@ def test_both_stages_learn_and_generate_images(clip, mesh_1, tmp_path):
         state = train(task, batches, config[name], tmp_path / name, mesh=mesh_1)
         losses = [r["train/loss"] for r in read_metrics(tmp_path / name) if "train/loss" in r]
         assert losses[-1] < 0.8 * losses[0], (name, losses)
-        stages[name] = (model, state.params)
+        # The checkpoint round trip: the stage rebuilt from the workdir alone.
+        loaded, params, step = unclip.load_trained(tmp_path, name)
+        assert step == 20 and loaded.config == model.config
+        assert_trees_equal(params, jax.device_get(state.eval_params))
+        stages[name] = (loaded, params)
 
     captions = ["a small red circle on the left", "a large blue square above a small green cross"]
     out = unclip.generate(
@@ -98,6 +104,13 @@ def test_both_stages_learn_and_generate_images(clip, mesh_1, tmp_path):
             captions, prior=stages["prior"], decoder=no_drop_decoder, clip=clip,
             rng=jax.random.key(0), decoder_guidance=2.0,
         )  # fmt: skip
+
+
+def test_load_trained_names_the_stage_and_the_missing_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="unknown unCLIP stage 'upsampler'"):
+        unclip.load_trained(tmp_path, "upsampler")
+    with pytest.raises(FileNotFoundError, match=r"no unCLIP decoder checkpoint in .*decoder"):
+        unclip.load_trained(tmp_path, "decoder")
 
 
 def test_mismatched_clip_features_are_named(clip):
