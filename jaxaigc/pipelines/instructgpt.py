@@ -47,14 +47,14 @@ def get_config() -> ml_collections.ConfigDict:
     config = default_train_config()
     config.model = ml_collections.ConfigDict(
         dataclasses.asdict(
-            GPTConfig(vocab_size=VOCAB, context_length=128, width=64, layers=2, heads=2)
+            GPTConfig(vocab_size=VOCAB, context_length=160, width=64, layers=2, heads=2)
         )
     )
     config.data = ml_collections.ConfigDict(
         dict(
             seed=0,
-            prompt_length=88,  # bytes of prompt + SEPARATOR, left-padded
-            response_length=40,  # the most bytes a response takes, EOS included
+            prompt_length=100,  # bytes of prompt + SEPARATOR, left-padded (the longest: 99)
+            response_length=60,  # the most bytes a response takes, EOS included (longest: 60)
             demonstrations=20_000,
             comparisons=4_000,
             max_k=9,
@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.ppo.algorithm = ml_collections.ConfigDict(
         dataclasses.asdict(
             PPOConfig(
-                response_length=40,
+                response_length=60,
                 temperature=1.0,
                 eos_id=EOS,
                 pad_id=PAD,
