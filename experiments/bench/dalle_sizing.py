@@ -59,44 +59,60 @@ def paper_optimizer():
 
 
 def size_one(mesh_spec: dict[str, int], global_batch: int, accum: int) -> dict:
-    """Compiles the train step on this process's (emulated) devices; returns figures as a dict."""
-    import flax.linen as nn
-    import jax
+    """Compiles ``paper-12b``'s train step on this process's (emulated) devices."""
     import jax.numpy as jnp
 
-    from jaxaigc import parallel
     from jaxaigc.models.dalle import DALLE, DALLEConfig
     from jaxaigc.objectives.dalle import dalle_loss_fn
-    from jaxaigc.train.state import create_sharded_state
-    from jaxaigc.train.step import make_train_step
 
     config = DALLEConfig.from_name("paper-12b")
     model = DALLE(config)
-    mesh = parallel.make_mesh(mesh_spec)
-    rules = parallel.make_rules()
-    parallel.check_global_batch(global_batch, mesh)
-    tx = paper_optimizer()
-    start = time.perf_counter()
-    _, shardings, state = create_sharded_state(
+    return compile_train_step(
         # Inside eval_shape these zeros are abstract: nothing is allocated.
         lambda rng: model.init(
             rng,
             jnp.zeros((1, config.text_len), jnp.int32),
             jnp.zeros((1, config.image_len), jnp.int32),
         ),
-        tx,
-        jax.random.key(0),
-        mesh,
-        rules,
-        materialize=False,
+        dalle_loss_fn(model),
+        {"text": ((config.text_len,), jnp.int32), "image": ((config.image_len,), jnp.int32)},
+        paper_optimizer(),
+        mesh_spec,
+        global_batch=global_batch,
+        accum=accum,
+    )
+
+
+def compile_train_step(
+    init, loss_fn, example: dict, tx, mesh_spec: dict[str, int], *, global_batch: int, accum: int
+) -> dict:
+    """Lowers and compiles the train step of ``loss_fn`` on a mesh of this process's (emulated)
+    devices, from abstract inputs: the state of ``init`` (``create_sharded_state(...,
+    materialize=False)``) and a global batch whose entries have the per-example ``(shape, dtype)``
+    of ``example``, sharded on the batch axes. Returns XLA's per-device memory figures."""
+    import flax.linen as nn
+    import jax
+
+    from jaxaigc import parallel
+    from jaxaigc.train.state import create_sharded_state
+    from jaxaigc.train.step import make_train_step
+
+    mesh = parallel.make_mesh(mesh_spec)
+    rules = parallel.make_rules()
+    parallel.check_global_batch(global_batch, mesh)
+    start = time.perf_counter()
+    _, shardings, state = create_sharded_state(
+        init, tx, jax.random.key(0), mesh, rules, materialize=False
     )
     batch = {
         name: jax.ShapeDtypeStruct(
-            (global_batch, length), jnp.int32, sharding=parallel.batch_sharding(mesh, 2)
+            (global_batch, *shape),
+            dtype,
+            sharding=parallel.batch_sharding(mesh, 1 + len(shape)),
         )
-        for name, length in (("text", config.text_len), ("image", config.image_len))
+        for name, (shape, dtype) in example.items()
     }
-    step = make_train_step(dalle_loss_fn(model), tx, rng=jax.random.key(1), accum_steps=accum)
+    step = make_train_step(loss_fn, tx, rng=jax.random.key(1), accum_steps=accum)
 
     def train_step(state, batch):
         with nn.logical_axis_rules(rules):
@@ -164,7 +180,9 @@ def count_flops() -> dict:
     return result
 
 
-def run_child(mesh: str, accum: int, args) -> dict:
+def run_child(mesh: str, accum: int, args, *, script: str = __file__, extra=()) -> dict:
+    """Runs ``script --one mesh ... *extra`` with as many emulated devices as the mesh has; its
+    last JSON line."""
     devices = math.prod(parse_mesh(mesh).values())
     env = {
         **os.environ,
@@ -173,13 +191,14 @@ def run_child(mesh: str, accum: int, args) -> dict:
     }
     command = [
         sys.executable,
-        __file__,
+        script,
         "--one",
         mesh,
         "--accum",
         str(accum),
         "--global-batch",
         str(args.global_batch),
+        *extra,
     ]
     start = time.perf_counter()
     try:
