@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -218,6 +219,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         "final_loss": {"step": losses[-1][0], "loss": losses[-1][1]},
         **evaluate(model, variables, tokenizer, config),
     }
+    if jax.process_index() != 0:  # every process evaluates; process 0 reports
+        return report
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
         f"loss {losses[0][1]:.3f} (step {losses[0][0]}) -> {losses[-1][1]:.3f} "
