@@ -84,12 +84,22 @@ def size_one(mesh_spec: dict[str, int], global_batch: int, accum: int) -> dict:
 
 
 def compile_train_step(
-    init, loss_fn, example: dict, tx, mesh_spec: dict[str, int], *, global_batch: int, accum: int
+    init,
+    loss_fn,
+    example: dict,
+    tx,
+    mesh_spec: dict[str, int],
+    *,
+    global_batch: int,
+    accum: int,
+    make_step=None,
 ) -> dict:
     """Lowers and compiles the train step of ``loss_fn`` on a mesh of this process's (emulated)
     devices, from abstract inputs: the state of ``init`` (``create_sharded_state(...,
     materialize=False)``) and a global batch whose entries have the per-example ``(shape, dtype)``
-    of ``example``, sharded on the batch axes. Returns XLA's per-device memory figures."""
+    of ``example``, sharded on the batch axes. ``make_step``: a task's own step builder
+    (``Task.make_step``, e.g. a PPO iteration) in place of ``make_train_step(loss_fn, ...)``, as
+    the loop uses it (``accum`` 1). Returns XLA's per-device memory figures."""
     import flax.linen as nn
     import jax
 
@@ -112,7 +122,12 @@ def compile_train_step(
         )
         for name, (shape, dtype) in example.items()
     }
-    step = make_train_step(loss_fn, tx, rng=jax.random.key(1), accum_steps=accum)
+    if make_step is None:
+        step = make_train_step(loss_fn, tx, rng=jax.random.key(1), accum_steps=accum)
+    elif accum != 1:
+        raise ValueError(f"accum={accum}: a task's own make_step takes accumulation 1")
+    else:
+        step = make_step(tx, rng=jax.random.key(1))
 
     def train_step(state, batch):
         with nn.logical_axis_rules(rules):

@@ -19,6 +19,23 @@ import jax.numpy as jnp
 from jaxaigc.nn import Transformer, causal_mask, dense, layer_norm, partitioned
 from jaxaigc.nn.attention import decode_positions
 
+# name: (vocab_size, context_length, width, layers, heads). GPT-2 (Radford et al. 2019) and the
+# GPT-3 sizes of Brown et al. 2020, Table 2.1 (dense attention here: GPT-3 alternates dense and
+# locally banded layers); all tie the LM head to the token embedding.
+PRESETS: dict[str, tuple] = {
+    "gpt2-small": (50257, 1024, 768, 12, 12),
+    "gpt2-medium": (50257, 1024, 1024, 24, 16),
+    "gpt2-large": (50257, 1024, 1280, 36, 20),
+    "gpt2-xl": (50257, 1024, 1600, 48, 25),
+    "gpt3-1.3b": (50257, 2048, 2048, 24, 16),  # InstructGPT's smallest policy
+    "gpt3-6.7b": (50257, 2048, 4096, 32, 32),  # the size of InstructGPT's 6B reward model
+    "gpt3-175b": (50257, 2048, 12288, 96, 96),
+}
+_PRESET_FIELDS = ("vocab_size", "context_length", "width", "layers", "heads")
+# Not architecture: how the GPT-3 sizes are computed (bf16, one scanned block, recomputed in
+# backward), as DALL-E's paper-12b.
+_GPT3_COMPUTE = dict(dtype="bfloat16", scan_layers=True, remat_policy="full")
+
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
@@ -45,6 +62,15 @@ class GPTConfig:
             raise ValueError(f"unknown head {self.head!r}; use one of {HEADS}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+    @classmethod
+    def from_name(cls, name: str, **changes) -> GPTConfig:
+        """A preset (``"gpt2-small"``, ``"gpt3-1.3b"`` ...) with ``changes`` applied."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown GPT model {name!r}; known: {list(PRESETS)}")
+        fields = dict(zip(_PRESET_FIELDS, PRESETS[name], strict=True), tie_embeddings=True)
+        compute = _GPT3_COMPUTE if name.startswith("gpt3") else {}
+        return cls(**{**fields, **compute, **changes})
 
     def replace(self, **changes) -> GPTConfig:
         return dataclasses.replace(self, **changes)

@@ -128,3 +128,24 @@ def test_bad_configs_are_named():
         GPTConfig(width=30, heads=4)
     with pytest.raises(ValueError, match=r"valid has shape \(1, 3\)"):
         GPT(TINY).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), valid=jnp.ones((1, 3)))
+    with pytest.raises(ValueError, match="unknown GPT model 'gpt3-2b'"):
+        GPTConfig.from_name("gpt3-2b")
+
+
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [
+        # transformers' GPT2LMHeadModel counts (124,439,808; 1,557,611,200) less the key biases
+        # (width per layer), which change no output and are not kept (jaxaigc.convert.gpt2).
+        ("gpt2-small", 124_439_808 - 12 * 768),
+        ("gpt2-xl", 1_557_611_200 - 48 * 1600),
+        ("gpt3-1.3b", 1_315_674_112),  # "1.3B" in Brown et al. Table 2.1
+    ],
+)
+def test_presets_have_the_released_sizes(name, count):
+    config = GPTConfig.from_name(name)
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    params = jax.eval_shape(GPT(config).init, jax.random.key(0), tokens)["params"]
+    assert sum(x.size for x in jax.tree.leaves(params)) == count
+    assert config.tie_embeddings and "head" not in params
+    assert GPTConfig.from_name(name, layers=2).layers == 2
