@@ -324,6 +324,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if config.dalle_workdir is not None:
         report["dalle"], dalle_images = evaluate_dalle(config, test)
         rows = [row + [image] for row, image in zip(rows, dalle_images, strict=True)]
+    if jax.process_index() != 0:  # every process evaluates; process 0 writes
+        return report
     write_samples(workdir / "samples.png", rows, test.captions[:n])
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _print(report, workdir)
