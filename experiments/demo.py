@@ -6,8 +6,10 @@ turns scene images into 8x8 tokens (``experiments/dvae/train_dvae.py``), the DAL
 transformer generating scenes from captions with the dVAE's tokens and CLIP's reranking
 (``experiments/dalle/train_dalle.py``) and unCLIP, a diffusion prior and decoder on the CLIP
 stage's embeddings, judged on the DALL-E stage's test captions beside it
-(``experiments/unclip/train_unclip.py``). Each stage writes into ``<workdir>/<stage>``; a second
-run resumes from the stages' checkpoints.
+(``experiments/unclip/train_unclip.py``), and InstructGPT: a byte-level GPT pretrained, fine-tuned
+on demonstrations, a reward model on rankings and PPO / PPO-ptx against it, judged by the gold
+scorers (``experiments/instructgpt/train_instructgpt.py``). Each stage writes into
+``<workdir>/<stage>``; a second run resumes from the stages' checkpoints.
 
     python experiments/demo.py --workdir runs/demo [--stages lm,clip --clip.train.steps=400 ...]
 """
@@ -25,12 +27,13 @@ from ml_collections import config_flags
 from jaxaigc.cli import join_distributed
 
 # experiments/ is not a package: the stages are scripts beside this file.
-for stage_dir in ("lm", "clip", "dvae", "dalle", "unclip"):
+for stage_dir in ("lm", "clip", "dvae", "dalle", "unclip", "instructgpt"):
     sys.path.insert(0, str(Path(__file__).resolve().parent / stage_dir))
 import tiny_clip  # noqa: E402
 import tiny_lm  # noqa: E402
 import train_dalle  # noqa: E402
 import train_dvae  # noqa: E402
+import train_instructgpt  # noqa: E402
 import train_unclip  # noqa: E402
 
 
@@ -70,6 +73,13 @@ def unclip_config() -> ml_collections.ConfigDict:
     return config
 
 
+def instructgpt_config() -> ml_collections.ConfigDict:
+    # The experiment's defaults: pretrain 1,500, SFT 3,000, RM 600 steps, PPO and PPO-ptx 300
+    # iterations each. 436 s on the 2 cores shared at load 5-6 (2026-11-30); ~310 s estimated
+    # when quiet from a quiet run's steps/s (pretrain 34, SFT 33, RM 10, PPO 8.4, PPO-ptx 7.2).
+    return train_instructgpt.get_config()
+
+
 def _lm_summary(report: dict) -> str:
     first, final = report["first_logged_loss"], report["final_loss"]
     return (
@@ -85,7 +95,9 @@ def _clip_summary(report: dict) -> str:
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its outputs.")
 _STAGES = flags.DEFINE_list(
-    "stages", ["lm", "clip", "dvae", "dalle", "unclip"], "Which stages to run, in order."
+    "stages",
+    ["lm", "clip", "dvae", "dalle", "unclip", "instructgpt"],
+    "Which stages to run, in order.",
 )
 STAGES = {
     "lm": (tiny_lm.run, config_flags.DEFINE_config_dict("lm", lm_config()), _lm_summary),
@@ -104,6 +116,11 @@ STAGES = {
         train_unclip.run,
         config_flags.DEFINE_config_dict("unclip", unclip_config()),
         train_unclip.summary,
+    ),
+    "instructgpt": (
+        train_instructgpt.run,
+        config_flags.DEFINE_config_dict("instructgpt", instructgpt_config()),
+        train_instructgpt.summary,
     ),
 }
 
@@ -146,7 +163,7 @@ def main(argv: list[str]) -> None:
                 f"{checkpoints.parent / 'metrics.jsonl'}"
             )
         for png in sorted(stage_dir.glob("*.png")):
-            print(f"    image grid {png}")
+            print(f"    PNG {png}")  # image grids; instructgpt's curves
     print(f"  view the curves: tensorboard --logdir {workdir}")
 
 

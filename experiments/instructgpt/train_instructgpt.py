@@ -4,8 +4,9 @@ PPO-ptx, judged by the gold scorers (:mod:`jaxaigc.pipelines.instructgpt`).
 Each stage trains in ``<workdir>/<stage>`` and resumes from its checkpoints. The report
 (``report.json``): the reward model's held-out pairwise accuracy against the gold order (pairs
 whose gold scores differ), the mean gold score of SFT, PPO and PPO-ptx on held-out prompts of the
-training templates and of the held-out template, PPO's win-rate over SFT, the KL(policy || SFT)
-and score curves, and the pretraining NLL of each policy (the alignment tax).
+training templates and of the held-out template, PPO's win-rate over SFT, the KL(policy || SFT),
+reward-model score and gold score curves, and the pretraining NLL of each policy (the alignment
+tax). Process 0 writes it and ``curves.png``, the curves drawn with matplotlib.
 
     python experiments/instructgpt/train_instructgpt.py --workdir runs/instructgpt
 """
@@ -13,12 +14,15 @@ and score curves, and the pretraining NLL of each policy (the alignment tax).
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from jaxaigc.cli import run_experiment
 from jaxaigc.data import instructions
@@ -30,27 +34,32 @@ from jaxaigc.train.metrics import read_metrics
 def get_config() -> ml_collections.ConfigDict:
     config = ig.get_config()
     config.ptx_gamma = 1.0  # the PPO-ptx run's gamma_ptx (the PPO run has 0)
-    config.eval = ml_collections.ConfigDict(dict(prompts=200, comparisons=300, corpus=500))
+    # curve_prompts: the first held-out prompts, answered greedily every curve_every PPO
+    # iterations for the gold-score curve.
+    config.eval = ml_collections.ConfigDict(
+        dict(prompts=200, comparisons=300, corpus=500, curve_prompts=64, curve_every=25)
+    )
     return config
 
 
-def _stage(config, name: str, build, workdir: Path, *inputs, run_name: str | None = None):
+def _stage(config, name: str, build, workdir: Path, *inputs, run_name: str | None = None, hooks=()):
     """Trains a stage in ``workdir / run_name`` (default ``name``); exits if it stopped early
     (SIGTERM: saved; rerunning resumes it) rather than starting the next stage."""
     stage = ig.stage_config(config, name)
     task, batches = build(stage, *inputs)
     run_name = run_name or name
-    state = train(task, batches, stage, workdir / run_name)
+    state = train(task, batches, stage, workdir / run_name, hooks=hooks)
     if int(state.step) < stage.train.steps * task.updates_per_step:
         sys.exit(f"stage {run_name} stopped at update {int(state.step)}; rerun to resume")
     return jax.device_get(state.params)
 
 
-def _rm_accuracy(config, rm_params) -> dict:
-    """Pairwise accuracy against the gold order on held-out comparisons, over the pairs whose gold
-    scores differ (ties have no right answer)."""
+def _rm_accuracy(config, rm_params, split: str) -> dict:
+    """Pairwise accuracy against the gold order on comparisons the RM did not train on (``split``
+    "held_out": the held-out template), over the pairs whose gold scores differ (ties have no
+    right answer)."""
     comparisons = instructions.comparisons(
-        config.eval.comparisons, seed=config.data.seed + 7, split="held_out"
+        config.eval.comparisons, seed=config.data.seed + 7, split=split
     )
     arrays = ig.comparison_arrays(config, comparisons)
     k = arrays["tokens"].shape[1]
@@ -73,24 +82,37 @@ def _gold(prompts, responses) -> np.ndarray:
     return np.array([instructions.score(p, r) for p, r in zip(prompts, responses, strict=True)])
 
 
+def _gold_hook(config, path: Path, prompts):
+    """A loop hook appending ``{"step", "gold"}`` to ``path`` every ``curve_every`` PPO
+    iterations and at the last: the mean gold score of greedy responses to ``prompts``. A file so
+    that a resumed run keeps the points before its restart."""
+
+    def hook(step: int, state, metrics) -> None:
+        del metrics
+        if step % config.eval.curve_every and step != config.ppo.steps:
+            return
+        gold = _gold(prompts, ig.respond(config, state.params["policy"], prompts)).mean()
+        if jax.process_index() == 0:
+            with path.open("a") as f:
+                f.write(json.dumps({"step": step, "gold": float(gold)}) + "\n")
+
+    return hook
+
+
+def _read_gold(path: Path) -> list[tuple[int, float]]:
+    """The gold curve of ``path`` by step; a step evaluated again after a restart keeps its last
+    value."""
+    if not path.exists():
+        return []
+    points = dict((r["step"], r["gold"]) for r in map(json.loads, path.read_text().splitlines()))
+    return sorted(points.items())
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     pretrained = _stage(config, "pretrain", ig.build_pretrain, workdir)
     sft = _stage(config, "sft", ig.build_sft, workdir, pretrained)
     rm = ig.centred_reward_params(config, _stage(config, "rm", ig.build_rm, workdir, sft))
-    policies = {"sft": sft}
-    curves = {}
-    for name, gamma in (("ppo", 0.0), ("ppo_ptx", config.ptx_gamma)):
-        run_config = ml_collections.ConfigDict(config.to_dict())
-        run_config.ppo.algorithm.gamma_ptx = gamma
-        params = _stage(run_config, "ppo", ig.build_ppo, workdir, sft, rm, run_name=name)
-        policies[name] = params["policy"]
-        records = read_metrics(workdir / name)
-        curves[name] = {
-            key: [(r["step"], r[key]) for r in records if key in r]
-            for key in ("rollout/kl", "rollout/score", "rollout/beta", "train/ptx_nll")
-        }
-
     seed = config.data.seed + 11
     evaluation = {
         "train_templates": instructions.make_prompts(config.eval.prompts, seed=seed),
@@ -98,6 +120,25 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             config.eval.prompts, seed=seed, split="held_out"
         ),
     }
+    curve_prompts = evaluation["train_templates"][: config.eval.curve_prompts]
+    policies = {"sft": sft}
+    curves = {}
+    for name, gamma in (("ppo", 0.0), ("ppo_ptx", config.ptx_gamma)):
+        run_config = ml_collections.ConfigDict(config.to_dict())
+        run_config.ppo.algorithm.gamma_ptx = gamma
+        gold_path = workdir / name / "gold.jsonl"
+        hook = _gold_hook(run_config, gold_path, curve_prompts)
+        params = _stage(
+            run_config, "ppo", ig.build_ppo, workdir, sft, rm, run_name=name, hooks=[hook]
+        )
+        policies[name] = params["policy"]
+        records = read_metrics(workdir / name)
+        curves[name] = {
+            key: [(r["step"], r[key]) for r in records if key in r]
+            for key in ("rollout/kl", "rollout/score", "rollout/beta", "train/ptx_nll")
+        }
+        curves[name]["gold"] = _read_gold(gold_path)
+
     gold, examples = {}, {}
     for split, prompts in evaluation.items():
         for name, params in policies.items():
@@ -107,36 +148,115 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 {"prompt": p.text, "response": r}
                 for p, r in zip(prompts[:4], responses, strict=False)
             ]
-    wins = {}
+    # Greedy responses of the same prompts: the gold curves start at SFT's score.
+    sft_curve_gold = float(gold["sft/train_templates"][: len(curve_prompts)].mean())
+    for c in curves.values():
+        c["gold"] = [(0, sft_curve_gold), *c["gold"]]
+    wins, ties = {}, {}
     for split in evaluation:
         diff = gold[f"ppo/{split}"] - gold[f"sft/{split}"]
         wins[split] = float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+        ties[split] = float((diff == 0).mean())
     lines = ig.corpus_lines(config, config.eval.corpus, seed=config.data.seed + 13)
-    nll = {name: ig.pretraining_nll(config, params, lines) for name, params in policies.items()}
+    nll = {
+        name: ig.pretraining_nll(config, params, lines)
+        for name, params in {"pretrained": pretrained, **policies}.items()
+    }
     report = {
-        "reward_model": _rm_accuracy(config, rm),
+        "reward_model": _rm_accuracy(config, rm, "held_out"),
+        "reward_model_train_templates": _rm_accuracy(config, rm, "train"),
         "gold_score": {k: float(v.mean()) for k, v in gold.items()},
-        "win_rate_ppo_over_sft": wins,
+        "win_rate_ppo_over_sft": wins,  # ties count half
+        "tie_rate_ppo_sft": ties,
         "pretraining_nll": nll,
         "final_kl": {name: c["rollout/kl"][-1][1] for name, c in curves.items()},
         "curves": curves,
+        "curve_prompts": len(curve_prompts),
+        "ptx_gamma": config.ptx_gamma,
         "examples": examples,
     }
+    if jax.process_index() != 0:  # every process evaluates; process 0 reports
+        return report
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    rm_report = report["reward_model"]
-    print(
-        f"reward model: pairwise accuracy {rm_report['accuracy']:.1%} against the gold order on "
-        f"{rm_report['pairs']} held-out pairs (chance 50%)"
-    )
-    for split in evaluation:
-        scores = ", ".join(f"{n} {report['gold_score'][f'{n}/{split}']:.3f}" for n in policies)
-        print(f"gold score on {split}: {scores}; PPO wins over SFT {wins[split]:.1%} (chance 50%)")
-    print(
-        "KL(policy || SFT) at the end: "
-        + ", ".join(f"{n} {v:.2f} nats" for n, v in report["final_kl"].items())
-    )
-    print("pretraining NLL (nats/byte): " + ", ".join(f"{n} {v:.3f}" for n, v in nll.items()))
+    write_curves(workdir / "curves.png", report)
+    print("\n".join(summary_lines(report)))
     return report
+
+
+_LABELS = {"sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+
+
+def summary_lines(report: dict) -> list[str]:
+    """One line per figure of the report, each with its baseline."""
+    r, g, nll = report["reward_model"], report["gold_score"], report["pretraining_nll"]
+    seen = report["reward_model_train_templates"]
+    lines = [
+        f"reward model: pairwise accuracy against the gold order {r['accuracy']:.1%} on "
+        f"{r['pairs']} pairs of the held-out template, {seen['accuracy']:.1%} on {seen['pairs']} "
+        "new pairs of the training templates (chance 50%)"
+    ]
+    for split, win in report["win_rate_ppo_over_sft"].items():
+        scores = ", ".join(f"{_LABELS[n]} {g[f'{n}/{split}']:.3f}" for n in _LABELS)
+        lines.append(
+            f"mean gold score (0-1) on {split.replace('_', ' ')}: {scores}; PPO wins over SFT "
+            f"{win:.1%} (50% = no better; ties {report['tie_rate_ppo_sft'][split]:.0%}, "
+            "counted half)"
+        )
+    lines.append(
+        "final KL(policy || SFT) per response: "
+        + ", ".join(f"{_LABELS[n]} {v:.2f} nats" for n, v in report["final_kl"].items())
+        + " (SFT: 0)"
+    )
+    lines.append(
+        f"pretraining NLL (nats/byte, held-out corpus): PPO {nll['ppo']:.3f} vs PPO-ptx "
+        f"{nll['ppo_ptx']:.3f} (SFT {nll['sft']:.3f}, pretrained {nll['pretrained']:.3f}, "
+        f"uniform {math.log(256):.3f})"
+    )
+    return lines
+
+
+def summary(report: dict) -> str:
+    """The demo's closing summary."""
+    return "\n".join(summary_lines(report))
+
+
+def write_curves(path: Path, report: dict) -> None:
+    """PPO and PPO-ptx over PPO iterations: KL(policy || SFT), the reward model's score of the
+    rollouts, the gold score of greedy responses; and each policy's pretraining NLL."""
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    FigureCanvasAgg(fig)  # PNG without a display
+    kl, score, gold, tax = fig.subplots(2, 2).flat
+    runs = {"ppo": "PPO", "ppo_ptx": f"PPO-ptx (gamma_ptx {report['ptx_gamma']:g})"}
+    for name, label in runs.items():
+        curves = report["curves"][name]
+        for ax, key in ((kl, "rollout/kl"), (score, "rollout/score"), (gold, "gold")):
+            if curves[key]:
+                ax.plot(*zip(*curves[key], strict=True), label=label, marker=".")
+    sft_gold = report["curves"]["ppo"]["gold"][0][1]
+    gold.axhline(sft_gold, color="grey", linestyle="--", label=f"SFT {sft_gold:.3f}")
+    score.axhline(0, color="grey", linestyle="--", label="demonstrations (RM centred at 0)")
+    kl.set(title="KL(policy || SFT reference) of the rollouts", ylabel="nats per response")
+    score.set(title="reward-model score of the rollouts (sampled, T=1)", ylabel="RM score")
+    gold.set(
+        title=f"gold score of greedy responses ({report['curve_prompts']} held-out prompts)",
+        ylabel="mean gold score (0-1)",
+    )
+    for ax in (kl, score, gold):
+        ax.set_xlabel("PPO iteration")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    nll = report["pretraining_nll"]
+    names = [n for n in ("pretrained", "sft", "ppo", "ppo_ptx") if n in nll]
+    bars = tax.bar([_LABELS.get(n, n) for n in names], [nll[n] for n in names], color="C2")
+    tax.bar_label(bars, fmt="%.3f")
+    tax.axhline(
+        math.log(256), color="grey", linestyle="--", label=f"uniform over bytes {math.log(256):.3f}"
+    )
+    tax.set(title="pretraining NLL on held-out corpus lines", ylabel="nats per byte")
+    tax.legend(loc="lower right")
+    accuracy = report["reward_model"]["accuracy"]
+    fig.suptitle(f"InstructGPT on the synthetic tasks; RM pairwise accuracy vs gold {accuracy:.1%}")
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def test_toy_run_end_to_end(tmp_path):
     for stage, steps, batch in (("pretrain", 2, 8), ("sft", 2, 8), ("rm", 2, 8), ("ppo", 2, 16)):
         config[stage].update(steps=steps, batch_size=batch)
     config.train.log_every = 1
-    config.eval.update(prompts=8, comparisons=8, corpus=16)
+    config.eval.update(prompts=8, comparisons=8, corpus=16, curve_prompts=8, curve_every=1)
     report = experiment.run(config, tmp_path)
     for stage in ("pretrain", "sft", "rm", "ppo", "ppo_ptx"):
         assert (tmp_path / stage / "checkpoints" / "2").is_dir(), stage
@@ -58,3 +58,16 @@ def test_toy_run_end_to_end(tmp_path):
         and not report["curves"]["ppo"]["train/ptx_nll"]
     )
     assert all(np.isfinite(v) for v in report["pretraining_nll"].values())
+    assert set(report["pretraining_nll"]) == {"pretrained", "sft", "ppo", "ppo_ptx"}
+    # The gold curves: SFT's greedy score on the same 8 prompts, then every iteration.
+    sft_gold = report["gold_score"]["sft/train_templates"]
+    for name in ("ppo", "ppo_ptx"):
+        steps, gold = zip(*report["curves"][name]["gold"], strict=True)
+        assert steps == (0, 1, 2) and gold[0] == pytest.approx(sft_gold)
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000  # four drawn panels, not a blank
+    lines = experiment.summary_lines(report)
+    assert len(lines) == 5 and "chance 50%" in lines[0] and "uniform 5.545" in lines[-1]
+    # A rerun resumes every stage as finished: the gold points come from gold.jsonl, once each.
+    again = experiment.run(config, tmp_path)
+    assert again["curves"]["ppo"]["gold"] == report["curves"]["ppo"]["gold"]
