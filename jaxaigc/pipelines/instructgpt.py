@@ -86,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
             )
         )
     )
+    # None (a fixed beta) that --config.ppo.algorithm.kl_target=6 can still override.
+    config.ppo.algorithm.kl_target = ml_collections.config_dict.placeholder(float)
     return config
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from jaxaigc.pipelines import instructgpt as ig
 
@@ -29,6 +31,16 @@ def test_byte_layout():
     assert bytes(tokens[: mask.argmax()].astype(np.uint8).tolist()).decode().endswith(ig.SEPARATOR)
     with pytest.raises(ValueError, match="unknown stage 'dpo'"):
         ig.stage_config(config, "dpo")
+
+
+def test_kl_target_overrides_from_the_command_line():
+    argv = ["train_instructgpt", "--config.ppo.algorithm.kl_target=6"]
+    values = flags.FlagValues()
+    # config_flags defines the overrides it finds in the command line it is given.
+    config_flags.DEFINE_config_dict("config", ig.get_config(), flag_values=values, sys_argv=argv)
+    values(argv)
+    assert ig.ppo_config(values.config).kl_target == 6.0
+    assert ig.ppo_config(ig.get_config()).kl_target is None  # a fixed beta by default
 
 
 @pytest.mark.slow
