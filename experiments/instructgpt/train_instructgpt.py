@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -51,7 +52,9 @@ def _stage(config, name: str, build, workdir: Path, *inputs, run_name: str | Non
     state = train(task, batches, stage, workdir / run_name, hooks=hooks)
     if int(state.step) < stage.train.steps * task.updates_per_step:
         sys.exit(f"stage {run_name} stopped at update {int(state.step)}; rerun to resume")
-    return jax.device_get(state.params)
+    # Each process evaluates on its own devices, so it needs the whole parameters (a run of
+    # several processes shards them over all).
+    return multihost_utils.process_allgather(state.params, tiled=True)
 
 
 def _rm_accuracy(config, rm_params, split: str) -> dict:
@@ -91,7 +94,8 @@ def _gold_hook(config, path: Path, prompts):
         del metrics
         if step % config.eval.curve_every and step != config.ppo.steps:
             return
-        gold = _gold(prompts, ig.respond(config, state.params["policy"], prompts)).mean()
+        policy = multihost_utils.process_allgather(state.params["policy"], tiled=True)
+        gold = _gold(prompts, ig.respond(config, policy, prompts)).mean()
         if jax.process_index() == 0:
             with path.open("a") as f:
                 f.write(json.dumps({"step": step, "gold": float(gold)}) + "\n")
