@@ -8,8 +8,10 @@ each image mask kind: :func:`jaxaigc.nn.sparse.sparse_attention` against
 ``jax.nn.dot_product_attention`` with the ``[1280, 1280]`` ``dalle_mask``. Time is the median of
 interleaved repeats (``timing.median_times``); memory is XLA's ``temp_size_in_bytes`` of each
 compiled program (its scratch buffers: scores, probabilities, residuals), the same on any backend
-up to fusion; FLOPs from XLA's cost analysis, as a fraction of the fp32 matmul ceiling measured in
-the same run.
+up to fusion; FLOPs are the attention matmuls counted from the shapes (XLA's cost analysis counts
+the sparse path's loop over query blocks once): dense 6 per scored pair (2 forward, 4 backward),
+sparse 7 (its backward recomputes the scores), as a fraction of the fp32 matmul ceiling measured
+in the same run.
 
 ``layer``: a whole row-attention layer (q/k/v/out projections included, width 1024, forward and
 backward for the input and every parameter, fp32): jaxaigc's ``MultiHeadAttention`` with the
@@ -31,6 +33,7 @@ shapes and cost, so it is timed on ``--recompute-steps`` steps and extrapolated 
 import argparse
 import functools
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -62,6 +65,17 @@ def compile_with_options(fn, *args):
 def flops_of(compiled) -> float:
     cost = compiled.cost_analysis()
     return cost["flops"] if cost else float("nan")
+
+
+def attention_flops(kind: str, block_size: int | None) -> float:
+    """Matmul FLOPs of one forward + backward; ``block_size`` None is dense masked attention."""
+    n, per_pair = TEXT_LEN + SIDE**2, 2 * HEADS * HEAD_DIM
+    if block_size is None:
+        return 6 * per_pair * n * n
+    rows = max(1, min(SIDE, block_size // SIDE))
+    block, blocks = rows * SIDE, math.ceil(SIDE / rows)
+    reach = {"row": SIDE, "conv": 11 // 2 * (SIDE + 1), "column": 0}[kind]
+    return 7 * per_pair * (TEXT_LEN**2 + blocks * block * (TEXT_LEN + block + reach))
 
 
 def attention_rows(
@@ -111,8 +125,10 @@ def attention_rows(
             settle,
         )
         dense_s, dense_temp = times[-1], compiled["dense"].memory_analysis().temp_size_in_bytes
-        for (name, c), seconds in zip(compiled.items(), times, strict=True):
+        sizes = [*block_sizes, None]
+        for (name, c), seconds, size in zip(compiled.items(), times, sizes, strict=True):
             temp = c.memory_analysis().temp_size_in_bytes
+            flops = attention_flops(kind, size)
             row = dict(
                 kind=kind,
                 path=name,
@@ -120,8 +136,8 @@ def attention_rows(
                 temp_mib=temp / MIB,
                 time_vs_dense=seconds / dense_s,
                 memory_vs_dense=temp / dense_temp,
-                gflops=flops_of(c) / 1e9,
-                ceiling=flops_of(c) / seconds / ceiling,
+                gflops=flops / 1e9,
+                ceiling=flops / seconds / ceiling,
             )
             rows.append(row)
             print(

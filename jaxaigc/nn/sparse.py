@@ -142,26 +142,67 @@ def _reach(kind: str, side: int, kernel: int) -> int:
     return 0  # column: runs on the transposed grid, where each block holds whole columns
 
 
-def _softmax_attend(q, keys, values, mask):
-    """One softmax over the concatenated key sets.
+@jax.custom_vjp
+def _softmax_attend(q, keys, values, masks):
+    """One softmax over the concatenated key sets, differentiated FlashAttention-style.
 
-    q [..., q, h, d] (already scaled); keys / values: lists of [..., k_i, h, d]; mask bool
-    broadcastable to [..., h, q, sum k_i]. Returns [..., q, h, d].
+    q [..., q, h, d] (already scaled); keys / values: lists of [..., k_i, h, d]; masks: per key
+    set a bool array broadcastable to [..., h, q, k_i], or None where every key is kept. Returns
+    [..., q, h, d]. The backward pass keeps only
+    each query's log-sum-exp and recomputes the probabilities (Dao et al. 2022), so no
+    score-sized buffer lives from the forward pass to the backward one.
     """
-    logits = jnp.concatenate(
+    return _attend_forward(q, keys, values, masks)[0]
+
+
+def _scores(q, keys, masks):
+    logits = []
+    for k, mask in zip(keys, masks, strict=True):
+        s = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+        logits.append(s if mask is None else jnp.where(mask, s, jnp.finfo(jnp.float32).min))
+    return jnp.concatenate(logits, -1)
+
+
+def _split(x, keys):
+    """[..., sum k_i] -> one slice per key set."""
+    return jnp.split(x, np.cumsum([k.shape[-3] for k in keys])[:-1], axis=-1)
+
+
+def _attend_forward(q, keys, values, masks):
+    logits = _scores(q, keys, masks)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    probs = jnp.exp(logits - lse).astype(values[0].dtype)
+    out = sum(
+        jnp.einsum("...hqk,...khd->...qhd", p, v)
+        for p, v in zip(_split(probs, keys), values, strict=True)
+    )
+    return out, (q, keys, values, masks, out, lse)
+
+
+def _attend_backward(residuals, d_out):
+    q, keys, values, masks, out, lse = residuals
+    probs = jnp.exp(_scores(q, keys, masks) - lse)
+    d_out = d_out.astype(values[0].dtype)
+    # d logits = P * (dP - rowsum(dO * O)): the softmax Jacobian without a [q, k] reduction.
+    row = jnp.einsum("...qhd,...qhd->...hq", d_out, out, preferred_element_type=jnp.float32)
+    d_probs = jnp.concatenate(
         [
-            jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
-            for k in keys
+            jnp.einsum("...qhd,...khd->...hqk", d_out, v, preferred_element_type=jnp.float32)
+            for v in values
         ],
         -1,
     )
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits).astype(values[0].dtype)
-    out, start = 0, 0
-    for v in values:
-        out = out + jnp.einsum("...hqk,...khd->...qhd", probs[..., start : start + v.shape[-3]], v)
-        start += v.shape[-3]
-    return out
+    d_logits = _split((probs * (d_probs - row[..., None])).astype(q.dtype), keys)
+    probs = _split(probs.astype(values[0].dtype), keys)
+    d_q = sum(
+        jnp.einsum("...hqk,...khd->...qhd", dl, k) for dl, k in zip(d_logits, keys, strict=True)
+    )
+    d_keys = [jnp.einsum("...hqk,...qhd->...khd", dl, q) for dl in d_logits]
+    d_values = [jnp.einsum("...hqk,...qhd->...khd", p, d_out) for p in probs]
+    return d_q, d_keys, d_values, None
+
+
+_softmax_attend.defvjp(_attend_forward, _attend_backward)
 
 
 def sparse_attention(
@@ -182,8 +223,10 @@ def sparse_attention(
     text keys and the image keys from the furthest its window reaches to its own end (row: one
     grid row back; conv: ``kernel // 2`` rows and columns back). Column runs on the transposed
     grid, where each column is contiguous and each block attends only to itself. ``dense`` is
-    plain causal attention. Time and memory scale with the kept keys; plain autodiff, any batch
-    sharding.
+    plain causal attention. The blocks run one after another (``lax.map``) and the backward pass
+    recomputes their probabilities from the saved log-sum-exp (``_softmax_attend``), so one
+    block's scores are the only score-sized buffer: time scales with the kept keys, memory with
+    one block's. Any batch sharding.
 
     Args: q, k, v [b, n, h, d] with ``n <= text_len + image_side**2`` (a prefix of the sequence:
     all masks are causal, so padding the rest changes nothing). Returns [b, n, h, d].
@@ -198,7 +241,7 @@ def sparse_attention(
     q, k, v = (_pad_to(x, full) for x in (q, k, v))
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     text_k, text_v = k[:, :t], v[:, :t]
-    text_out = _softmax_attend(q[:, :t], [text_k], [text_v], np.tril(np.ones((t, t), bool)))
+    text_out = _softmax_attend(q[:, :t], [text_k], [text_v], [np.tril(np.ones((t, t), bool))])
 
     image_q, image_k, image_v = q[:, t:], k[:, t:], v[:, t:]
     raster = np.arange(side**2)
@@ -220,10 +263,22 @@ def sparse_attention(
     q_raster = raster[np.clip(q_idx, 0, side**2 - 1)][:, :, None]
     k_raster = raster[np.clip(k_idx, 0, side**2 - 1)][:, None, :]
     window = in_grid[:, None, :] & _image_mask(kind, q_raster, k_raster, side, kernel)
-    mask = np.concatenate([np.ones((num_blocks, block, t), bool), window], -1)[None, :, None]
-    image_out = _softmax_attend(
-        image_q, [text_k[:, None], image_k], [text_v[:, None], image_v], mask
-    ).reshape(b, num_blocks * block, h, d)[:, : side**2]
+
+    def attend_block(xs):  # one query block: its scores are the only score-sized buffer
+        q_block, k_window, v_window, window_mask = xs
+        return _softmax_attend(q_block, [text_k, k_window], [text_v, v_window], [None, window_mask])
+
+    blocks_first = functools.partial(jnp.moveaxis, source=1, destination=0)
+    image_out = jax.lax.map(
+        attend_block,
+        (
+            blocks_first(image_q),
+            blocks_first(image_k),
+            blocks_first(image_v),
+            window[:, None, None],
+        ),
+    )
+    image_out = jnp.moveaxis(image_out, 0, 1).reshape(b, num_blocks * block, h, d)[:, : side**2]
     if kind == "column":
         image_out = _transpose_grid(image_out, side)
     return jnp.concatenate([text_out, image_out], 1)[:, :n]
