@@ -57,13 +57,9 @@ def _stage(config, name: str, build, workdir: Path, *inputs, run_name: str | Non
     return multihost_utils.process_allgather(state.params, tiled=True)
 
 
-def _rm_accuracy(config, rm_params, split: str) -> dict:
-    """Pairwise accuracy against the gold order on comparisons the RM did not train on (``split``
-    "held_out": the held-out template), over the pairs whose gold scores differ (ties have no
-    right answer)."""
-    comparisons = instructions.comparisons(
-        config.eval.comparisons, seed=config.data.seed + 7, split=split
-    )
+def _rm_accuracy(config, rm_params, comparisons) -> dict:
+    """Pairwise accuracy against the gold order on ``comparisons`` the RM did not train on, over
+    the pairs whose gold scores differ (ties have no right answer)."""
     arrays = ig.comparison_arrays(config, comparisons)
     k = arrays["tokens"].shape[1]
     flat = {
@@ -78,7 +74,8 @@ def _rm_accuracy(config, rm_params, split: str) -> dict:
                 if c.scores[i] != c.scores[j]:
                     total += 1
                     right += (s[i] > s[j]) == (c.scores[i] > c.scores[j])
-    return {"accuracy": right / total, "pairs": total}
+    # A toy run's samples may all tie.
+    return {"accuracy": right / total if total else math.nan, "pairs": total}
 
 
 def _gold(prompts, responses) -> np.ndarray:
@@ -166,9 +163,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         name: ig.pretraining_nll(config, params, lines)
         for name, params in {"pretrained": pretrained, **policies}.items()
     }
+    n, seed = config.eval.comparisons, config.data.seed + 7
     report = {
-        "reward_model": _rm_accuracy(config, rm, "held_out"),
-        "reward_model_train_templates": _rm_accuracy(config, rm, "train"),
+        "reward_model": _rm_accuracy(
+            config, rm, instructions.comparisons(n, seed=seed, split="held_out")
+        ),
+        "reward_model_train_templates": _rm_accuracy(
+            config, rm, instructions.comparisons(n, seed=seed)
+        ),
+        # Where PPO's rollouts start: rankings of SFT samples to new prompts.
+        "reward_model_sft_samples": _rm_accuracy(
+            config, rm, ig.sft_comparisons(config, sft, n, seed=seed)
+        ),
         "gold_score": {k: float(v.mean()) for k, v in gold.items()},
         "win_rate_ppo_over_sft": wins,  # ties count half
         "tie_rate_ppo_sft": ties,
@@ -193,11 +199,12 @@ _LABELS = {"sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
 def summary_lines(report: dict) -> list[str]:
     """One line per figure of the report, each with its baseline."""
     r, g, nll = report["reward_model"], report["gold_score"], report["pretraining_nll"]
-    seen = report["reward_model_train_templates"]
+    seen, sampled = report["reward_model_train_templates"], report["reward_model_sft_samples"]
     lines = [
         f"reward model: pairwise accuracy against the gold order {r['accuracy']:.1%} on "
         f"{r['pairs']} pairs of the held-out template, {seen['accuracy']:.1%} on {seen['pairs']} "
-        "new pairs of the training templates (chance 50%)"
+        f"new pairs of the training templates, {sampled['accuracy']:.1%} on {sampled['pairs']} "
+        "pairs of SFT samples (chance 50%)"
     ]
     for split, win in report["win_rate_ppo_over_sft"].items():
         scores = ", ".join(f"{_LABELS[n]} {g[f'{n}/{split}']:.3f}" for n in _LABELS)

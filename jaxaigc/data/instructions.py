@@ -449,10 +449,18 @@ def comparisons(
             responses = list(policy(prompt, size))
             if len(responses) != size:
                 raise ValueError(f"policy gave {len(responses)} responses; asked for {size}")
-        scores = np.array([score(prompt, r) for r in responses])
-        ranking = noisy_ranking(scores, temperature=temperature, rng=label_rng)
-        out.append(Comparison(prompt, tuple(responses), scores, ranking))
+        out.append(rank(prompt, responses, temperature=temperature, rng=label_rng))
     return out
+
+
+def rank(
+    prompt: Prompt, responses: Sequence[str], *, temperature: float, rng: np.random.Generator
+) -> Comparison:
+    """The labeller's comparison of ``responses`` to ``prompt``: their gold scores and a
+    :func:`noisy_ranking` of them (for responses a model sampled in batches)."""
+    scores = np.array([score(prompt, r) for r in responses])
+    ranking = noisy_ranking(scores, temperature=temperature, rng=rng)
+    return Comparison(prompt, tuple(responses), scores, ranking)
 
 
 WORDNET_DIR = Path("/usr/share/wordnet")

@@ -56,7 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
             prompt_length=100,  # bytes of prompt + SEPARATOR, left-padded (the longest: 99)
             response_length=60,  # the most bytes a response takes, EOS included (longest: 60)
             demonstrations=20_000,
-            comparisons=4_000,
+            comparisons=4_000,  # synthetic responses: gold, corrupted gold, other tasks' answers
+            # Prompts whose K responses are the SFT policy's samples (temperature 1): the paper's
+            # comparison data, and where PPO's rollouts start.
+            sft_comparisons=0,
             max_k=9,
             labeller_temperature=0.1,
             rl_prompts=4_096,
@@ -174,17 +177,30 @@ def build_pretrain(config) -> tuple[Task, BatchIterator]:
     )
 
 
+def _fitted_length(config, pairs: Sequence[tuple[list[int], list[int]]]) -> int:
+    """The sequence length that holds every (prompt, response) pair and its EOS, rounded up to
+    a multiple of 8 and at most the context: pads past the longest row only cost compute."""
+    longest = max(len(prompt) + len(response) + 1 for prompt, response in pairs)
+    return min(config.model.context_length, -(-longest // 8) * 8)
+
+
+def _truncated(config, response: str) -> list[int]:
+    return response_bytes(response)[: config.data.response_length - 1]
+
+
 def _sft_arrays(config, examples: Sequence[instructions.Example]) -> dict[str, np.ndarray]:
+    pairs = [(prompt_bytes(e.prompt), _truncated(config, e.response)) for e in examples]
+    length = _fitted_length(config, pairs)
     rows = [
         encode_example(
-            prompt_bytes(e.prompt),
-            response_bytes(e.response)[: config.data.response_length - 1],
-            length=config.model.context_length,
+            prompt,
+            response,
+            length=length,
             eos_id=EOS,
             pad_id=PAD,
             vocab_size=VOCAB,
         )
-        for e in examples
+        for prompt, response in pairs
     ]
     tokens, mask = (np.stack(x) for x in zip(*rows, strict=True))
     return {"tokens": tokens, "response_mask": mask}
@@ -202,24 +218,46 @@ def build_sft(config, pretrained_params) -> tuple[Task, BatchIterator]:
 
 
 def comparison_arrays(config, comparisons) -> dict[str, np.ndarray]:
+    encoded = [
+        (prompt_bytes(c.prompt), [_truncated(config, r) for r in c.responses]) for c in comparisons
+    ]
+    length = _fitted_length(config, [(p, r) for p, responses in encoded for r in responses])
     rows = [
         encode_comparison(
-            prompt_bytes(c.prompt),
-            [response_bytes(r)[: config.data.response_length - 1] for r in c.responses],
+            prompt,
+            responses,
             c.ranking,
             max_k=config.data.max_k,
-            length=config.model.context_length,
+            length=length,
             eos_id=EOS,
             pad_id=PAD,
             vocab_size=VOCAB,
         )
-        for c in comparisons
+        for c, (prompt, responses) in zip(comparisons, encoded, strict=True)
     ]
     return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
 
+def sft_comparisons(
+    config, sft_params, n: int, *, seed: int, split: str = "train"
+) -> list[instructions.Comparison]:
+    """``n`` prompts, each with K (4 to ``max_k``) responses the SFT policy samples at
+    temperature 1, ranked by the labeller."""
+    prompts = instructions.make_prompts(n, seed=seed, split=split)
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(4, config.data.max_k + 1, n)
+    flat = [p for p, k in zip(prompts, sizes, strict=True) for _ in range(k)]
+    samples = iter(respond(config, sft_params, flat, temperature=1.0, seed=seed))
+    temperature = config.data.labeller_temperature
+    return [
+        instructions.rank(p, [next(samples) for _ in range(k)], temperature=temperature, rng=rng)
+        for p, k in zip(prompts, sizes, strict=True)
+    ]
+
+
 def build_rm(config, sft_params) -> tuple[Task, BatchIterator]:
-    """The reward model: the SFT transformer with a scalar head in place of the unembedding."""
+    """The reward model: the SFT transformer with a scalar head in place of the unembedding,
+    trained on synthetic comparisons (and ``data.sft_comparisons`` rankings of SFT samples)."""
     model = GPT(reward_config(config))
     comparisons = instructions.comparisons(
         config.data.comparisons,
@@ -227,6 +265,10 @@ def build_rm(config, sft_params) -> tuple[Task, BatchIterator]:
         k=(4, config.data.max_k),
         temperature=config.data.labeller_temperature,
     )
+    if config.data.sft_comparisons:
+        comparisons += sft_comparisons(
+            config, sft_params, config.data.sft_comparisons, seed=config.data.seed + 3
+        )
 
     def init(rng: jax.Array):
         boxed = model.init(rng, jnp.zeros((1, config.model.context_length), jnp.int32))["params"]

@@ -241,3 +241,12 @@ def test_pretraining_corpus_sources(tmp_path, monkeypatch):
         "physical entity: an entity that has physical existence",
     ]
     assert len(pretraining_corpus(12, seed=0)[0]) == 12  # more than there are: drawn again
+
+
+def test_rank_scores_and_orders_the_given_responses():
+    prompt = make_prompts(1, seed=0)[0]
+    responses = ["", prompt.answer, "nonsense"]
+    c = instructions.rank(prompt, responses, temperature=0.0, rng=np.random.default_rng(0))
+    assert c.responses == tuple(responses)
+    assert c.scores.tolist() == [score(prompt, r) for r in responses]
+    assert c.ranking[0] == 1  # the gold answer first

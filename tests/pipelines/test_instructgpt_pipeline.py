@@ -4,6 +4,9 @@ hands its parameters on; the report holds every figure."""
 import importlib.util
 from pathlib import Path
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
@@ -31,6 +34,38 @@ def test_byte_layout():
     assert bytes(tokens[: mask.argmax()].astype(np.uint8).tolist()).decode().endswith(ig.SEPARATOR)
     with pytest.raises(ValueError, match="unknown stage 'dpo'"):
         ig.stage_config(config, "dpo")
+
+
+def test_arrays_end_at_the_longest_row():
+    config = ig.get_config()
+    short = ig.instructions.Example(ig.instructions.make_prompts(1, seed=0)[0], "olleh")
+    n = len(ig.prompt_bytes(short.prompt)) + len("olleh\n")
+    assert ig._sft_arrays(config, [short])["tokens"].shape[1] == -(-n // 8) * 8
+    long = ig.instructions.Example(short.prompt, "x" * 200)  # cut to the response length
+    n = len(ig.prompt_bytes(short.prompt)) + config.data.response_length
+    arrays = ig._sft_arrays(config, [short, long])
+    assert arrays["tokens"].shape[1] == -(-n // 8) * 8 < config.model.context_length
+    assert arrays["response_mask"][1].sum() == config.data.response_length  # 59 bytes and EOS
+
+
+def test_sft_comparisons_rank_the_policys_samples():
+    config = ig.get_config()
+    config.model.update(width=32, layers=1, heads=2)
+    model = ig.GPT(ig.policy_config(config))
+    tokens = jnp.zeros((1, config.model.context_length), jnp.int32)
+    params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+    data = ig.sft_comparisons(config, params, 5, seed=1)
+    assert len(data) == 5
+    for c in data:
+        assert 4 <= len(c.responses) <= config.data.max_k
+        assert sorted(c.ranking.tolist()) == list(range(len(c.responses)))
+        assert c.scores.tolist() == [ig.instructions.score(c.prompt, r) for r in c.responses]
+    # Samples at temperature 1 of a random policy differ from one another.
+    assert len({r for c in data for r in c.responses}) > len(data)
+    again = ig.sft_comparisons(config, params, 5, seed=1)
+    assert [c.responses for c in again] == [c.responses for c in data]
+    arrays = ig.comparison_arrays(config, data)
+    assert arrays["tokens"].shape[:2] == (5, config.data.max_k)
 
 
 def test_kl_target_overrides_from_the_command_line():
