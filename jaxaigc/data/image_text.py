@@ -14,6 +14,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from PIL import Image
 
 from jaxaigc.data import builders, shapes
 
@@ -76,6 +77,72 @@ class CaptionedFashionMnist:
         return f"CaptionedFashionMnist({self.source!r}, {self.templates!r})"
 
 
+class Augmentable:
+    """A source whose records :class:`CaptionTrueAugment` may change (``"augment": True``)."""
+
+    def __init__(self, source: Any):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.source[index]
+        return {"image": record["image"], "caption": record["caption"], "augment": True}
+
+    def __repr__(self) -> str:
+        return f"Augmentable({self.source!r})"
+
+
+# A mirror image falsifies a caption containing these (leftwards, left-pointing, clockwise, ...).
+DIRECTION_PARTS = ("left", "right", "clockwise")
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionTrueAugment(grain.transforms.RandomMap):
+    """Random changes that keep a caption true, applied to records marked ``augment``.
+
+    A crop of a random fraction of the area in ``[crop_scale, 1]`` resized back; a mirror image
+    unless the caption names a direction; greyscale with probability ``greyscale`` unless it
+    names a colour; each caption word dropped with probability ``word_dropout`` (at least one
+    kept: a shorter description of the same image). Unmarked records (shapes: their captions name
+    positions, sizes and colours) pass unchanged; the mark is removed.
+    """
+
+    crop_scale: float = 0.5
+    flip: bool = True
+    greyscale: float = 0.2
+    word_dropout: float = 0.0
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        image, caption = element["image"], element["caption"]
+        if not element.get("augment", False):
+            return {"image": image, "caption": caption}
+        words = caption.split()
+        h, w = image.shape[:2]
+        area = rng.uniform(self.crop_scale, 1.0)
+        side_h, side_w = max(1, round(h * area**0.5)), max(1, round(w * area**0.5))
+        y, x = int(rng.integers(h - side_h + 1)), int(rng.integers(w - side_w + 1))
+        crop = image[y : y + side_h, x : x + side_w]
+        grey_image = crop.shape[-1] == 1
+        pil = Image.fromarray(crop[..., 0] if grey_image else crop)
+        image = np.asarray(pil.resize((w, h), Image.Resampling.BICUBIC)).reshape(h, w, -1)
+        directed = any(part in caption for part in DIRECTION_PARTS)
+        if self.flip and rng.random() < 0.5 and not directed:
+            image = image[:, ::-1]
+        if (
+            not grey_image
+            and rng.random() < self.greyscale
+            and not builders.COLOUR_WORDS.intersection(words)
+        ):
+            grey = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+            image = np.repeat(grey.round().astype(np.uint8)[..., None], image.shape[-1], -1)
+        if self.word_dropout > 0 and len(words) > 1:
+            kept = [word for word in words if rng.random() >= self.word_dropout]
+            caption = " ".join(kept or [words[int(rng.integers(len(words)))]])
+        return {"image": np.ascontiguousarray(image), "caption": caption}
+
+
 class Concatenate:
     """Records of several sources one after another, as one random-access source."""
 
@@ -93,7 +160,11 @@ class Concatenate:
             raise IndexError(f"index {index} out of range for {len(self)} records")
         which = int(np.searchsorted(self.offsets, index, side="right")) - 1
         record = self.sources[which][index - int(self.offsets[which])]
-        return {"image": record["image"], "caption": record["caption"]}
+        return {
+            "image": record["image"],
+            "caption": record["caption"],
+            "augment": record.get("augment", False),
+        }
 
     def __repr__(self) -> str:
         return f"Concatenate({self.sources!r})"

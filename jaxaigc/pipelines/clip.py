@@ -29,8 +29,14 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             shapes=20_000,  # procedural scenes in the training mix
             emoji_repeats=4,  # the ~1,230 training emoji, repeated to weigh them up
+            symbola_repeats=0,  # the same names drawn by Symbola (~960), a second style
             fashion_mnist=True,
             data_dir=ml_collections.FieldReference(None, field_type=str),
+            # image_text.CaptionTrueAugment on the emoji and Fashion-MNIST records (never on
+            # shapes, whose captions name positions, sizes and colours)
+            augment=ml_collections.ConfigDict(
+                dict(enabled=False, crop_scale=0.5, flip=True, greyscale=0.2, word_dropout=0.0)
+            ),
         )
     )
     config.optim.peak_lr = 1e-3
@@ -50,6 +56,7 @@ def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
 def training_source(config: ml_collections.ConfigDict) -> image_text.Concatenate:
     """The training mix: image-caption records at any size (the transforms resize them)."""
     data, resolution = config.data, config.model.image_resolution
+    mark = image_text.Augmentable if data.augment.enabled else (lambda source: source)
     sources = []
     if data.shapes:
         sources.append(
@@ -57,11 +64,14 @@ def training_source(config: ml_collections.ConfigDict) -> image_text.Concatenate
         )
     if data.emoji_repeats:
         emoji = builders.load("emoji", split="train", data_dir=data.data_dir, resolution=32)
-        sources.extend([emoji] * data.emoji_repeats)
+        sources.extend([mark(emoji)] * data.emoji_repeats)
+    if data.symbola_repeats:
+        symbola = builders.load("symbola", split="train", data_dir=data.data_dir, resolution=32)
+        sources.extend([mark(symbola)] * data.symbola_repeats)
     if data.fashion_mnist:
         fashion = builders.load("fashion_mnist", split="train", data_dir=data.data_dir)
         sources.append(
-            image_text.CaptionedFashionMnist(fashion, image_text.FASHION_TRAIN_TEMPLATES)
+            mark(image_text.CaptionedFashionMnist(fashion, image_text.FASHION_TRAIN_TEMPLATES))
         )
     if not sources:
         raise ValueError("config.data selects no training data")
@@ -112,7 +122,14 @@ def build(config: ml_collections.ConfigDict) -> tuple[CLIP, Task, BatchIterator,
             f"{cfg.vocab_size}"
         )
 
+    augment = config.data.augment
     ops = [
+        image_text.CaptionTrueAugment(
+            crop_scale=augment.crop_scale,
+            flip=augment.flip,
+            greyscale=augment.greyscale,
+            word_dropout=augment.word_dropout,
+        ),
         image_text.Tokenize(tokenizer.encode, cfg.context_length),
         *clip_ops(cfg.image_resolution, train=False),
     ]

@@ -126,6 +126,32 @@ def test_openmoji_draws_every_noto_name_in_the_same_split_in_another_style(openm
     assert np.median(differences) > 10  # grey levels: the same concepts, drawn differently
 
 
+needs_symbola = pytest.mark.skipif(
+    not (builders.FONT_PATH.exists() and builders.SYMBOLA_PATH.exists()),
+    reason="sudo apt-get install -y fonts-noto-color-emoji fonts-symbola for the Symbola tests",
+)
+
+
+@needs_symbola
+def test_symbola_draws_noto_names_in_black_without_colour_names(emoji, data_dir):
+    symbola = {
+        s: builders.load("symbola", split=s, data_dir=data_dir, resolution=16)
+        for s in ("train", "test")
+    }
+    noto = {s: {source[i]["caption"] for i in range(len(source))} for s, source in emoji.items()}
+    for split, source in symbola.items():
+        records = [source[i] for i in range(len(source))]
+        captions = {r["caption"] for r in records}
+        assert captions <= noto[split]  # the same names, in the same split
+        assert len(captions) > 0.6 * len(noto[split])  # Symbola 2.60 draws ~78% of them
+        for r in records:
+            assert not builders.COLOUR_WORDS.intersection(r["caption"].split())
+            image = r["image"].astype(int)
+            assert np.ptp(image, axis=-1).max() <= 2  # black on white: grey levels only
+            assert (image.min(-1) < 250).sum() >= 4  # not blank (thin glyphs at 16 px)
+    assert repr(symbola["train"]) == "Source('symbola/16/1.0.0:train')"
+
+
 def raw_labels_by_image(prefix):
     directory = builders.FASHION_MNIST_DIR
     with gzip.open(directory / f"{prefix}-images-idx3-ubyte.gz") as f:
@@ -180,6 +206,7 @@ def test_load_reuses_a_built_dataset(emoji, data_dir, monkeypatch):
     ("name", "attribute", "package"),
     [
         ("emoji", "FONT_PATH", "fonts-noto-color-emoji"),
+        ("symbola", "SYMBOLA_PATH", "fonts-symbola"),
         ("fashion_mnist", "FASHION_MNIST_DIR", "dataset-fashion-mnist"),
     ],
 )
@@ -191,7 +218,7 @@ def test_a_missing_package_says_how_to_install_it(tmp_path, monkeypatch, name, a
 
 
 def test_unknown_names_and_configs_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="known: emoji, fashion_mnist"):
+    with pytest.raises(ValueError, match="known: emoji, fashion_mnist, openmoji, symbola"):
         builders.load("mnist", split="train", data_dir=tmp_path)
     with pytest.raises(ValueError, match="'resolution': 32"):
         builders.load("emoji", split="train", data_dir=tmp_path, resolution=24)

@@ -35,3 +35,63 @@ def test_tokenize_truncates_and_keeps_image():
     assert set(out) == {"image", "tokens"}
     np.testing.assert_array_equal(out["tokens"], [1, 2, 3])
     assert out["tokens"].dtype == np.int32
+
+
+def _asymmetric_image() -> np.ndarray:
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[:, :4] = (255, 0, 0)  # a red band on the left
+    image[4:8, 8:] = (0, 0, 255)
+    return image
+
+
+def _draws(record: dict, op: image_text.CaptionTrueAugment, n: int = 64) -> list[dict]:
+    return [op.random_map(record, np.random.default_rng(seed)) for seed in range(n)]
+
+
+def test_caption_true_augment_leaves_unmarked_records_alone():
+    image = _asymmetric_image()
+    source = image_text.Concatenate(
+        [image_text.ArraySource(image[None], ["a small red square"], name="shapes")]
+    )
+    for out in _draws(source[0], image_text.CaptionTrueAugment(greyscale=1.0, word_dropout=0.9)):
+        assert out.keys() == {"image", "caption"}
+        np.testing.assert_array_equal(out["image"], image)
+        assert out["caption"] == "a small red square"
+
+
+def test_caption_true_augment_keeps_directions_and_colours_true():
+    image = _asymmetric_image()
+    marked = image_text.Augmentable(
+        image_text.ArraySource(
+            np.stack([image] * 3), ["leftwards arrow", "red apple", "tool box"], name="emoji"
+        )
+    )
+    op = image_text.CaptionTrueAugment(crop_scale=1.0, greyscale=0.5)
+
+    def band_on_left(out):
+        return out["image"][:, 0].astype(int).sum() > out["image"][:, -1].astype(int).sum()
+
+    assert all(band_on_left(out) for out in _draws(marked[0], op))  # never mirrored
+    assert all(out["image"][..., 0].max() == 255 for out in _draws(marked[1], op))  # never grey
+    plain = _draws(marked[2], op)
+    assert 0 < sum(band_on_left(out) for out in plain) < len(plain)  # mirrored sometimes
+    grey = [np.ptp(out["image"].astype(int), axis=-1).max() == 0 for out in plain]
+    assert 0 < sum(grey) < len(grey)
+    repeat = op.random_map(marked[2], np.random.default_rng(7))
+    np.testing.assert_array_equal(repeat["image"], plain[7]["image"])
+
+
+def test_caption_true_augment_crops_and_drops_words():
+    marked = image_text.Augmentable(
+        image_text.ArraySource(
+            _asymmetric_image()[None], ["grinning face with big eyes"], name="emoji"
+        )
+    )
+    op = image_text.CaptionTrueAugment(crop_scale=0.25, flip=False, greyscale=0.0, word_dropout=0.5)
+    outs = _draws(marked[0], op)
+    assert all(out["image"].shape == (16, 16, 3) for out in outs)
+    assert any(not np.array_equal(out["image"], _asymmetric_image()) for out in outs)
+    words = ["grinning", "face", "with", "big", "eyes"]
+    captions = [out["caption"].split() for out in outs]
+    assert all(c and all(w in words for w in c) for c in captions)
+    assert any(len(c) < len(words) for c in captions)
