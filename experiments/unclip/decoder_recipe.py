@@ -9,7 +9,9 @@ Per sampler ``method:steps:guidance``: the round trip cos(CLIP(decode(z_i)), z_i
 accuracy on the decoded images (``train_unclip.evaluate_decoder``). Beside them, what z_i itself
 identifies: the judge on the training scene whose z_i is nearest each test z_i (a decoder that
 reproduced its nearest training scene would score this), between the ground truth (100%) and
-another test scene's image. ``decoded.png``: per scene the ground truth, then one image per sampler.
+another test scene's image. ``config.eval.checkpoints`` also evaluates earlier checkpoints of the
+run (their EMA parameters when ``train.ema_decay`` > 0). ``decoded.png``: per scene the ground
+truth, then one image per checkpoint and sampler.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ import train_unclip
 from jaxaigc.cli import run_experiment
 from jaxaigc.data import shapes
 from jaxaigc.pipelines import unclip
+from jaxaigc.train import checkpoint
 from jaxaigc.train.loop import train
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = train_unclip.get_config()
-    config.eval.update(dict(scenes=100, samplers="ddim:25:1,ddim:25:3,ddpm:100:3"))
+    # checkpoints: earlier steps of the same run also evaluated, e.g. "500,1500" (each must be
+    # saved: a multiple of train.checkpoint_every, among the last train.keep_checkpoints).
+    config.eval.update(dict(scenes=100, samplers="ddim:25:1,ddim:25:3,ddpm:100:3", checkpoints=""))
     return config
 
 
@@ -42,6 +47,18 @@ def nearest_training_scene(train_set: unclip.SceneFeatures, test: unclip.SceneFe
     return float(
         np.mean([shapes.check(im, c) for im, c in zip(images, test.captions, strict=True)])
     )
+
+
+def _steps(config: ml_collections.ConfigDict) -> list[int]:
+    return [int(step) for step in filter(None, str(config.eval.checkpoints).split(","))]
+
+
+def _checkpoint(model, workdir: Path, step: int) -> tuple:
+    """``(model, params)`` of the run's checkpoint at ``step`` (its EMA when the run kept one)."""
+    _, variables, _ = checkpoint.load_trained(
+        workdir, lambda _: unclip.decoder_init(model), step=step
+    )
+    return model, variables["params"]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -60,7 +77,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     start = time.perf_counter()
     state = train(task, batches, config.decoder, workdir)
     train_seconds = time.perf_counter() - start
-    decoder = (model, state.eval_params)
+    decoders = {step: _checkpoint(model, workdir, step) for step in _steps(config)}
+    decoders[config.decoder.train.steps] = (model, state.eval_params)
     test = unclip.encode_scenes(
         clip, config.eval.scenes, split="test", seed=config.eval.seed, text_len=text_len,
         batch=data.encode_batch,
@@ -69,18 +87,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         "decoder": train_unclip._losses(workdir),
         "train_seconds": train_seconds,
         "nearest_training_scene_judge": nearest_training_scene(features, test),
-        "samplers": {},
+        "checkpoints": {},
     }
     columns = [test.images]
-    for sampler in samplers:
-        start = time.perf_counter()
-        figures, images = train_unclip.evaluate_decoder(
-            decoder, clip, test, train_unclip.with_sampler(config, sampler),
-            jax.random.key(config.decoder.seed),
-        )  # fmt: skip
-        figures["seconds"] = time.perf_counter() - start
-        report["samplers"]["{}:{}:{:g}".format(*sampler)] = figures
-        columns.append(images)
+    for step, decoder in sorted(decoders.items()):
+        figures_by_sampler = report["checkpoints"][step] = {}
+        for sampler in samplers:
+            start = time.perf_counter()
+            figures, images = train_unclip.evaluate_decoder(
+                decoder, clip, test, train_unclip.with_sampler(config, sampler),
+                jax.random.key(config.decoder.seed),
+            )  # fmt: skip
+            figures["seconds"] = time.perf_counter() - start
+            figures_by_sampler["{}:{}:{:g}".format(*sampler)] = figures
+            columns.append(images)
     n = config.eval.grid_captions
     train_unclip.write_samples(
         workdir / "decoded.png", [[c[k] for c in columns] for k in range(n)], test.captions[:n]
@@ -99,13 +119,16 @@ def _print(report: dict, workdir: Path) -> None:
     print(
         f"  judge on the nearest training scene by z_i {report['nearest_training_scene_judge']:.1%}"
     )
-    for name, r in report["samplers"].items():
-        print(
-            f"  {name}: judge on decode(true z_i) {r['judge_accuracy_decoded']:.1%} (ground truth "
-            f"{r['judge_accuracy_ground_truth']:.1%}, another scene's image "
-            f"{r['judge_accuracy_other_scene']:.1%}); round trip cos {r['round_trip_cos']:.3f} "
-            f"(unrelated {r['round_trip_cos_unrelated']:.3f}); {r['seconds']:.0f} s"
-        )
+    for step, by_sampler in report["checkpoints"].items():
+        for name, r in by_sampler.items():
+            print(
+                f"  step {step}, {name}: judge on decode(true z_i) "
+                f"{r['judge_accuracy_decoded']:.1%} (ground truth "
+                f"{r['judge_accuracy_ground_truth']:.1%}, another scene's image "
+                f"{r['judge_accuracy_other_scene']:.1%}); round trip cos "
+                f"{r['round_trip_cos']:.3f} (unrelated {r['round_trip_cos_unrelated']:.3f}); "
+                f"{r['seconds']:.0f} s"
+            )
     print(f"  grid: {workdir / 'decoded.png'}")
 
 

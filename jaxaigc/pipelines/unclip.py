@@ -73,6 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
             prediction="v",
         )
     )  # fmt: skip
+    # The loss's timestep weighting (objectives.diffusion.loss_weights): "none" or "min_snr".
+    decoder.loss = ml_collections.ConfigDict(dict(weighting="none", min_snr_gamma=5.0))
     decoder.optim.update(dict(peak_lr=2e-3, warmup_steps=50))
     decoder.train.update(dict(batch_size=32, steps=1000, log_every=50, checkpoint_every=500))
     config.decoder = decoder
@@ -287,9 +289,9 @@ def build_decoder(
     *,
     features: SceneFeatures | None = None,
 ) -> tuple[Decoder, Task, BatchIterator]:
-    """The decoder, its task (with ``config.decoder``) and its batches of training scenes in
-    [-1, 1] with their CLIP image embeddings (and CLIP caption tokens when the decoder has a text
-    encoder)."""
+    """The decoder, its task (with ``config.decoder``; its loss weighted by
+    ``config.decoder.loss``) and its batches of training scenes in [-1, 1] with their CLIP image
+    embeddings (and CLIP caption tokens when the decoder has a text encoder)."""
     _, features = _clip_and_features(config, clip, features)
     model = Decoder(decoder_config(config))
     cfg = model.config
@@ -316,7 +318,8 @@ def build_decoder(
     batches = BatchIterator(
         source, global_batch_size=config.decoder.train.batch_size, seed=config.decoder.seed
     )
-    task = Task(init=decoder_init(model), loss_fn=decoder_loss_fn(model, cfg.diffusion()))
+    loss_fn = decoder_loss_fn(model, cfg.diffusion(), **config.decoder.loss.to_dict())
+    task = Task(init=decoder_init(model), loss_fn=loss_fn)
     return model, task, batches
 
 

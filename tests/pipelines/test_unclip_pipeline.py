@@ -125,3 +125,27 @@ def test_mismatched_clip_features_are_named(clip):
         unclip.build_decoder(config, None, features=features)
     with pytest.raises(ValueError, match="give clip"):
         unclip.build_decoder(config, None)
+
+
+def test_the_decoder_loss_takes_the_configs_weighting(clip):
+    features = unclip.encode_scenes(clip, 8, split="train", seed=0)
+    batch = {
+        "image": unclip.to_unit_range(features.images),
+        "image_embedding": features.image_embedding,
+    }
+    figures = {}
+    for weighting in ("none", "min_snr"):
+        config = _config()
+        config.decoder.loss.weighting = weighting
+        _, task, _ = unclip.build_decoder(config, None, features=features)
+        params = nn.meta.unbox(task.init(jax.random.key(0)))["params"]
+        figures[weighting] = task.loss_fn(params, batch, jax.random.key(1))
+    (plain, plain_metrics), (min_snr, min_snr_metrics) = figures["none"], figures["min_snr"]
+    # Same draws, so the same unweighted MSE; Min-SNR's v weights min(SNR, 5) / (SNR + 1) < 1.
+    assert float(plain_metrics["mse"]) == float(min_snr_metrics["mse"])
+    np.testing.assert_allclose(plain, plain_metrics["mse"], rtol=1e-6)
+    assert float(min_snr) < 0.9 * float(plain)
+    config = _config()
+    config.decoder.loss.weighting = "snr"
+    with pytest.raises(ValueError, match="unknown weighting 'snr'"):
+        unclip.build_decoder(config, None, features=features)
