@@ -156,49 +156,43 @@ def _softmax_attend(q, keys, values, masks):
 
 
 def _scores(q, keys, masks):
-    logits = []
+    """Masked scores [..., h, q, k_i] for each key set, kept apart (concatenating copies them)."""
+    scores = []
     for k, mask in zip(keys, masks, strict=True):
         s = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
-        logits.append(s if mask is None else jnp.where(mask, s, jnp.finfo(jnp.float32).min))
-    return jnp.concatenate(logits, -1)
-
-
-def _split(x, keys):
-    """[..., sum k_i] -> one slice per key set."""
-    return jnp.split(x, np.cumsum([k.shape[-3] for k in keys])[:-1], axis=-1)
+        scores.append(s if mask is None else jnp.where(mask, s, jnp.finfo(jnp.float32).min))
+    return scores
 
 
 def _attend_forward(q, keys, values, masks):
-    logits = _scores(q, keys, masks)
-    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    probs = jnp.exp(logits - lse).astype(values[0].dtype)
-    out = sum(
-        jnp.einsum("...hqk,...khd->...qhd", p, v)
-        for p, v in zip(_split(probs, keys), values, strict=True)
+    scores = _scores(q, keys, masks)
+    top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
+    weights = [jnp.exp(s - top) for s in scores]
+    total = sum(w.sum(-1, keepdims=True) for w in weights)
+    # Normalising the [q, d] output costs less than normalising the [q, k] weights.
+    unnormalised = sum(
+        jnp.einsum(
+            "...hqk,...khd->...qhd", w.astype(v.dtype), v, preferred_element_type=jnp.float32
+        )
+        for w, v in zip(weights, values, strict=True)
     )
-    return out, (q, keys, values, masks, out, lse)
+    out = (unnormalised / jnp.moveaxis(total, -3, -2)).astype(values[0].dtype)
+    return out, (q, keys, values, masks, out, top + jnp.log(total))
 
 
 def _attend_backward(residuals, d_out):
     q, keys, values, masks, out, lse = residuals
-    probs = jnp.exp(_scores(q, keys, masks) - lse)
     d_out = d_out.astype(values[0].dtype)
-    # d logits = P * (dP - rowsum(dO * O)): the softmax Jacobian without a [q, k] reduction.
+    # d scores = P * (dP - rowsum(dO * O)): the softmax Jacobian without a [q, k] reduction.
     row = jnp.einsum("...qhd,...qhd->...hq", d_out, out, preferred_element_type=jnp.float32)
-    d_probs = jnp.concatenate(
-        [
-            jnp.einsum("...qhd,...khd->...hqk", d_out, v, preferred_element_type=jnp.float32)
-            for v in values
-        ],
-        -1,
-    )
-    d_logits = _split((probs * (d_probs - row[..., None])).astype(q.dtype), keys)
-    probs = _split(probs.astype(values[0].dtype), keys)
-    d_q = sum(
-        jnp.einsum("...hqk,...khd->...qhd", dl, k) for dl, k in zip(d_logits, keys, strict=True)
-    )
-    d_keys = [jnp.einsum("...hqk,...qhd->...khd", dl, q) for dl in d_logits]
-    d_values = [jnp.einsum("...hqk,...qhd->...khd", p, d_out) for p in probs]
+    d_q, d_keys, d_values = 0, [], []
+    for s, k, v in zip(_scores(q, keys, masks), keys, values, strict=True):
+        probs = jnp.exp(s - lse)
+        d_probs = jnp.einsum("...qhd,...khd->...hqk", d_out, v, preferred_element_type=jnp.float32)
+        d_scores = (probs * (d_probs - row[..., None])).astype(q.dtype)
+        d_q = d_q + jnp.einsum("...hqk,...khd->...qhd", d_scores, k)
+        d_keys.append(jnp.einsum("...hqk,...qhd->...khd", d_scores, q))
+        d_values.append(jnp.einsum("...hqk,...qhd->...khd", probs.astype(v.dtype), d_out))
     return d_q, d_keys, d_values, None
 
 
