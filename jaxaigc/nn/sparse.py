@@ -144,13 +144,13 @@ def _reach(kind: str, side: int, kernel: int) -> int:
 
 @jax.custom_vjp
 def _softmax_attend(q, keys, values, masks):
-    """One softmax over the concatenated key sets, differentiated FlashAttention-style.
+    """One softmax over the union of the key sets, differentiated FlashAttention-style.
 
     q [..., q, h, d] (already scaled); keys / values: lists of [..., k_i, h, d]; masks: per key
     set a bool array broadcastable to [..., h, q, k_i], or None where every key is kept. Returns
-    [..., q, h, d]. The backward pass keeps only
-    each query's log-sum-exp and recomputes the probabilities (Dao et al. 2022), so no
-    score-sized buffer lives from the forward pass to the backward one.
+    [..., q, h, d]. The backward pass keeps only each query's log-sum-exp and recomputes the
+    probabilities (Dao et al. 2022), so no score-sized buffer lives from the forward pass to the
+    backward one.
     """
     return _attend_forward(q, keys, values, masks)[0]
 
