@@ -105,8 +105,9 @@ class CaptionTrueAugment(grain.transforms.RandomMap):
     A crop of a random fraction of the area in ``[crop_scale, 1]`` resized back; a mirror image
     unless the caption names a direction; greyscale with probability ``greyscale`` unless it
     names a colour; each caption word dropped with probability ``word_dropout`` (at least one
-    kept: a shorter description of the same image). Unmarked records (shapes: their captions name
-    positions, sizes and colours) pass unchanged; the mark is removed.
+    kept: a looser description, not always a true one, e.g. "no entry" -> "entry"). Unmarked
+    records (shapes: their captions name positions, sizes and colours) pass unchanged; the mark
+    is removed.
     """
 
     crop_scale: float = 0.5
