@@ -33,7 +33,6 @@ shapes and cost, so it is timed on ``--recompute-steps`` steps and extrapolated 
 import argparse
 import functools
 import importlib.util
-import math
 import os
 import sys
 import time
@@ -48,7 +47,7 @@ from timing import add_allocator_flag, matmul_ceiling, median_times, use_retaini
 from jaxaigc.compile_options import CPU_TRAINING_OPTIONS
 from jaxaigc.models.dalle import DALLE, DALLEConfig
 from jaxaigc.nn.attention import MultiHeadAttention
-from jaxaigc.nn.sparse import DALLEMask, dalle_mask, sparse_attention
+from jaxaigc.nn.sparse import DALLEMask, dalle_mask, scored_pairs, sparse_attention
 from jaxaigc.sample.decode import sample_image_tokens
 
 TEXT_LEN, SIDE, HEADS, HEAD_DIM = 256, 32, 16, 64
@@ -69,13 +68,10 @@ def flops_of(compiled) -> float:
 
 def attention_flops(kind: str, block_size: int | None) -> float:
     """Matmul FLOPs of one forward + backward; ``block_size`` None is dense masked attention."""
-    n, per_pair = TEXT_LEN + SIDE**2, 2 * HEADS * HEAD_DIM
+    per_pair = 2 * HEADS * HEAD_DIM
     if block_size is None:
-        return 6 * per_pair * n * n
-    rows = max(1, min(SIDE, block_size // SIDE))
-    block, blocks = rows * SIDE, math.ceil(SIDE / rows)
-    reach = {"row": SIDE, "conv": 11 // 2 * (SIDE + 1), "column": 0}[kind]
-    return 7 * per_pair * (TEXT_LEN**2 + blocks * block * (TEXT_LEN + block + reach))
+        return 6 * per_pair * (TEXT_LEN + SIDE**2) ** 2
+    return 7 * per_pair * scored_pairs(kind, TEXT_LEN, SIDE, block_size=block_size)
 
 
 def attention_rows(

@@ -142,6 +142,26 @@ def _reach(kind: str, side: int, kernel: int) -> int:
     return 0  # column: runs on the transposed grid, where each block holds whole columns
 
 
+def _query_blocks(side: int, block_size: int) -> tuple[int, int]:
+    """``(blocks, queries per block)`` of the image queries: whole grid rows, at least one."""
+    rows = max(1, min(side, block_size // side))
+    return math.ceil(side / rows), rows * side
+
+
+def scored_pairs(
+    kind: str, text_len: int, image_side: int, kernel: int = 11, block_size: int = 128
+) -> int:
+    """The (query, key) scores :func:`sparse_attention` computes for a full sequence (the kept
+    pairs and the masked ones inside its blocks): text queries against all text keys, each
+    image query block against all text keys and its key window."""
+    _check(kind, text_len, image_side, kernel)
+    if kind == "dense":
+        return (text_len + image_side**2) ** 2
+    num_blocks, block = _query_blocks(image_side, block_size)
+    window = block + _reach(kind, image_side, kernel)
+    return text_len**2 + num_blocks * block * (text_len + window)
+
+
 @jax.custom_vjp
 def _softmax_attend(q, keys, values, masks):
     """One softmax over the union of the key sets, differentiated FlashAttention-style.
@@ -242,8 +262,7 @@ def sparse_attention(
     if kind == "column":
         image_q, image_k, image_v = (_transpose_grid(x, side) for x in (image_q, image_k, image_v))
         raster = raster.reshape(side, side).T.ravel()
-    rows = max(1, min(side, block_size // side))  # grid rows per query block
-    num_blocks, block = math.ceil(side / rows), rows * side
+    num_blocks, block = _query_blocks(side, block_size)
     reach = _reach(kind, side, kernel)
     # Each query block scores the keys from ``reach`` tokens before its start to its end: one
     # gather of a static [blocks, block + reach] index (out-of-grid indices are masked out).

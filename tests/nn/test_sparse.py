@@ -14,6 +14,7 @@ from jaxaigc.nn.sparse import (
     dalle_mask_fn,
     layer_masks,
     nonempty_blocks,
+    scored_pairs,
     sparse_attention,
     splash_attention,
 )
@@ -156,3 +157,13 @@ def test_splash_attention_in_interpret_mode_equals_dense(kind):
     )
     dense = _value_and_grads(_dense(kind, text_len, side, kernel, q.shape[1]), q, k, v)
     assert max_relative_difference(splash, dense) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_scored_pairs_cover_the_mask_and_stay_below_dense(kind):
+    text_len, side = 256, 32
+    kept = int(dalle_mask(kind, text_len, side).sum())
+    dense = scored_pairs("dense", text_len, side)
+    assert dense == (text_len + side**2) ** 2
+    for block_size in (32, 64, 128):
+        assert kept <= scored_pairs(kind, text_len, side, block_size=block_size) < dense / 2
