@@ -47,7 +47,7 @@ def lm_config() -> ml_collections.ConfigDict:
 
 def clip_config() -> ml_collections.ConfigDict:
     config = tiny_clip.get_config()
-    config.train.steps = 800  # ~5 min on 2 CPU cores
+    config.train.steps = 800  # 153 s on 2 quiet cores with evaluation (2026-11-30)
     return config
 
 
@@ -75,8 +75,7 @@ def unclip_config() -> ml_collections.ConfigDict:
 
 def instructgpt_config() -> ml_collections.ConfigDict:
     # The experiment's defaults: pretrain 1,500, SFT 3,000, RM 600 steps, PPO and PPO-ptx 300
-    # iterations each. 436 s on the 2 cores shared at load 5-6 (2026-11-30); ~310 s estimated
-    # when quiet from a quiet run's steps/s (pretrain 34, SFT 33, RM 10, PPO 8.4, PPO-ptx 7.2).
+    # iterations each: 318 s on 2 quiet cores (2026-11-30).
     return train_instructgpt.get_config()
 
 
