@@ -270,7 +270,7 @@ class Symbola(Emoji, skip_registration=True):
     _ANCHOR = "mm"  # glyph widths differ: centre each in the canvas
 
     def _font(self) -> tuple[ImageFont.FreeTypeFont, list[int], tuple]:
-        noto, noto_codepoints, _ = super()._font()
+        _, noto_codepoints, _ = super()._font()
         path = _require(SYMBOLA_PATH, "fonts-symbola")
         font = ImageFont.truetype(str(path), _SYMBOLA_SIZE, layout_engine=ImageFont.Layout.BASIC)
         drawn = TTFont(path, lazy=True).getBestCmap()
