@@ -40,13 +40,15 @@ def get_config() -> ml_collections.ConfigDict:
     return config
 
 
-def nearest_training_scene(train_set: unclip.SceneFeatures, test: unclip.SceneFeatures) -> float:
-    """The judge's accuracy on the training image whose z_i is nearest (cosine) each test z_i."""
+def nearest_training_scene(
+    train_set: unclip.SceneFeatures, test: unclip.SceneFeatures
+) -> tuple[float, dict]:
+    """The judge's accuracy, and each attribute's, on the training image whose z_i is nearest
+    (cosine) each test z_i."""
     nearest = np.argmax(test.image_embedding @ train_set.image_embedding.T, axis=1)
     images = train_set.images[nearest]
-    return float(
-        np.mean([shapes.check(im, c) for im, c in zip(images, test.captions, strict=True)])
-    )
+    judge = np.mean([shapes.check(im, c) for im, c in zip(images, test.captions, strict=True)])
+    return float(judge), train_unclip.attribute_rates(images, test.captions)
 
 
 def _steps(config: ml_collections.ConfigDict) -> list[int]:
@@ -83,10 +85,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         clip, config.eval.scenes, split="test", seed=config.eval.seed, text_len=text_len,
         batch=data.encode_batch,
     )  # fmt: skip
+    nearest_judge, nearest_attributes = nearest_training_scene(features, test)
     report = {
         "decoder": train_unclip._losses(workdir),
         "train_seconds": train_seconds,
-        "nearest_training_scene_judge": nearest_training_scene(features, test),
+        "nearest_training_scene_judge": nearest_judge,
+        "nearest_training_scene_attributes": nearest_attributes,
         "checkpoints": {},
     }
     columns = [test.images]
@@ -118,6 +122,7 @@ def _print(report: dict, workdir: Path) -> None:
     )
     print(
         f"  judge on the nearest training scene by z_i {report['nearest_training_scene_judge']:.1%}"
+        f"; its attributes: {_attributes(report['nearest_training_scene_attributes'])}"
     )
     for step, by_sampler in report["checkpoints"].items():
         for name, r in by_sampler.items():
@@ -129,7 +134,13 @@ def _print(report: dict, workdir: Path) -> None:
                 f"{r['round_trip_cos']:.3f} (unrelated {r['round_trip_cos_unrelated']:.3f}); "
                 f"{r['seconds']:.0f} s"
             )
+            print(f"    attributes of decode(true z_i): {_attributes(r['attributes_decoded'])}")
     print(f"  grid: {workdir / 'decoded.png'}")
+
+
+def _attributes(rates: dict) -> str:
+    """Attribute rates as "count 97%, colours 96%, ..."."""
+    return ", ".join(f"{name} {rate:.0%}" for name, rate in rates.items() if rate is not None)
 
 
 if __name__ == "__main__":

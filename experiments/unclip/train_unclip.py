@@ -93,6 +93,13 @@ def _rate(verdicts: list[dict], key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def attribute_rates(images: np.ndarray, captions: list[str]) -> dict[str, float | None]:
+    """The fraction of ``images`` showing each attribute of their caption (``shapes.attributes``;
+    position over the one-object captions only)."""
+    verdicts = [shapes.attributes(image, c) for image, c in zip(images, captions, strict=True)]
+    return {name: _rate(verdicts, name) for name in shapes.ATTRIBUTES}
+
+
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
     a = a / np.linalg.norm(a, axis=-1, keepdims=True)
     b = b / np.linalg.norm(b, axis=-1, keepdims=True)
@@ -163,6 +170,7 @@ def evaluate_decoder(decoder, clip, test: unclip.SceneFeatures, config, rng) -> 
         "judge_accuracy_decoded": _rate(decoded, "correct"),
         "judge_accuracy_ground_truth": _rate(truth, "correct"),
         "judge_accuracy_other_scene": _rate(chance, "correct"),
+        "attributes_decoded": attribute_rates(images, test.captions),
     }
     return report, images
 

@@ -333,3 +333,22 @@ def verdict(image: np.ndarray, text: str) -> dict[str, bool]:
         out["bound"] = _pairs(drawn) == _pairs(wanted)
         out["swapped"] = ca != cb and sa != sb and _pairs(drawn) == sorted([(cb, sa), (ca, sb)])
     return out
+
+
+ATTRIBUTES = ("count", "colours", "shapes", "sizes", "position")
+
+
+def attributes(image: np.ndarray, text: str) -> dict[str, bool]:
+    """Each attribute of the scene ``text`` describes, judged on ``image`` on its own: the object
+    ``count``, and the ``colours``, ``shapes`` and ``sizes`` as multisets over the objects (a
+    right shape in the wrong colour counts for ``shapes``; a wrong count fails all three); for a
+    one-object caption also ``position``: which attribute a failed :func:`check` misses."""
+    wanted, drawn = parse_caption(text), parse(image)
+    out = {"count": len(drawn.objects) == len(wanted.objects)}
+    for name, field in (("colours", "colour"), ("shapes", "shape"), ("sizes", "size")):
+        out[name] = sorted(getattr(o, field) for o in drawn.objects) == sorted(
+            getattr(o, field) for o in wanted.objects
+        )
+    if wanted.relation is None:
+        out["position"] = out["count"] and drawn.objects[0].position == wanted.objects[0].position
+    return out

@@ -38,6 +38,7 @@ from jaxaigc.diffusion import VARIANCES, Diffusion, cosine_betas, sample_ddim, s
 from jaxaigc.diffusion.schedules import check_prediction
 from jaxaigc.models.prior import check_guidance, check_width, keep_conditioning
 from jaxaigc.nn import Transformer, dense, layer_norm, partitioned
+from jaxaigc.nn.transformer import REMAT_POLICIES
 from jaxaigc.nn.unet import UNet, timestep_embedding
 
 # name: (image_size, model_channels, channel_mult, num_res_blocks, attention_resolutions,
@@ -57,7 +58,13 @@ _PRESET_FIELDS = (
     "head_channels", "groups", "clip_dim", "text_len", "text_vocab", "context_width",
     "text_layers", "text_heads",
 )  # fmt: skip
-_PRESET_COMPUTE = {"paper-3.5b": dict(dtype="bfloat16", scan_layers=True, remat_policy="full")}
+# The paper decoder rematerialises its UNet's residual and attention blocks as well as its text
+# transformer: a 64 px UNet of 512 base channels stores most of a train step's activations.
+_PRESET_COMPUTE = {
+    "paper-3.5b": dict(
+        dtype="bfloat16", scan_layers=True, remat_policy="full", unet_remat_policy="full"
+    )
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,6 +96,7 @@ class DecoderConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     scan_layers: bool = False  # the text transformer's
     remat_policy: str = "none"  # the text transformer's
+    unet_remat_policy: str = "none"  # the UNet's residual and attention blocks'
 
     def __post_init__(self):
         for name in ("channel_mult", "attention_resolutions"):
@@ -129,6 +137,11 @@ class DecoderConfig:
         if self.variance not in VARIANCES:
             raise ValueError(f"unknown variance {self.variance!r}; use one of {VARIANCES}")
         check_prediction(self.prediction)
+        for name in ("remat_policy", "unet_remat_policy"):
+            if getattr(self, name) not in REMAT_POLICIES:
+                raise ValueError(
+                    f"unknown {name} {getattr(self, name)!r}; known: {sorted(REMAT_POLICIES)}"
+                )
 
     @property
     def embedding_scale(self) -> float:
@@ -257,6 +270,7 @@ class Decoder(nn.Module):
             resblock_updown=cfg.resblock_updown,
             dropout_rate=cfg.dropout_rate,
             deterministic=not train,
+            remat_policy=cfg.unet_remat_policy,
             dtype=dtype,
             name="unet",
         )(x, emb, context)

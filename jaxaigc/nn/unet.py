@@ -8,6 +8,11 @@ output block. Images are NHWC, convolution kernels HWIO.
 Zero-initialised layers, as in ADM: the last convolution of each residual block, the out
 projection of each attention block and the UNet's output convolution, so every block starts as
 the identity and the untrained UNet predicts 0.
+
+Rematerialisation (``remat_policy``, the names of ``nn.transformer.REMAT_POLICIES``) wraps every
+residual and attention block in ``nn.remat``: the backward pass recomputes a block's activations
+from its input instead of storing them, which a 64 px UNet of 512 base channels needs to fit a
+training step in an accelerator's memory. Parameters and outputs are unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import jax.numpy as jnp
 from jaxaigc.nn.attention import HeadsDense
 from jaxaigc.nn.conv import Conv2d, upsample_nearest2d
 from jaxaigc.nn.layers import dense, partitioned
+from jaxaigc.nn.transformer import REMAT_POLICIES
 
 RESAMPLES = ("none", "up", "down")
 
@@ -156,7 +162,8 @@ class UNet(nn.Module):
     (a ``ResBlock(resample="down")`` with ``resblock_updown``, else a stride-2 convolution) and
     doubles on the way up. Attention after each residual block whose feature map has been
     downsampled by a factor in ``attention_ds`` (1 = full resolution), and in the middle.
-    ``r`` must be divisible by 2^(levels - 1).
+    ``r`` must be divisible by 2^(levels - 1). ``remat_policy`` rematerialises each residual and
+    attention block (see the module docstring).
     """
 
     model_channels: int
@@ -169,10 +176,20 @@ class UNet(nn.Module):
     resblock_updown: bool = True
     dropout_rate: float = 0.0
     deterministic: bool = True
+    remat_policy: str = "none"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"unknown remat policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}"
+            )
+        res_block, attention_block = ResBlock, AttentionBlock
+        if self.remat_policy != "none":
+            policy = REMAT_POLICIES[self.remat_policy]
+            res_block = nn.remat(ResBlock, policy=policy)
+            attention_block = nn.remat(AttentionBlock, policy=policy)
         levels = len(self.channel_mult)
         factor = 2 ** (levels - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
@@ -186,16 +203,16 @@ class UNet(nn.Module):
         def attend(h: jax.Array, ds: int, name: str) -> jax.Array:
             if ds not in self.attention_ds:
                 return h
-            return AttentionBlock(self.head_channels, **common, name=name)(h, context)
+            return attention_block(self.head_channels, **common, name=name)(h, context)
 
         def downsample(h: jax.Array, name: str) -> jax.Array:
             if self.resblock_updown:
-                return ResBlock(h.shape[-1], resample="down", **block, name=name)(h, emb)
+                return res_block(h.shape[-1], resample="down", **block, name=name)(h, emb)
             return Conv2d(h.shape[-1], 3, stride=2, dtype=self.dtype, name=name)(h)
 
         def upsample(h: jax.Array, name: str) -> jax.Array:
             if self.resblock_updown:
-                return ResBlock(h.shape[-1], resample="up", **block, name=name)(h, emb)
+                return res_block(h.shape[-1], resample="up", **block, name=name)(h, emb)
             h = upsample_nearest2d(h)
             return conv3x3(h.shape[-1], dtype=self.dtype, name=name)(h)
 
@@ -206,7 +223,7 @@ class UNet(nn.Module):
         for level, mult in enumerate(self.channel_mult):
             for i in range(self.num_res_blocks):
                 name = f"down_{level}_{i}"
-                h = ResBlock(self.model_channels * mult, **block, name=name)(h, emb)
+                h = res_block(self.model_channels * mult, **block, name=name)(h, emb)
                 h = attend(h, ds, f"{name}_attn")
                 skips.append(h)
             if level < levels - 1:
@@ -214,15 +231,15 @@ class UNet(nn.Module):
                 ds *= 2
                 skips.append(h)
 
-        h = ResBlock(h.shape[-1], **block, name="middle_0")(h, emb)
-        h = AttentionBlock(self.head_channels, **common, name="middle_attn")(h, context)
-        h = ResBlock(h.shape[-1], **block, name="middle_1")(h, emb)
+        h = res_block(h.shape[-1], **block, name="middle_0")(h, emb)
+        h = attention_block(self.head_channels, **common, name="middle_attn")(h, context)
+        h = res_block(h.shape[-1], **block, name="middle_1")(h, emb)
 
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
                 name = f"up_{level}_{i}"
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = ResBlock(self.model_channels * mult, **block, name=name)(h, emb)
+                h = res_block(self.model_channels * mult, **block, name=name)(h, emb)
                 h = attend(h, ds, f"{name}_attn")
             if level > 0:
                 h = upsample(h, f"up_{level}_resample")

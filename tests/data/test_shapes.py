@@ -82,3 +82,33 @@ def test_verdict_separates_binding_from_swapped_colours():
     got = shapes.verdict(shapes.render(twin, boxes, 32), same)
     assert got == {"correct": False, "bound": True, "swapped": False}
     assert "bound" not in shapes.verdict(right, "a large red circle on the left")
+
+
+def test_attributes_judge_each_attribute_on_its_own():
+    caption = "a large red circle left of a small blue square"
+    boxes = [(2, 8, 13), (20, 10, 7)]
+    right = shapes.render(shapes.parse_caption(caption), boxes, 32)
+    assert shapes.attributes(right, caption) == dict.fromkeys(
+        ("count", "colours", "shapes", "sizes"), True
+    )
+    # The shapes exchanged: every attribute but the shapes as a multiset still holds.
+    other = shapes.render(
+        shapes.parse_caption("a large red square left of a small blue circle"), boxes, 32
+    )
+    assert shapes.attributes(other, caption) == dict(
+        count=True, colours=True, shapes=True, sizes=True
+    )
+    wrong_shape = shapes.render(
+        shapes.parse_caption("a large red diamond left of a small blue square"), boxes, 32
+    )
+    assert shapes.attributes(wrong_shape, caption)["shapes"] is False
+    assert not shapes.check(wrong_shape, caption)
+    one = "a small green cross on the right"
+    image = shapes.render(shapes.parse_caption(one), [(22, 12, 7)], 32)
+    assert shapes.attributes(image, one) == dict(
+        count=True, colours=True, shapes=True, sizes=True, position=True
+    )
+    got = shapes.attributes(image, "a large green cross on the left")
+    assert got == dict(count=True, colours=True, shapes=True, sizes=False, position=False)
+    got = shapes.attributes(np.zeros((32, 32, 3), np.uint8), one)
+    assert not any(got.values())

@@ -250,6 +250,8 @@ def test_errors_name_the_value_and_the_limit(small_params):
         TINY.replace(variance="learned")
     with pytest.raises(ValueError, match="unknown prediction 'score'"):
         TINY.replace(prediction="score")
+    with pytest.raises(ValueError, match=r"unknown unet_remat_policy 'all'; known: \['dots'"):
+        TINY.replace(unet_remat_policy="all")
     diffusion = SMALL.replace(num_timesteps=10).diffusion()
     no_image_drop = Decoder(SMALL.replace(image_drop=0.0))
     with pytest.raises(ValueError, match="guidance_scale 3.0 needs .* image_drop is 0"):
@@ -303,6 +305,26 @@ def test_learned_variances_train_through_the_variational_bound():
     np.testing.assert_allclose(loss, metrics["mse"] + 0.1 * metrics["vlb"], rtol=1e-5)
     kernel = np.asarray(grads["unet"]["out_conv"]["kernel"])
     assert np.abs(kernel[..., 3:]).max() > 0  # the variance channels learn
+
+
+def test_unet_remat_gives_the_same_loss_and_gradients(small_params):
+    """Rematerialised UNet blocks (dropout on: the recomputation must redraw the same masks)
+    give the loss and every gradient of the stored-activation UNet, with the same parameters."""
+    diffusion = SMALL.diffusion()
+    batch = make_batch(SMALL)
+    results = {}
+    for policy in ("none", "full"):
+        model = Decoder(SMALL.replace(dropout_rate=0.1, unet_remat_policy=policy))
+        grad_fn = jax.value_and_grad(decoder_loss_fn(model, diffusion), has_aux=True)
+        jaxpr = str(jax.make_jaxpr(grad_fn)(small_params, batch, KEY))
+        assert ("checkpoint" in jaxpr or "remat" in jaxpr) == (policy != "none")
+        (loss, _), grads = jax.jit(grad_fn)(small_params, batch, KEY)
+        results[policy] = (loss, grads)
+    (loss, grads), (remat_loss, remat_grads) = results["none"], results["full"]
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+    assert jax.tree.structure(remat_grads) == jax.tree.structure(grads)
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_sampling_gives_images_in_range(small_params):
