@@ -93,13 +93,16 @@ def compile_train_step(
     global_batch: int,
     accum: int,
     make_step=None,
+    rules: dict | None = None,
 ) -> dict:
     """Lowers and compiles the train step of ``loss_fn`` on a mesh of this process's (emulated)
     devices, from abstract inputs: the state of ``init`` (``create_sharded_state(...,
     materialize=False)``) and a global batch whose entries have the per-example ``(shape, dtype)``
     of ``example``, sharded on the batch axes. ``make_step``: a task's own step builder
     (``Task.make_step``, e.g. a PPO iteration) in place of ``make_train_step(loss_fn, ...)``, as
-    the loop uses it (``accum`` 1). Returns XLA's per-device memory figures."""
+    the loop uses it (``accum`` 1). ``rules``: logical -> mesh axis overrides of the default
+    rules (``parallel.make_rules``), as a run's ``config.mesh.rules``. Returns XLA's per-device
+    memory figures."""
     import flax.linen as nn
     import jax
 
@@ -108,7 +111,7 @@ def compile_train_step(
     from jaxaigc.train.step import make_train_step
 
     mesh = parallel.make_mesh(mesh_spec)
-    rules = parallel.make_rules()
+    rules = parallel.make_rules(rules)
     parallel.check_global_batch(global_batch, mesh)
     start = time.perf_counter()
     _, shardings, state = create_sharded_state(
@@ -156,6 +159,7 @@ def compile_train_step(
         devices=jax.device_count(),
         accum=accum,
         global_batch=global_batch,
+        rules=dict(rules),
         params=sum(math.prod(x.shape) for x in params),
         params_per_device=per_device_params,
         lower_s=lower_s,

@@ -1,7 +1,7 @@
 """Benchmark: the unCLIP decoder's UNet on this machine, and the paper presets' pod sizing.
 
     python experiments/bench/unclip.py [--parts step,sample,sizing] [--batch 8 --repeats 5]
-        [--meshes "fsdp=8 fsdp=4,tensor=2"] [--accum 1,8]
+        [--meshes "fsdp=8 fsdp=4,tensor=2"] [--accum 1,8] [--conv-in fsdp]
 
 ``step``: one AdamW training step (``make_train_step(decoder_loss_fn(...))``, fp32) of a decoder
 at 64 px: the ``tiny`` preset's widths at ``--channels`` base channels, levels 64 / 32 / 16 / 8 px
@@ -16,7 +16,10 @@ fraction is of the fp32 matmul ceiling measured in the same run (``timing.matmul
 decoder at 64 px (global batch 2048) with the paper's AdamW settings, each train step lowered and
 compiled on abstract inputs in a subprocess per emulated mesh (``dalle_sizing.compile_train_step``:
 nothing is allocated); GiB per device from XLA:CPU's memory analysis (an order of magnitude for a
-pod, see ``dalle_sizing``).
+pod, see ``dalle_sizing``). The default rules shard convolution kernels on their output channels
+over ``tensor`` only, so on an fsdp-only mesh every UNet convolution is replicated; ``--conv-in
+fsdp`` shards their input channels over fsdp too (compiled with GSPMD:
+``parallel.partitioner``, the Shardy workaround).
 """
 
 import argparse
@@ -117,8 +120,11 @@ def sample_row(config: DecoderConfig, b: int, repeats: int, ceiling: float) -> d
     )
 
 
-def size_one(model_name: str, mesh_spec: dict[str, int], global_batch: int, accum: int) -> dict:
-    """Compiles the paper preset's train step on this process's (emulated) devices."""
+def size_one(
+    model_name: str, mesh_spec: dict[str, int], global_batch: int, accum: int, rules: dict
+) -> dict:
+    """Compiles the paper preset's train step on this process's (emulated) devices, with the
+    default logical rules overridden by ``rules``."""
     paper = PAPER[model_name]
     tx, _ = make_optimizer(
         peak_lr=paper["peak_lr"], total_steps=1_000_000, warmup_steps=10_000, b2=paper["b2"],
@@ -144,7 +150,7 @@ def size_one(model_name: str, mesh_spec: dict[str, int], global_batch: int, accu
         }
     result = dalle_sizing.compile_train_step(
         init(model), loss_fn(model, c.diffusion()), example, tx, mesh_spec,
-        global_batch=global_batch, accum=accum,
+        global_batch=global_batch, accum=accum, rules=rules,
     )  # fmt: skip
     return {**result, "model": paper["preset"]}
 
@@ -160,15 +166,19 @@ def main():
     parser.add_argument("--models", default="prior,decoder")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
     parser.add_argument("--limit-gib", type=float, default=16.0)
+    parser.add_argument(
+        "--conv-in", default="", help="mesh axis for convolution input channels (default: none)"
+    )
     parser.add_argument("--global-batch", type=int, help=argparse.SUPPRESS)  # child
     parser.add_argument("--model", help=argparse.SUPPRESS)  # child: prior or decoder
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child: one mesh, prints JSON
     add_allocator_flag(parser)
     args = parser.parse_args()
 
+    rules = {"conv_in": args.conv_in} if args.conv_in else {}
     if args.one:
         result = size_one(
-            args.model, dalle_sizing.parse_mesh(args.one), args.global_batch, int(args.accum)
+            args.model, dalle_sizing.parse_mesh(args.one), args.global_batch, int(args.accum), rules
         )
         print(json.dumps(result), flush=True)
         return
@@ -200,7 +210,7 @@ def main():
     if "sizing" in parts:
         print(
             f"\nPaper presets' AdamW train steps, GiB per device (XLA:CPU memory_analysis); fits "
-            f"= peak <= {args.limit_gib} GiB\n"
+            f"= peak <= {args.limit_gib} GiB; rule overrides {rules or 'none'}\n"
         )
         print(
             "| model | mesh (devices) | accumulation (examples/device/microbatch) | "
@@ -211,9 +221,8 @@ def main():
             args.global_batch = PAPER[name]["batch"]
             for mesh in args.meshes.split():
                 for accum in (int(a) for a in args.accum.split(",")):
-                    r = dalle_sizing.run_child(
-                        mesh, accum, args, script=__file__, extra=("--model", name)
-                    )
+                    extra = ("--model", name, "--conv-in", args.conv_in)
+                    r = dalle_sizing.run_child(mesh, accum, args, script=__file__, extra=extra)
                     row = dalle_sizing.markdown_row(r, args.limit_gib)
                     print(f"| {PAPER[name]['preset']} {row}", flush=True)
 

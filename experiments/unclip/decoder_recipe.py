@@ -120,9 +120,10 @@ def _print(report: dict, workdir: Path) -> None:
         f"decoder loss {d['first_logged']['loss']:.4f} (step {d['first_logged']['step']}) -> "
         f"{d['final']['loss']:.4f} (step {d['final']['step']}) in {report['train_seconds']:.0f} s"
     )
+    nearest = train_unclip.attribute_summary(report["nearest_training_scene_attributes"])
     print(
         f"  judge on the nearest training scene by z_i {report['nearest_training_scene_judge']:.1%}"
-        f"; its attributes: {_attributes(report['nearest_training_scene_attributes'])}"
+        f"; its attributes: {nearest}"
     )
     for step, by_sampler in report["checkpoints"].items():
         for name, r in by_sampler.items():
@@ -134,13 +135,12 @@ def _print(report: dict, workdir: Path) -> None:
                 f"{r['round_trip_cos']:.3f} (unrelated {r['round_trip_cos_unrelated']:.3f}); "
                 f"{r['seconds']:.0f} s"
             )
-            print(f"    attributes of decode(true z_i): {_attributes(r['attributes_decoded'])}")
+            decoded, other = (
+                train_unclip.attribute_summary(r[key])
+                for key in ("attributes_decoded", "attributes_other_scene")
+            )
+            print(f"    attributes of decode(true z_i): {decoded} (another scene's: {other})")
     print(f"  grid: {workdir / 'decoded.png'}")
-
-
-def _attributes(rates: dict) -> str:
-    """Attribute rates as "count 97%, colours 96%, ..."."""
-    return ", ".join(f"{name} {rate:.0%}" for name, rate in rates.items() if rate is not None)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,7 @@ def evaluate_decoder(decoder, clip, test: unclip.SceneFeatures, config, rng) -> 
         "judge_accuracy_ground_truth": _rate(truth, "correct"),
         "judge_accuracy_other_scene": _rate(chance, "correct"),
         "attributes_decoded": attribute_rates(images, test.captions),
+        "attributes_other_scene": attribute_rates(other, test.captions),
     }
     return report, images
 
@@ -214,6 +215,7 @@ def evaluate_pipeline(prior, decoder, clip, test, config, rng) -> tuple[dict, np
         for name, verdicts in groups.items()
     }
     report["all"]["clip_score"] = float(clip_score.mean())
+    report["all"]["attributes"] = attribute_rates(images[:, 0], test.captions)
     # The same score of the ground-truth images, and of each caption against another scene's.
     report["all"]["clip_score_ground_truth"] = _cos(test.image_embedding, test.text_embedding)
     report["all"]["clip_score_other_scene"] = _cos(
@@ -365,6 +367,10 @@ def _print(report: dict, workdir: Path) -> None:
         f"{d['judge_accuracy_other_scene']:.1%})"
     )
     print(
+        f"    its attributes: {attribute_summary(d['attributes_decoded'])} (another scene's "
+        f"image: {attribute_summary(d['attributes_other_scene'])})"
+    )
+    print(
         f"  text -> image CLIP score cos(CLIP(image), z_t) {g['all']['clip_score']:.3f} "
         f"(ground-truth images {g['all']['clip_score_ground_truth']:.3f}, another scene's "
         f"{g['all']['clip_score_other_scene']:.3f})"
@@ -382,6 +388,7 @@ def _print(report: dict, workdir: Path) -> None:
             f"{r['judge_accuracy']:.1%} (another scene's image "
             f"{d['judge_accuracy_other_scene']:.1%}){binding}"
         )
+    print(f"  text -> image attributes (first sample): {attribute_summary(g['all']['attributes'])}")
     for name, r in report["sweep"].items():
         print(
             f"  decoder sampler {name} ({r['samples']} captions): judge accepts "
@@ -400,6 +407,11 @@ def _print(report: dict, workdir: Path) -> None:
                 f"(colours swapped {_percent(r[name]['two_object_swapped_single_sample'])})"
             )
     print(f"  samples: {workdir / 'samples.png'}")
+
+
+def attribute_summary(rates: dict) -> str:
+    """Attribute rates as "count 97%, colours 96%, ..."."""
+    return ", ".join(f"{name} {rate:.0%}" for name, rate in rates.items() if rate is not None)
 
 
 def _percent(value: float | None) -> str:
