@@ -128,9 +128,9 @@ def _pad_to(x: jax.Array, length: int) -> jax.Array:
 
 
 def _transpose_grid(x: jax.Array, side: int) -> jax.Array:
-    """[b, side * side, ...] raster <-> column-major (its own inverse)."""
-    grid = x.reshape(x.shape[0], side, side, *x.shape[2:])
-    return grid.swapaxes(1, 2).reshape(x.shape)
+    """[b, h, side * side, d] raster <-> column-major (its own inverse)."""
+    b, h, _, d = x.shape
+    return x.reshape(b, h, side, side, d).swapaxes(2, 3).reshape(x.shape)
 
 
 def _reach(kind: str, side: int, kernel: int) -> int:
@@ -166,9 +166,9 @@ def scored_pairs(
 def _softmax_attend(q, keys, values, masks):
     """One softmax over the union of the key sets, differentiated FlashAttention-style.
 
-    q [..., q, h, d] (already scaled); keys / values: lists of [..., k_i, h, d]; masks: per key
+    q [..., h, q, d] (already scaled); keys / values: lists of [..., h, k_i, d]; masks: per key
     set a bool array broadcastable to [..., h, q, k_i], or None where every key is kept. Returns
-    [..., q, h, d]. The backward pass keeps only each query's log-sum-exp and recomputes the
+    [..., h, q, d]. The backward pass keeps only each query's log-sum-exp and recomputes the
     probabilities (Dao et al. 2022), so no score-sized buffer lives from the forward pass to the
     backward one.
     """
@@ -179,7 +179,7 @@ def _scores(q, keys, masks):
     """Masked scores [..., h, q, k_i] for each key set, kept apart (concatenating copies them)."""
     scores = []
     for k, mask in zip(keys, masks, strict=True):
-        s = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+        s = jnp.einsum("...hqd,...hkd->...hqk", q, k, preferred_element_type=jnp.float32)
         scores.append(s if mask is None else jnp.where(mask, s, jnp.finfo(jnp.float32).min))
     return scores
 
@@ -192,11 +192,11 @@ def _attend_forward(q, keys, values, masks):
     # Normalising the [q, d] output costs less than normalising the [q, k] weights.
     unnormalised = sum(
         jnp.einsum(
-            "...hqk,...khd->...qhd", w.astype(v.dtype), v, preferred_element_type=jnp.float32
+            "...hqk,...hkd->...hqd", w.astype(v.dtype), v, preferred_element_type=jnp.float32
         )
         for w, v in zip(weights, values, strict=True)
     )
-    out = (unnormalised / jnp.moveaxis(total, -3, -2)).astype(values[0].dtype)
+    out = (unnormalised / total).astype(values[0].dtype)
     return out, (q, keys, values, masks, out, top + jnp.log(total))
 
 
@@ -204,15 +204,15 @@ def _attend_backward(residuals, d_out):
     q, keys, values, masks, out, lse = residuals
     d_out = d_out.astype(values[0].dtype)
     # d scores = P * (dP - rowsum(dO * O)): the softmax Jacobian without a [q, k] reduction.
-    row = jnp.einsum("...qhd,...qhd->...hq", d_out, out, preferred_element_type=jnp.float32)
+    row = jnp.einsum("...hqd,...hqd->...hq", d_out, out, preferred_element_type=jnp.float32)
     d_q, d_keys, d_values = 0, [], []
     for s, k, v in zip(_scores(q, keys, masks), keys, values, strict=True):
         probs = jnp.exp(s - lse)
-        d_probs = jnp.einsum("...qhd,...khd->...hqk", d_out, v, preferred_element_type=jnp.float32)
+        d_probs = jnp.einsum("...hqd,...hkd->...hqk", d_out, v, preferred_element_type=jnp.float32)
         d_scores = (probs * (d_probs - row[..., None])).astype(q.dtype)
-        d_q = d_q + jnp.einsum("...hqk,...khd->...qhd", d_scores, k)
-        d_keys.append(jnp.einsum("...hqk,...qhd->...khd", d_scores, q))
-        d_values.append(jnp.einsum("...hqk,...qhd->...khd", probs.astype(v.dtype), d_out))
+        d_q = d_q + jnp.einsum("...hqk,...hkd->...hqd", d_scores, k)
+        d_keys.append(jnp.einsum("...hqk,...hqd->...hkd", d_scores, q))
+        d_values.append(jnp.einsum("...hqk,...hqd->...hkd", probs.astype(v.dtype), d_out))
     return d_q, d_keys, d_values, None
 
 
@@ -237,10 +237,11 @@ def sparse_attention(
     text keys and the image keys from the furthest its window reaches to its own end (row: one
     grid row back; conv: ``kernel // 2`` rows and columns back). Column runs on the transposed
     grid, where each column is contiguous and each block attends only to itself. ``dense`` is
-    plain causal attention. The blocks run one after another (``lax.map``) and the backward pass
-    recomputes their probabilities from the saved log-sum-exp (``_softmax_attend``), so one
-    block's scores are the only score-sized buffer: time scales with the kept keys, memory with
-    one block's. Any batch sharding.
+    plain causal attention. The blocks run one after another (``lax.map``, heads-first arrays
+    so that their matmuls need no transposes) and the backward pass recomputes their
+    probabilities from the saved log-sum-exp (``_softmax_attend``), so one block's scores are
+    the only score-sized buffer: time scales with the kept keys, memory with one block's. Any
+    batch sharding.
 
     Args: q, k, v [b, n, h, d] with ``n <= text_len + image_side**2`` (a prefix of the sequence:
     all masks are causal, so padding the rest changes nothing). Returns [b, n, h, d].
@@ -254,12 +255,14 @@ def sparse_attention(
         return jax.nn.dot_product_attention(q, k, v, is_causal=True)
     q, k, v = (_pad_to(x, full) for x in (q, k, v))
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    text_k, text_v = k[:, :t], v[:, :t]
-    text_out = _softmax_attend(q[:, :t], [text_k], [text_v], [np.tril(np.ones((t, t), bool))])
+    # Heads first, once: every block's matmuls then batch over leading axes without transposes.
+    q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))  # [b, h, n, d]
+    text_k, text_v = k[:, :, :t], v[:, :, :t]
+    text_out = _softmax_attend(q[:, :, :t], [text_k], [text_v], [np.tril(np.ones((t, t), bool))])
 
-    image_q, image_k, image_v = q[:, t:], k[:, t:], v[:, t:]
+    image_q, image_k, image_v = q[:, :, t:], k[:, :, t:], v[:, :, t:]
     raster = np.arange(side**2)
-    if kind == "column":
+    if kind == "column":  # on the transposed grid each column is contiguous
         image_q, image_k, image_v = (_transpose_grid(x, side) for x in (image_q, image_k, image_v))
         raster = raster.reshape(side, side).T.ravel()
     num_blocks, block = _query_blocks(side, block_size)
@@ -269,9 +272,12 @@ def sparse_attention(
     q_idx = np.arange(num_blocks)[:, None] * block + np.arange(block)[None]  # (blocks, block)
     k_idx = q_idx[:, :1] - reach + np.arange(block + reach)[None]  # (blocks, block + reach)
     in_grid = (k_idx >= 0) & (k_idx < side**2)
-    b, h, d = q.shape[0], q.shape[2], q.shape[3]
-    image_q = _pad_to(image_q, num_blocks * block).reshape(b, num_blocks, block, h, d)
-    image_k, image_v = (x[:, np.clip(k_idx, 0, side**2 - 1)] for x in (image_k, image_v))
+    b, h, d = q.shape[0], q.shape[1], q.shape[3]
+    image_q = jnp.pad(image_q, [(0, 0), (0, 0), (0, num_blocks * block - side**2), (0, 0)])
+    image_q = jnp.moveaxis(image_q.reshape(b, h, num_blocks, block, d), 2, 0)
+    window_k, window_v = (
+        jnp.moveaxis(x[:, :, np.clip(k_idx, 0, side**2 - 1)], 2, 0) for x in (image_k, image_v)
+    )
     # The window's mask, evaluated by the same definition at raster indices.
     q_raster = raster[np.clip(q_idx, 0, side**2 - 1)][:, :, None]
     k_raster = raster[np.clip(k_idx, 0, side**2 - 1)][:, None, :]
@@ -281,20 +287,12 @@ def sparse_attention(
         q_block, k_window, v_window, window_mask = xs
         return _softmax_attend(q_block, [text_k, k_window], [text_v, v_window], [None, window_mask])
 
-    blocks_first = functools.partial(jnp.moveaxis, source=1, destination=0)
-    image_out = jax.lax.map(
-        attend_block,
-        (
-            blocks_first(image_q),
-            blocks_first(image_k),
-            blocks_first(image_v),
-            window[:, None, None],
-        ),
-    )
-    image_out = jnp.moveaxis(image_out, 0, 1).reshape(b, num_blocks * block, h, d)[:, : side**2]
+    image_out = jax.lax.map(attend_block, (image_q, window_k, window_v, window[:, None, None]))
+    image_out = jnp.moveaxis(image_out, 0, 2).reshape(b, h, num_blocks * block, d)
+    image_out = image_out[:, :, : side**2]
     if kind == "column":
         image_out = _transpose_grid(image_out, side)
-    return jnp.concatenate([text_out, image_out], 1)[:, :n]
+    return jnp.concatenate([text_out, image_out], 2).swapaxes(1, 2)[:, :n]
 
 
 @functools.lru_cache(maxsize=32)
@@ -352,4 +350,6 @@ def splash_attention(
         return _pad_to(_pad_to(x, full)[:, order], padded).transpose(0, 2, 1, 3)
 
     out = jax.vmap(splash)(prepare(q), prepare(k), prepare(v)).transpose(0, 2, 1, 3)
-    return out[:, np.argsort(order)][:, :n]
+    if kind == "column":
+        out = out[:, np.argsort(order)]
+    return out[:, :n]
