@@ -43,6 +43,52 @@ def decode_bytes(tokens: np.ndarray) -> str:
     return bytes(np.asarray(tokens, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
 
 
+def pack(
+    arrays: dict[str, np.ndarray], lengths: np.ndarray, *, length: int, window: int = 16
+) -> dict[str, np.ndarray]:
+    """Right-padded sequences placed end to end in rows of ``length``, so that short ones do not
+    pay for pads (:class:`jaxaigc.models.gpt.GPT` takes the result's ``segments``).
+
+    Args:
+      arrays: per-position arrays [n, t] of the same sequences (tokens, masks).
+      lengths: int [n]: the real length of each sequence (at most ``length``).
+      length: the packed rows' length.
+      window: first fit among the last ``window`` open rows (a sequence that fits none opens a
+        new one), in the given order.
+
+    Returns:
+      ``arrays`` as [m, length] rows, zero past the last sequence, and ``"segments"`` int32
+      [m, length]: 1, 2, ... for the sequences of a row in order, 0 for its trailing pads.
+    """
+    lengths = np.asarray(lengths)
+    if len(lengths) and not 0 < lengths.min() <= lengths.max() <= length:
+        raise ValueError(
+            f"sequence lengths {lengths.min()}..{lengths.max()} must be in [1, {length}]"
+        )
+    rows: list[list[int]] = []  # sequence indices per row
+    free: list[int] = []
+    for i, n in enumerate(lengths.tolist()):
+        start = max(len(rows) - window, 0)
+        row = next((r for r in range(start, len(rows)) if free[r] >= n), None)
+        if row is None:
+            rows.append([])
+            free.append(length)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= n
+    out = {k: np.zeros((len(rows), length), v.dtype) for k, v in arrays.items()}
+    out["segments"] = np.zeros((len(rows), length), np.int32)
+    for r, members in enumerate(rows):
+        at = 0
+        for segment, i in enumerate(members, 1):
+            n = lengths[i]
+            for key, value in arrays.items():
+                out[key][r, at : at + n] = value[i, :n]
+            out["segments"][r, at : at + n] = segment
+            at += n
+    return out
+
+
 class TokenWindows:
     """Random-access windows of ``length + 1`` tokens over a token stream (inputs and targets).
 

@@ -5,7 +5,9 @@ one number per position; Ouyang et al. 2022). Converted GPT-2 checkpoints
 
 Padded batches pass ``valid`` (True at real tokens, left or right padding): a token's position is
 the number of real tokens before it, and pads are masked as keys, so a left-padded prompt gives
-the same outputs at its real tokens as the prompt alone.
+the same outputs at its real tokens as the prompt alone. Packed rows (several sequences end to end,
+so short sequences do not pay for pads) pass ``segments`` instead: each sequence's positions start
+at 0 and it attends only to itself, so its outputs are those of the sequence alone.
 """
 
 from __future__ import annotations
@@ -97,19 +99,32 @@ class GPT(nn.Module):
     """tokens int32 [b, t] (``valid`` bool [b, t], default all True) -> logits float32
     [b, t, vocab], or with ``head="scalar"`` scores float32 [b, t].
 
-    In decode mode every call appends its tokens and their ``valid`` flags to the cache."""
+    ``segments`` int [b, t] (instead of ``valid``, not in decode mode) packs several sequences in a
+    row: a run of equal ids is one sequence, ids change at each sequence's first token (padding
+    is one more run). In decode mode every call appends its tokens and their ``valid`` flags to
+    the cache."""
 
     config: GPTConfig
 
     @nn.compact
     def __call__(
-        self, tokens: jax.Array, *, valid: jax.Array | None = None, train: bool = False
+        self,
+        tokens: jax.Array,
+        *,
+        valid: jax.Array | None = None,
+        segments: jax.Array | None = None,
+        train: bool = False,
     ) -> jax.Array:
         cfg = self.config
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
         if valid is not None and valid.shape != tokens.shape:
             raise ValueError(f"valid has shape {valid.shape}; tokens have {tokens.shape}")
+        if segments is not None:
+            if segments.shape != tokens.shape:
+                raise ValueError(f"segments have shape {segments.shape}; tokens {tokens.shape}")
+            if valid is not None or cfg.decode:
+                raise ValueError("segments (packed rows) take neither valid nor decode mode")
         if tokens.shape[1] > cfg.context_length:
             raise ValueError(
                 f"sequence length {tokens.shape[1]} exceeds the context length {cfg.context_length}"
@@ -128,7 +143,10 @@ class GPT(nn.Module):
             (cfg.context_length, cfg.width),
             jnp.float32,
         )
-        positions, mask = self._positions_and_mask(tokens, valid)
+        if segments is None:
+            positions, mask = self._positions_and_mask(tokens, valid)
+        else:
+            positions, mask = _packed_positions_and_mask(segments)
         # Gather from whole tables (FSDP all-gathers them anyway): a gather from a table sharded
         # along embed forces XLA into a full rematerialisation to reach the batch sharding.
         token_embedding = nn.with_logical_constraint(token_embedding, (None, None))
@@ -181,3 +199,14 @@ class GPT(nn.Module):
                 return jnp.maximum(positions, 0), keys[:, None, None, :]
         positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
         return positions, valid[:, None, None, :]
+
+
+def _packed_positions_and_mask(segments: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Position ids int [b, t] counted from each sequence's first token, and the mask bool
+    [b, 1, t, t] keeping a query to keys of its own sequence (with the causal mask: its past)."""
+    index = jnp.arange(segments.shape[1])
+    first = jnp.concatenate(
+        [jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1
+    )
+    positions = index - jax.lax.cummax(jnp.where(first, index, 0), axis=1)
+    return positions, (segments[:, :, None] == segments[:, None, :])[:, None]

@@ -27,12 +27,16 @@ def next_token_nll(
 
 def lm_loss_fn(model: nn.Module) -> Callable:
     """``loss_fn(params, batch, rng)`` for ``batch = {"tokens": int32 [b, t + 1]}`` (optional
-    ``"weights"`` [b, t]): mean next-token NLL over counted tokens, whose number it reports as
-    ``LOSS_WEIGHT`` (gradient accumulation weighs microbatches by it)."""
+    ``"weights"`` [b, t]; ``"segments"`` int [b, t + 1] for packed rows of a model that takes
+    them, e.g. :class:`jaxaigc.models.gpt.GPT`): mean next-token NLL over counted tokens, whose
+    number it reports as ``LOSS_WEIGHT`` (gradient accumulation weighs microbatches by it)."""
 
     def loss_fn(params, batch, rng):
         tokens = batch["tokens"]
-        logits = model.apply({"params": params}, tokens[:, :-1], train=True, rngs={"dropout": rng})
+        packed = {"segments": batch["segments"][:, :-1]} if "segments" in batch else {}
+        logits = model.apply(
+            {"params": params}, tokens[:, :-1], train=True, rngs={"dropout": rng}, **packed
+        )
         targets = tokens[:, 1:]
         weights = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
         nll, count = next_token_nll(logits, targets, weights)

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxaigc.data import instructions
 from jaxaigc.data.pipeline import BatchIterator
-from jaxaigc.data.text import decode_bytes, encode_bytes
+from jaxaigc.data.text import decode_bytes, encode_bytes, pack
 from jaxaigc.models.gpt import GPT, GPTConfig
 from jaxaigc.objectives.autoregressive import lm_loss_fn, next_token_nll
 from jaxaigc.rlhf import (
@@ -65,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
             rl_prompts=4_096,
             corpus=20_000,
             corpus_source="auto",
+            # Pretraining and SFT rows hold several sequences end to end (each attending only to
+            # itself): more than half of their bytes would otherwise be pads.
+            pack=False,
         )
     )
 
@@ -172,6 +175,14 @@ def build_pretrain(config) -> tuple[Task, BatchIterator]:
     model = GPT(policy_config(config))
     arrays = corpus_lines(config, config.data.corpus, seed=config.data.seed)
     length = config.model.context_length
+    if config.data.pack:
+        tokens = arrays["tokens"]
+        arrays = pack({"tokens": tokens}, (tokens != PAD).sum(1), length=length)
+        segments = arrays["segments"]
+        # A target counts inside its own line: not the next line's first byte, not a pad.
+        arrays["weights"] = ((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)).astype(
+            np.float32
+        )
     return Task(init=_init(model, length), loss_fn=lm_loss_fn(model)), _iterator(
         arrays, config, "pretrain"
     )
@@ -214,7 +225,11 @@ def build_sft(config, pretrained_params) -> tuple[Task, BatchIterator]:
         init=_init(model, config.model.context_length, pretrained_params, "pretrained"),
         loss_fn=sft_loss_fn(model),
     )
-    return task, _iterator(_sft_arrays(config, demos), config, "sft")
+    arrays = _sft_arrays(config, demos)
+    if config.data.pack:
+        lengths = _last(arrays["response_mask"]) + 1  # through the EOS
+        arrays = pack(arrays, lengths, length=config.model.context_length)
+    return task, _iterator(arrays, config, "sft")
 
 
 def comparison_arrays(config, comparisons) -> dict[str, np.ndarray]:

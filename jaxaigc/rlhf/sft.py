@@ -67,12 +67,16 @@ def left_pad(
 
 def sft_loss_fn(model: nn.Module) -> Callable:
     """``loss_fn(params, batch, rng)`` for ``batch = {"tokens": int32 [b, t], "response_mask":
-    bool [b, t]}`` (:func:`encode_example`): mean next-token NLL over the response tokens (the
-    prompt is context, not a target)."""
+    bool [b, t]}`` (:func:`encode_example`; with ``"segments"`` [b, t], rows packed by
+    :func:`jaxaigc.data.text.pack`): mean next-token NLL over the response tokens (the prompt is
+    context, not a target)."""
     lm = lm_loss_fn(model)
 
     def loss_fn(params, batch, rng):
-        weights = batch["response_mask"][:, 1:]  # target t + 1 is predicted at position t
-        return lm(params, {"tokens": batch["tokens"], "weights": weights}, rng)
+        # Target t + 1 is predicted at position t; a packed row's next prompt is no target.
+        lm_batch = {"tokens": batch["tokens"], "weights": batch["response_mask"][:, 1:]}
+        if "segments" in batch:
+            lm_batch["segments"] = batch["segments"]
+        return lm(params, lm_batch, rng)
 
     return loss_fn

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from jaxaigc.data.pipeline import BatchIterator
-from jaxaigc.data.text import TokenWindows, arithmetic_lines, encode_bytes, is_held_out
+from jaxaigc.data.text import TokenWindows, arithmetic_lines, encode_bytes, is_held_out, pack
 
 
 def operands(lines):
@@ -40,3 +40,22 @@ def test_batch_iterator_resumes_with_the_exact_next_batch():
         next(other_seed)["tokens"],
         next(BatchIterator(windows, global_batch_size=8, seed=4))["tokens"],
     )
+
+
+def test_pack_places_every_sequence_once_in_order():
+    lengths = np.array([3, 5, 2, 4, 6, 1])
+    tokens = np.zeros((6, 6), np.int32)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = 10 * (i + 1) + np.arange(n)
+    packed = pack({"tokens": tokens, "mask": tokens > 0}, lengths, length=8)
+    assert packed["tokens"].shape[1] == 8 and len(packed["tokens"]) < len(lengths)
+    found = []
+    for row, segments in zip(packed["tokens"], packed["segments"], strict=True):
+        for s in range(1, segments.max() + 1):
+            found.append(row[segments == s].tolist())
+        assert (row[segments == 0] == 0).all()  # only pads after the last sequence
+        assert (np.diff(segments[segments > 0]) >= 0).all()
+    assert sorted(found) == sorted(t[:n].tolist() for t, n in zip(tokens, lengths, strict=True))
+    assert packed["mask"].sum() == lengths.sum()
+    with pytest.raises(ValueError, match="must be in \\[1, 4\\]"):
+        pack({"tokens": tokens}, lengths, length=4)

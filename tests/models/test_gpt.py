@@ -112,6 +112,22 @@ def test_padded_rows_equal_the_unpadded_sequence():
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_rows_equal_each_sequence_alone():
+    """Sequences packed in one row (``segments``) give the outputs of each sequence alone: their
+    positions restart and they do not see each other; pads after them change nothing."""
+    config = TINY.replace(context_length=12)
+    model = GPT(config)
+    first, second = jnp.array([[5, 6, 7, 8, 9]]), jnp.array([[10, 11, 12, 13]])
+    params = model.init(jax.random.key(0), first)["params"]
+    packed = jnp.concatenate([first, second, jnp.zeros((1, 3), jnp.int32)], 1)
+    segments = jnp.array([[1] * 5 + [2] * 4 + [0] * 3])
+    out = model.apply({"params": params}, packed, segments=segments)
+    np.testing.assert_allclose(out[:, :5], model.apply({"params": params}, first), atol=1e-5)
+    np.testing.assert_allclose(out[:, 5:9], model.apply({"params": params}, second), atol=1e-5)
+    with pytest.raises(ValueError, match="segments .packed rows. take neither valid"):
+        model.apply({"params": params}, packed, segments=segments, valid=segments > 0)
+
+
 @pytest.mark.parametrize("changes", [{}, {"head": "scalar"}, {"tie_embeddings": True}])
 def test_every_parameter_has_logical_axes(changes):
     boxed = GPT(TINY.replace(**changes)).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))

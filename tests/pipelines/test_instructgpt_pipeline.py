@@ -48,6 +48,28 @@ def test_arrays_end_at_the_longest_row():
     assert arrays["response_mask"][1].sum() == config.data.response_length  # 59 bytes and EOS
 
 
+def test_packed_stages_hold_every_sequence_once():
+    """data.pack: corpus lines and demonstrations end to end in context-length rows; every
+    target byte of the unpacked rows is still a target, none crosses into the next sequence."""
+    config = ig.get_config()
+    config.data.update(corpus=300, demonstrations=300)
+    plain = {s: b(ig.stage_config(config, s), *a) for s, b, a in _builders()}
+    config.data.pack = True
+    packed = {s: b(ig.stage_config(config, s), *a) for s, b, a in _builders()}
+    for stage, key in (("pretrain", "weights"), ("sft", "response_mask")):
+        a, b = (x[1].source.arrays for x in (plain[stage], packed[stage]))
+        assert b["tokens"].shape[1] == config.model.context_length
+        assert len(b["tokens"]) < 0.7 * len(a["tokens"])  # more than half of a row was pads
+        assert b[key].sum() == a[key].sum()
+        assert (b["tokens"] != ig.PAD).sum() == (a["tokens"] != ig.PAD).sum()
+    weights, segments = (packed["pretrain"][1].source.arrays[k] for k in ("weights", "segments"))
+    assert not (weights.astype(bool) & (segments[:, 1:] != segments[:, :-1])).any()
+
+
+def _builders():
+    return (("pretrain", ig.build_pretrain, ()), ("sft", ig.build_sft, (None,)))
+
+
 def test_sft_comparisons_rank_the_policys_samples():
     config = ig.get_config()
     config.model.update(width=32, layers=1, heads=2)

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxaigc.data.text import pack
 from jaxaigc.models.gpt import GPT, GPTConfig
 from jaxaigc.rlhf import encode_example, sft_loss_fn
 
@@ -42,3 +43,25 @@ def test_sft_loss_is_the_mean_nll_of_response_tokens():
     np.testing.assert_allclose(
         sft_loss_fn(model)(params, changed, jax.random.key(0))[0], loss, rtol=1e-6
     )
+
+
+def test_packed_sft_loss_equals_the_unpacked_loss():
+    """Rows packed by ``pack`` (with their segments) give the loss of the same examples padded
+    one per row: no target crosses into the next example."""
+    model = GPT(CONFIG.replace(context_length=16))
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 10), jnp.int32))["params"])
+    args = dict(length=8, eos_id=1, pad_id=0, vocab_size=20)
+    rows = [
+        encode_example([2, 3, 4], [5, 6], **args),
+        encode_example([7], [8, 9, 10], **args),
+        encode_example([12, 13], [14], **args),
+    ]
+    tokens, mask = (np.stack(x) for x in zip(*rows, strict=True))
+    loss, _ = sft_loss_fn(model)(
+        params, {"tokens": tokens, "response_mask": mask}, jax.random.key(0)
+    )
+    packed = pack({"tokens": tokens, "response_mask": mask}, np.array([6, 5, 4]), length=16)
+    assert len(packed["tokens"]) == 1
+    packed_loss, metrics = sft_loss_fn(model)(params, packed, jax.random.key(0))
+    np.testing.assert_allclose(packed_loss, loss, rtol=1e-5)
+    assert float(metrics["loss_weight"]) == 3 + 4 + 2
