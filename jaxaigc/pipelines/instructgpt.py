@@ -78,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.pretrain = stage(1_500, 16, 3e-3)
     config.sft = stage(3_000, 16, 1e-3)
     config.rm = stage(600, 8, 1e-3)
+    # Fresh transformer blocks above the SFT trunk: judging a response takes a step more than
+    # writing it (read each byte's check, then gather the checks at EOS). The value model too.
+    config.rm.extra_layers = 0
     config.ppo = stage(300, 16, 3e-4)
     config.ppo.algorithm = ml_collections.ConfigDict(
         dataclasses.asdict(
@@ -113,7 +116,11 @@ def policy_config(config: ml_collections.ConfigDict) -> GPTConfig:
 
 
 def reward_config(config: ml_collections.ConfigDict) -> GPTConfig:
-    return policy_config(config).replace(head="scalar")
+    policy = policy_config(config)
+    extra = config.rm.extra_layers
+    if extra < 0 or (extra and policy.scan_layers):
+        raise ValueError(f"rm.extra_layers={extra}: must be >= 0, and 0 with scan_layers")
+    return policy.replace(head="scalar", layers=policy.layers + extra)
 
 
 def prompt_bytes(prompt: instructions.Prompt) -> list[int]:
@@ -287,8 +294,11 @@ def build_rm(config, sft_params) -> tuple[Task, BatchIterator]:
 
     def init(rng: jax.Array):
         boxed = model.init(rng, jnp.zeros((1, config.model.context_length), jnp.int32))["params"]
+        fresh = nn.meta.unbox(boxed)
         trunk = {k: v for k, v in sft_params.items() if k != "head"}
-        trunk["score"] = nn.meta.unbox(boxed["score"])  # a fresh head
+        trunk["score"] = fresh["score"]  # a fresh head
+        # The SFT blocks at the bottom, rm.extra_layers fresh ones above them.
+        trunk["transformer"] = {**fresh["transformer"], **sft_params["transformer"]}
         return {"params": load_params(boxed, trunk, "SFT")}
 
     task = Task(init=init, loss_fn=reward_loss_fn(model))

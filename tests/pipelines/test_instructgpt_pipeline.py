@@ -70,6 +70,29 @@ def _builders():
     return (("pretrain", ig.build_pretrain, ()), ("sft", ig.build_sft, (None,)))
 
 
+def test_reward_model_extra_layers_sit_above_the_sft_trunk():
+    config = ig.get_config()
+    config.model.update(width=32, layers=1, heads=2)
+    config.data.comparisons = 8
+    config.rm.extra_layers = 2
+    model = ig.GPT(ig.policy_config(config))
+    tokens = jnp.zeros((1, config.model.context_length), jnp.int32)
+    sft = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+    task, _ = ig.build_rm(ig.stage_config(config, "rm"), sft)
+    rm = nn.meta.unbox(task.init(jax.random.key(1))["params"])
+    assert sorted(rm["transformer"]) == ["resblocks_0", "resblocks_1", "resblocks_2"]
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        rm["transformer"]["resblocks_0"],
+        sft["transformer"]["resblocks_0"],
+    )
+    np.testing.assert_array_equal(rm["token_embedding"], sft["token_embedding"])
+    assert "head" not in rm and ig.reward_config(config).layers == 3
+    config.rm.extra_layers = -1
+    with pytest.raises(ValueError, match="rm.extra_layers=-1"):
+        ig.reward_config(config)
+
+
 def test_sft_comparisons_rank_the_policys_samples():
     config = ig.get_config()
     config.model.update(width=32, layers=1, heads=2)
