@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxaigc import zero_shot
 from jaxaigc.cli import run_experiment
@@ -221,7 +222,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     model, task, batches, tokenizer = clip.build(config)
     state = train(task, batches, config, workdir)
-    variables = state.eval_variables  # with EMA, the averaged weights and BatchNorm statistics
+    # With EMA, the averaged weights and BatchNorm statistics. Evaluation closes over them, so
+    # each process needs them whole on its own device (a run of several processes shards them).
+    variables = jax.device_put(multihost_utils.process_allgather(state.eval_variables, tiled=True))
     losses = [(r["step"], r["train/loss"]) for r in read_metrics(workdir) if "train/loss" in r]
     report = {
         "first_logged_loss": {"step": losses[0][0], "loss": losses[0][1]},

@@ -117,3 +117,23 @@ def test_checkpoints_move_between_one_and_two_processes(one_process, tmp_path):
     # 1 process resumes the 2-process checkpoint and finishes the run.
     assert resumed_from(run_worker(tmp_path, 1)) == stop
     assert_close(tmp_path, one_process, range(stop + 1, STEPS + 1))
+
+
+def test_clip_experiment_evaluates_parameters_sharded_over_two_processes(tmp_path):
+    """Each process evaluates the trained CLIP on its own device: the experiment gathers the
+    parameters that fsdp spread over both processes (closing over them is an error)."""
+    experiment = ROOT / "experiments" / "clip" / "tiny_clip.py"
+    overrides = dict(
+        steps=2, log_every=1, checkpoint_every=2, fashion_mnist=50, shapes=50, shape_scenes=50
+    )
+    sections = dict(steps="train", log_every="train", checkpoint_every="train")
+    args = [f"--config.{sections.get(k, 'eval')}.{k}={v}" for k, v in overrides.items()]
+    args += ["--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=-1"]
+    command = [str(LAUNCHER), "2", "--devices_per_process", "1", str(experiment)]
+    result = subprocess.run(
+        [sys.executable, *command, "--workdir", str(tmp_path), *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["final_loss"]["step"] == 2 and report["shapes_test"]["n"] == 50
