@@ -1,7 +1,7 @@
 """Benchmark: the unCLIP decoder's UNet on this machine, and the paper presets' pod sizing.
 
     python experiments/bench/unclip.py [--parts step,sample,sizing] [--batch 8 --repeats 5]
-        [--meshes "fsdp=8 fsdp=4,tensor=2"] [--accum 1,8] [--conv-in fsdp]
+        [--meshes "fsdp=8 fsdp=4,tensor=2"] [--accum 1,8] [--conv-in fsdp] [--unet-remat none]
 
 ``step``: one AdamW training step (``make_train_step(decoder_loss_fn(...))``, fp32) of a decoder
 at 64 px: the ``tiny`` preset's widths at ``--channels`` base channels, levels 64 / 32 / 16 / 8 px
@@ -19,7 +19,8 @@ nothing is allocated); GiB per device from XLA:CPU's memory analysis (an order o
 pod, see ``dalle_sizing``). The default rules shard convolution kernels on their output channels
 over ``tensor`` only, so on an fsdp-only mesh every UNet convolution is replicated; ``--conv-in
 fsdp`` shards their input channels over fsdp too (compiled with GSPMD:
-``parallel.partitioner``, the Shardy workaround).
+``parallel.partitioner``, the Shardy workaround). ``--unet-remat`` replaces the preset's UNet
+rematerialisation policy (``paper-3.5b``: "full"), to measure what it saves.
 """
 
 import argparse
@@ -121,7 +122,12 @@ def sample_row(config: DecoderConfig, b: int, repeats: int, ceiling: float) -> d
 
 
 def size_one(
-    model_name: str, mesh_spec: dict[str, int], global_batch: int, accum: int, rules: dict
+    model_name: str,
+    mesh_spec: dict[str, int],
+    global_batch: int,
+    accum: int,
+    rules: dict,
+    unet_remat: str = "",
 ) -> dict:
     """Compiles the paper preset's train step on this process's (emulated) devices, with the
     default logical rules overridden by ``rules``."""
@@ -141,7 +147,8 @@ def size_one(
             "image_embedding": ((c.embed_dim,), f32),
         }
     else:
-        c = DecoderConfig.from_name(paper["preset"])
+        changes = {"unet_remat_policy": unet_remat} if unet_remat else {}
+        c = DecoderConfig.from_name(paper["preset"], **changes)
         model, init, loss_fn = Decoder(c), decoder_init, decoder_loss_fn
         example = {
             "image": ((c.image_size, c.image_size, 3), f32),
@@ -169,6 +176,7 @@ def main():
     parser.add_argument(
         "--conv-in", default="", help="mesh axis for convolution input channels (default: none)"
     )
+    parser.add_argument("--unet-remat", default="", help="the decoder's UNet remat policy")
     parser.add_argument("--global-batch", type=int, help=argparse.SUPPRESS)  # child
     parser.add_argument("--model", help=argparse.SUPPRESS)  # child: prior or decoder
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child: one mesh, prints JSON
@@ -178,8 +186,9 @@ def main():
     rules = {"conv_in": args.conv_in} if args.conv_in else {}
     if args.one:
         result = size_one(
-            args.model, dalle_sizing.parse_mesh(args.one), args.global_batch, int(args.accum), rules
-        )
+            args.model, dalle_sizing.parse_mesh(args.one), args.global_batch, int(args.accum),
+            rules, args.unet_remat,
+        )  # fmt: skip
         print(json.dumps(result), flush=True)
         return
 
@@ -210,7 +219,8 @@ def main():
     if "sizing" in parts:
         print(
             f"\nPaper presets' AdamW train steps, GiB per device (XLA:CPU memory_analysis); fits "
-            f"= peak <= {args.limit_gib} GiB; rule overrides {rules or 'none'}\n"
+            f"= peak <= {args.limit_gib} GiB; rule overrides {rules or 'none'}; UNet remat "
+            f"{args.unet_remat or 'as the preset'}\n"
         )
         print(
             "| model | mesh (devices) | accumulation (examples/device/microbatch) | "
@@ -222,6 +232,7 @@ def main():
             for mesh in args.meshes.split():
                 for accum in (int(a) for a in args.accum.split(",")):
                     extra = ("--model", name, "--conv-in", args.conv_in)
+                    extra += ("--unet-remat", args.unet_remat)
                     r = dalle_sizing.run_child(mesh, accum, args, script=__file__, extra=extra)
                     row = dalle_sizing.markdown_row(r, args.limit_gib)
                     print(f"| {PAPER[name]['preset']} {row}", flush=True)

@@ -59,7 +59,8 @@ _PRESET_FIELDS = (
     "text_layers", "text_heads",
 )  # fmt: skip
 # The paper decoder rematerialises its UNet's residual and attention blocks as well as its text
-# transformer: a 64 px UNet of 512 base channels stores most of a train step's activations.
+# transformer. XLA:CPU's sizing shows no saving from the UNet's (BUILD_NOTES, "Paper-scale
+# sizing": a fixed ~20 GiB per device dominates); kept as the paper-scale default.
 _PRESET_COMPUTE = {
     "paper-3.5b": dict(
         dtype="bfloat16", scan_layers=True, remat_policy="full", unet_remat_policy="full"
