@@ -52,7 +52,7 @@ def test_packed_stages_hold_every_sequence_once():
     """data.pack: corpus lines and demonstrations end to end in context-length rows; every
     target byte of the unpacked rows is still a target, none crosses into the next sequence."""
     config = ig.get_config()
-    config.data.update(corpus=300, demonstrations=300)
+    config.data.update(corpus=300, demonstrations=300, pack=False)
     plain = {s: b(ig.stage_config(config, s), *a) for s, b, a in _builders()}
     config.data.pack = True
     packed = {s: b(ig.stage_config(config, s), *a) for s, b, a in _builders()}
