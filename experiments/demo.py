@@ -74,8 +74,8 @@ def unclip_config() -> ml_collections.ConfigDict:
 
 
 def instructgpt_config() -> ml_collections.ConfigDict:
-    # The experiment's defaults: pretrain 1,500, SFT 3,000, RM 600 steps, PPO and PPO-ptx 300
-    # iterations each: 318 s on 2 quiet cores (2026-11-30).
+    # The experiment's defaults: packed rows, pretrain 1,000, SFT 2,500, RM 600 steps, PPO and
+    # PPO-ptx 300 iterations each: 313 s on 2 quiet cores (2026-11-30).
     return train_instructgpt.get_config()
 
 
