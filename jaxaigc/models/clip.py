@@ -16,7 +16,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxaigc.nn import REMAT_POLICIES, Transformer, causal_mask, layer_norm, partitioned
+from jaxaigc.nn import (
+    REMAT_POLICIES,
+    Transformer,
+    causal_mask,
+    check_remat_policy,
+    layer_norm,
+    partitioned,
+)
 from jaxaigc.nn.resnet import BLURS, AttentionPool2d, Bottleneck, batch_norm, blur_pool, conv
 
 # name: (embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
@@ -101,10 +108,7 @@ class CLIPConfig:
             raise ValueError(f"vision width {self.vision_width} does not give 64-wide heads")
         if self.blur not in BLURS:
             raise ValueError(f"unknown blur {self.blur!r}; known: {BLURS}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"unknown remat policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}"
-            )
+        check_remat_policy(self.remat_policy)
         low, high = LOGIT_SCALE_RANGE
         if not low <= self.logit_scale_init <= high:
             raise ValueError(

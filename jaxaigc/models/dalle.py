@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaigc.nn import REMAT_POLICIES, Transformer, dense, layer_norm, partitioned
+from jaxaigc.nn import Transformer, check_remat_policy, dense, layer_norm, partitioned
 from jaxaigc.nn.attention import decode_positions
 from jaxaigc.nn.layers import ACTIVATIONS
 from jaxaigc.nn.sparse import KINDS, DALLEMask, layer_masks, sparse_attention, splash_attention
@@ -99,10 +99,7 @@ class DALLEConfig:
             raise ValueError(
                 f"unknown activation {self.activation!r}; known: {sorted(ACTIVATIONS)}"
             )
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"unknown remat policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}"
-            )
+        check_remat_policy(self.remat_policy)
 
     @property
     def image_len(self) -> int:

@@ -38,7 +38,7 @@ from jaxaigc.diffusion import VARIANCES, Diffusion, cosine_betas, sample_ddim, s
 from jaxaigc.diffusion.schedules import check_prediction
 from jaxaigc.models.prior import check_guidance, check_width, keep_conditioning
 from jaxaigc.nn import Transformer, dense, layer_norm, partitioned
-from jaxaigc.nn.transformer import REMAT_POLICIES
+from jaxaigc.nn.transformer import check_remat_policy
 from jaxaigc.nn.unet import UNet, timestep_embedding
 
 # name: (image_size, model_channels, channel_mult, num_res_blocks, attention_resolutions,
@@ -139,10 +139,7 @@ class DecoderConfig:
             raise ValueError(f"unknown variance {self.variance!r}; use one of {VARIANCES}")
         check_prediction(self.prediction)
         for name in ("remat_policy", "unet_remat_policy"):
-            if getattr(self, name) not in REMAT_POLICIES:
-                raise ValueError(
-                    f"unknown {name} {getattr(self, name)!r}; known: {sorted(REMAT_POLICIES)}"
-                )
+            check_remat_policy(getattr(self, name), name)
 
     @property
     def embedding_scale(self) -> float:

@@ -37,7 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaigc.diffusion import Diffusion, cosine_betas, sample_ddim
-from jaxaigc.nn import REMAT_POLICIES, Transformer, causal_mask, dense, layer_norm, partitioned
+from jaxaigc.nn import (
+    Transformer,
+    causal_mask,
+    check_remat_policy,
+    dense,
+    layer_norm,
+    partitioned,
+)
 from jaxaigc.nn.unet import timestep_embedding
 
 # name: (embed_dim, text_len, text_width, width, layers, heads)
@@ -81,10 +88,7 @@ class PriorConfig:
             raise ValueError(f"text_drop {self.text_drop} is outside [0, 1]")
         if self.scale is not None and self.scale <= 0:
             raise ValueError(f"scale must be positive, got {self.scale}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"unknown remat policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}"
-            )
+        check_remat_policy(self.remat_policy)
 
     @property
     def embedding_scale(self) -> float:

@@ -3,7 +3,12 @@
 from jaxaigc.nn.attention import MultiHeadAttention, causal_mask, combine_masks
 from jaxaigc.nn.layers import ACTIVATIONS, MLP, activation, dense, layer_norm, partitioned
 from jaxaigc.nn.sparse import dalle_mask, dalle_mask_fn, layer_masks, sparse_attention
-from jaxaigc.nn.transformer import REMAT_POLICIES, Transformer, TransformerBlock
+from jaxaigc.nn.transformer import (
+    REMAT_POLICIES,
+    Transformer,
+    TransformerBlock,
+    check_remat_policy,
+)
 from jaxaigc.nn.unet import AttentionBlock, ResBlock, UNet, group_norm, timestep_embedding
 
 __all__ = [
@@ -18,6 +23,7 @@ __all__ = [
     "UNet",
     "activation",
     "causal_mask",
+    "check_remat_policy",
     "combine_masks",
     "dalle_mask",
     "dalle_mask_fn",

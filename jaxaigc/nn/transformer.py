@@ -23,6 +23,13 @@ REMAT_POLICIES = {
 }
 
 
+def check_remat_policy(policy: str, name: str = "remat policy") -> None:
+    """Raises ValueError naming ``policy`` (the setting ``name``) unless it is in
+    ``REMAT_POLICIES``."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown {name} {policy!r}; known: {sorted(REMAT_POLICIES)}")
+
+
 class TransformerBlock(nn.Module):
     """One pre-LN residual block: self-attention then MLP.
 
@@ -118,10 +125,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"unknown remat policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}"
-            )
+        check_remat_policy(self.remat_policy)
         patterns = self.layer_patterns or (0,) * self.num_layers
         if len(patterns) != self.num_layers:
             raise ValueError(f"{len(patterns)} layer patterns given for {self.num_layers} layers")

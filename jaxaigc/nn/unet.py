@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxaigc.nn.attention import HeadsDense
 from jaxaigc.nn.conv import Conv2d, upsample_nearest2d
 from jaxaigc.nn.layers import dense, partitioned
-from jaxaigc.nn.transformer import REMAT_POLICIES
+from jaxaigc.nn.transformer import REMAT_POLICIES, check_remat_policy
 
 RESAMPLES = ("none", "up", "down")
 
@@ -181,10 +181,7 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, context: jax.Array | None = None) -> jax.Array:
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"unknown remat policy {self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}"
-            )
+        check_remat_policy(self.remat_policy)
         res_block, attention_block = ResBlock, AttentionBlock
         if self.remat_policy != "none":
             policy = REMAT_POLICIES[self.remat_policy]
