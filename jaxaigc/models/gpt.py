@@ -7,7 +7,9 @@ Padded batches pass ``valid`` (True at real tokens, left or right padding): a to
 the number of real tokens before it, and pads are masked as keys, so a left-padded prompt gives
 the same outputs at its real tokens as the prompt alone. Packed rows (several sequences end to end,
 so short sequences do not pay for pads) pass ``segments`` instead: each sequence's positions start
-at 0 and it attends only to itself, so its outputs are those of the sequence alone.
+at 0 and it attends only to itself, so its outputs are those of the sequence alone. ``branches``
+adds continuations that share a prefix (a prompt and its K responses, each scored once): every
+branch sees the prefix and itself, so its outputs are those of prefix + branch alone.
 """
 
 from __future__ import annotations
@@ -100,9 +102,11 @@ class GPT(nn.Module):
     [b, t, vocab], or with ``head="scalar"`` scores float32 [b, t].
 
     ``segments`` int [b, t] (instead of ``valid``, not in decode mode) packs several sequences in a
-    row: a run of equal ids is one sequence, ids change at each sequence's first token (padding
-    is one more run). In decode mode every call appends its tokens and their ``valid`` flags to
-    the cache."""
+    row: a run of equal ids > 0 is one sequence, ids change at each sequence's first token, 0 is
+    padding. ``branches`` int [b, t] (with ``segments``) splits a sequence into its
+    prefix (0) and continuations 1, 2, ... placed after it, each attending to the prefix and
+    itself; such rows may be longer than the context as long as prefix + branch is not. In decode
+    mode every call appends its tokens and their ``valid`` flags to the cache."""
 
     config: GPTConfig
 
@@ -113,6 +117,7 @@ class GPT(nn.Module):
         *,
         valid: jax.Array | None = None,
         segments: jax.Array | None = None,
+        branches: jax.Array | None = None,
         train: bool = False,
     ) -> jax.Array:
         cfg = self.config
@@ -125,7 +130,9 @@ class GPT(nn.Module):
                 raise ValueError(f"segments have shape {segments.shape}; tokens {tokens.shape}")
             if valid is not None or cfg.decode:
                 raise ValueError("segments (packed rows) take neither valid nor decode mode")
-        if tokens.shape[1] > cfg.context_length:
+        if branches is not None and (segments is None or branches.shape != tokens.shape):
+            raise ValueError(f"branches {branches.shape} need segments of the tokens' shape")
+        if branches is None and tokens.shape[1] > cfg.context_length:
             raise ValueError(
                 f"sequence length {tokens.shape[1]} exceeds the context length {cfg.context_length}"
             )
@@ -146,7 +153,7 @@ class GPT(nn.Module):
         if segments is None:
             positions, mask = self._positions_and_mask(tokens, valid)
         else:
-            positions, mask = _packed_positions_and_mask(segments)
+            positions, mask = _packed_positions_and_mask(segments, branches)
         # Gather from whole tables (FSDP all-gathers them anyway): a gather from a table sharded
         # along embed forces XLA into a full rematerialisation to reach the batch sharding.
         token_embedding = nn.with_logical_constraint(token_embedding, (None, None))
@@ -201,12 +208,16 @@ class GPT(nn.Module):
         return positions, valid[:, None, None, :]
 
 
-def _packed_positions_and_mask(segments: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Position ids int [b, t] counted from each sequence's first token, and the mask bool
-    [b, 1, t, t] keeping a query to keys of its own sequence (with the causal mask: its past)."""
+def _packed_positions_and_mask(
+    segments: jax.Array, branches: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """Position ids int [b, t] and the mask bool [b, 1, t, t] keeping a query to keys of its own
+    sequence (and of its own branch or the prefix); with the causal mask, its past. A token's
+    position is the number of keys it sees before itself."""
+    mask = segments[:, :, None] == segments[:, None, :]
+    if branches is not None:
+        mask &= (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
     index = jnp.arange(segments.shape[1])
-    first = jnp.concatenate(
-        [jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1
-    )
-    positions = index - jax.lax.cummax(jnp.where(first, index, 0), axis=1)
-    return positions, (segments[:, :, None] == segments[:, None, :])[:, None]
+    positions = (mask & (index[None, :] < index[:, None])).sum(-1, dtype=jnp.int32)
+    # Padding may run past the context in a row longer than it (its outputs are never read).
+    return jnp.where(segments > 0, positions, 0), mask[:, None]

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaigc.rlhf.sft import encode_example
+from jaxaigc.data.text import pack
+from jaxaigc.rlhf.sft import check_tokens, encode_example
 
 MIN_K = 2
 
@@ -65,16 +66,22 @@ def ranking_loss(rewards: jax.Array, ranks: jax.Array) -> jax.Array:
     if not isinstance(ranks, jax.core.Tracer):
         check_ranks(np.asarray(ranks))
     pairs = _pairs(ranks)
-    margin = rewards[:, :, None] - rewards[:, None, :]  # (B, K, K): r_i - r_j
-    losses = -jax.nn.log_sigmoid(margin) * pairs
+    losses, _ = _pair_terms(rewards, pairs)
     return losses.sum((1, 2)) / pairs.sum((1, 2))
 
 
 def pairwise_accuracy(rewards: jax.Array, ranks: jax.Array) -> jax.Array:
     """Per prompt [B]: the fraction of its ranked pairs whose better response scores higher."""
     pairs = _pairs(ranks)
-    correct = (rewards[:, :, None] > rewards[:, None, :]) * pairs
+    _, correct = _pair_terms(rewards, pairs)
     return correct.sum((1, 2)) / pairs.sum((1, 2))
+
+
+def _pair_terms(rewards: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """rewards [..., n] and pair weights [..., n, n] (i ranked above j) -> the weighted
+    -log sigmoid(r_i - r_j) and the weighted indicator r_i > r_j, both [..., n, n]."""
+    margin = rewards[..., :, None] - rewards[..., None, :]
+    return -jax.nn.log_sigmoid(margin) * weights, (margin > 0) * weights
 
 
 def sequence_scores(
@@ -85,31 +92,123 @@ def sequence_scores(
     return score_at_eos(scores, response_mask)
 
 
+def _flat_pairs(model, params, batch):
+    """Rewards [B, K] of one comparison per row and their pair weights [B, K, K]."""
+    b, k, t = batch["tokens"].shape
+    mask = batch["response_mask"].reshape(b * k, t)
+    valid = jnp.arange(t) <= last_index(mask)[:, None]  # right-padded after the EOS
+    rewards = sequence_scores(model, params, batch["tokens"].reshape(b * k, t), valid, mask)
+    pairs = _pairs(batch["ranks"])
+    return rewards.reshape(b, k), batch["ranks"] >= 0, pairs / pairs.sum((1, 2), keepdims=True)
+
+
+def _packed_pairs(model, params, batch):
+    """Scores [B, L] of rows packed by :func:`pack_comparisons`, the EOS tokens and the pair
+    weights [B, L, L] between EOS tokens of one comparison (1 / C(k, 2) each)."""
+    segments, order = batch["segments"], batch["response_rank"]
+    scores = model.apply(
+        {"params": params}, batch["tokens"], segments=segments, branches=batch["branches"]
+    )
+    eos = order > 0
+    same = (segments[:, :, None] == segments[:, None, :]) & eos[:, :, None] & eos[:, None, :]
+    k = same.sum(-1, keepdims=True).astype(jnp.float32)  # responses in each token's comparison
+    above = same & (order[:, :, None] < order[:, None, :])
+    return scores, eos, above / jnp.maximum(k * (k - 1) / 2, 1.0)
+
+
 def reward_loss_fn(model: nn.Module) -> Callable:
-    """``loss_fn(params, batch, rng)`` for ``batch = {"tokens": int32 [B, K, t], "response_mask":
-    bool [B, K, t], "ranks": int32 [B, K]}`` (:func:`encode_comparison`): the mean over prompts
-    of :func:`ranking_loss`, all K responses of a prompt scored in one forward pass."""
+    """``loss_fn(params, batch, rng)``: the mean over comparisons of :func:`ranking_loss`, all K
+    responses of a prompt scored in one forward pass. ``batch`` holds one comparison per row
+    (:func:`encode_comparison`: ``"tokens"`` int32 [B, K, t], ``"response_mask"`` bool [B, K, t],
+    ``"ranks"`` int32 [B, K]) or rows of several, each prompt once (:func:`pack_comparisons`)."""
 
     def loss_fn(params, batch, rng):
         del rng  # the reward model trains without dropout here
-        b, k, t = batch["tokens"].shape
         # No gradient to the bias: Eq. 1 sees only reward differences.
         score = dict(params["score"], bias=jax.lax.stop_gradient(params["score"]["bias"]))
         params = dict(params, score=score)
-        mask = batch["response_mask"].reshape(b * k, t)
-        valid = jnp.arange(t) <= last_index(mask)[:, None]  # right-padded after the EOS
-        rewards = sequence_scores(model, params, batch["tokens"].reshape(b * k, t), valid, mask)
-        rewards = rewards.reshape(b, k)
-        loss = ranking_loss(rewards, batch["ranks"]).mean()
-        present = batch["ranks"] >= 0
-        mean = (rewards * present).sum() / present.sum()
+        pairs = _packed_pairs if "segments" in batch else _flat_pairs
+        rewards, present, weights = pairs(model, params, batch)
+        losses, correct = _pair_terms(rewards, weights)
+        # Each comparison's weights sum to 1, so their total counts the comparisons.
+        comparisons = weights.sum()
+        loss = losses.sum() / comparisons
         return loss, {
             "ranking_loss": loss,
-            "pair_accuracy": pairwise_accuracy(rewards, batch["ranks"]).mean(),
-            "reward_mean": mean,
+            "pair_accuracy": correct.sum() / comparisons,
+            "reward_mean": (rewards * present).sum() / present.sum(),
         }
 
     return loss_fn
+
+
+def pack_comparisons(
+    comparisons: Sequence[tuple[Sequence[int], Sequence[Sequence[int]], Sequence[int]]],
+    *,
+    length: int,
+    context_length: int,
+    eos_id: int,
+    pad_id: int,
+    vocab_size: int,
+) -> dict[str, np.ndarray]:
+    """Comparisons ``(prompt, K responses, ranking)`` (ranking: response indices, best first) in
+    rows of ``length`` tokens with each prompt once: ``prompt, response_1 + [eos], ...`` as
+    ``branches`` of one sequence, several sequences per row (:func:`jaxaigc.data.text.pack`).
+
+    Returns ``tokens``, ``segments``, ``branches`` and ``response_rank`` (int32 [m, length]: 1 +
+    the response's rank at its EOS token, 0 elsewhere). A comparison longer than a row is split
+    into the fewest runs of its responses that fit, each ranked as in the whole: the pairs across
+    runs are dropped.
+    """
+    sequences = []
+    for index, (prompt, responses, ranking) in enumerate(comparisons):
+        k = len(responses)
+        if k < MIN_K:
+            raise ValueError(f"comparison {index} has K = {k} responses; K must be at least 2")
+        if sorted(ranking) != list(range(k)):
+            raise ValueError(
+                f"comparison {index}: ranking {list(ranking)} is not a permutation of its "
+                f"{k} responses"
+            )
+        ranks = np.empty(k, np.int32)
+        ranks[np.asarray(ranking)] = np.arange(k)
+        for response in responses:
+            check_tokens([*prompt, *response, eos_id, pad_id], vocab_size)
+            if len(prompt) + len(response) + 1 > context_length:
+                raise ValueError(
+                    f"prompt ({len(prompt)}) + response ({len(response)}) + EOS of comparison "
+                    f"{index} exceed the context length {context_length}"
+                )
+        sizes = [len(r) + 1 for r in responses]
+        for runs in range(1, k // MIN_K + 1):
+            parts = np.array_split(np.arange(k), runs)
+            if all(len(prompt) + sum(sizes[i] for i in part) <= length for part in parts):
+                break
+        else:
+            raise ValueError(
+                f"comparison {index}: the prompt and two responses exceed the row length {length}"
+            )
+        for part in parts:
+            tokens, branches, order = list(prompt), [0] * len(prompt), [0] * len(prompt)
+            for branch, i in enumerate(part, 1):
+                ids = [*responses[i], eos_id]
+                tokens += ids
+                branches += [branch] * len(ids)
+                rank = 1 + int((ranks[part] < ranks[i]).sum())  # 1 the best of the run
+                order += [0] * (len(ids) - 1) + [rank]
+            sequences.append((tokens, branches, order))
+    width = max(len(t) for t, _, _ in sequences)
+    arrays = {
+        key: np.zeros((len(sequences), width), np.int32)
+        for key in ("tokens", "branches", "response_rank")
+    }
+    arrays["tokens"][:] = pad_id
+    for row, values in enumerate(sequences):
+        for key, value in zip(arrays, values, strict=True):
+            arrays[key][row, : len(value)] = value
+    packed = pack(arrays, np.array([len(t) for t, _, _ in sequences]), length=length)
+    packed["tokens"][packed["segments"] == 0] = pad_id
+    return packed
 
 
 def encode_comparison(

@@ -128,6 +128,30 @@ def test_packed_rows_equal_each_sequence_alone():
         model.apply({"params": params}, packed, segments=segments, valid=segments > 0)
 
 
+def test_branches_equal_prefix_and_each_continuation_alone():
+    """Continuations after a shared prefix (``branches``) give the outputs of prefix +
+    continuation alone, also in a row longer than the context (whose padding stays finite); a
+    second sequence in the row does not see them."""
+    config = TINY.replace(context_length=6, head="scalar")
+    model = GPT(config)
+    prefix, a, b, other = [5, 6, 7], [8, 9], [10, 11, 12], [13, 14]
+    params = model.init(jax.random.key(0), jnp.zeros((1, 6), jnp.int32))["params"]
+    row = jnp.array([prefix + a + b + other + [0] * 7])
+    segments = jnp.array([[1] * 8 + [2] * 2 + [0] * 7])
+    branches = jnp.array([[0, 0, 0, 1, 1, 2, 2, 2] + [0] * 9])
+    out = model.apply({"params": params}, row, segments=segments, branches=branches)
+
+    def alone(tokens):
+        return model.apply({"params": params}, jnp.array([tokens]))[0]
+
+    np.testing.assert_allclose(out[0, :5], alone(prefix + a), atol=1e-5)
+    np.testing.assert_allclose(out[0, 5:8], alone(prefix + b)[3:], atol=1e-5)
+    np.testing.assert_allclose(out[0, 8:10], alone(other), atol=1e-5)
+    assert jnp.isfinite(out).all()
+    with pytest.raises(ValueError, match="branches .* need segments"):
+        model.apply({"params": params}, row, branches=branches)
+
+
 @pytest.mark.parametrize("changes", [{}, {"head": "scalar"}, {"tie_embeddings": True}])
 def test_every_parameter_has_logical_axes(changes):
     boxed = GPT(TINY.replace(**changes)).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))

@@ -50,9 +50,10 @@ def test_arrays_end_at_the_longest_row():
 
 def test_packed_stages_hold_every_sequence_once():
     """data.pack: corpus lines and demonstrations end to end in context-length rows; every
-    target byte of the unpacked rows is still a target, none crosses into the next sequence."""
+    target byte of the unpacked rows is still a target, none crosses into the next sequence.
+    Comparisons hold each prompt once and every response once, in a seventh of the bytes."""
     config = ig.get_config()
-    config.data.update(corpus=300, demonstrations=300, pack=False)
+    config.data.update(corpus=300, demonstrations=300, comparisons=300, pack=False)
     plain = {s: b(ig.stage_config(config, s), *a) for s, b, a in _builders()}
     config.data.pack = True
     packed = {s: b(ig.stage_config(config, s), *a) for s, b, a in _builders()}
@@ -64,16 +65,24 @@ def test_packed_stages_hold_every_sequence_once():
         assert (b["tokens"] != ig.PAD).sum() == (a["tokens"] != ig.PAD).sum()
     weights, segments = (packed["pretrain"][1].source.arrays[k] for k in ("weights", "segments"))
     assert not (weights.astype(bool) & (segments[:, 1:] != segments[:, :-1])).any()
+    a, b = (x[1].source.arrays for x in (plain["rm"], packed["rm"]))
+    assert b["tokens"].shape[1] == config.data.comparison_row
+    assert (b["response_rank"] > 0).sum() == (a["ranks"] >= 0).sum()  # every response's EOS
+    assert b["tokens"].size < a["tokens"].size / 7
 
 
 def _builders():
-    return (("pretrain", ig.build_pretrain, ()), ("sft", ig.build_sft, (None,)))
+    return (
+        ("pretrain", ig.build_pretrain, ()),
+        ("sft", ig.build_sft, (None,)),
+        ("rm", ig.build_rm, (None,)),
+    )
 
 
 def test_reward_model_extra_layers_sit_above_the_sft_trunk():
     config = ig.get_config()
     config.model.update(width=32, layers=1, heads=2)
-    config.data.comparisons = 8
+    config.data.comparisons = 16  # packed: at least one batch of 8 rows
     config.rm.extra_layers = 2
     model = ig.GPT(ig.policy_config(config))
     tokens = jnp.zeros((1, config.model.context_length), jnp.int32)

@@ -12,6 +12,7 @@ from jaxaigc.models.gpt import GPT, GPTConfig
 from jaxaigc.rlhf import (
     center_rewards,
     encode_comparison,
+    pack_comparisons,
     pairwise_accuracy,
     ranking_loss,
     reward_loss_fn,
@@ -105,3 +106,64 @@ def test_the_score_is_read_at_eos_and_missing_responses_do_not_count():
     demos = jnp.array([1.5, 2.5, 4.0])
     centred = center_rewards(params, demos)
     np.testing.assert_allclose(centred["score"]["bias"], params["score"]["bias"] - 8 / 3, 1e-6)
+
+
+COMPARISONS = [
+    ([5, 6], [[7], [8, 9, 10, 11], [12, 13]], [2, 0, 1]),
+    ([14, 15, 16], [[17, 18], [19]], [1, 0]),
+    ([3, 4, 5, 6], [[7, 8], [9], [10, 11, 12], [13]], [3, 1, 0, 2]),
+]
+
+
+def test_packed_comparisons_give_the_loss_and_gradients_of_one_comparison_per_row():
+    """Each prompt once with its responses as branches, several comparisons per row: the same
+    rewards, loss, accuracy and gradients as one comparison per row."""
+    args = dict(eos_id=1, pad_id=0, vocab_size=20)
+    flat = [encode_comparison(*c, max_k=4, length=12, **args) for c in COMPARISONS]
+    flat = {k: np.stack([r[k] for r in flat]) for k in flat[0]}
+    packed = pack_comparisons(COMPARISONS, length=20, context_length=12, **args)
+    assert packed["tokens"].shape == (2, 20)  # 12 + 8 tokens, then 15
+    model = GPT(RM)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 12), jnp.int32))["params"])
+    params = jax.tree.map(lambda x: x + 0.1 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), params)
+    loss_fn = reward_loss_fn(model)
+    (want, want_metrics), want_grads = jax.value_and_grad(loss_fn, has_aux=True)(params, flat, None)
+    (got, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, packed, None)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for key in want_metrics:
+        np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=1e-5, atol=1e-6)
+    for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6)
+
+
+def test_a_comparison_longer_than_a_row_is_split_into_runs_ranked_as_in_the_whole():
+    prompt, responses = [2, 3, 4], [[5, 6], [7], [8, 9, 10], [11]]
+    packed = pack_comparisons(
+        [(prompt, responses, [2, 0, 3, 1])],
+        length=9,
+        context_length=9,
+        eos_id=1,
+        pad_id=0,
+        vocab_size=20,
+    )
+    # Responses 0, 1 (ranks 1, 3) and 2, 3 (ranks 0, 2): each run keeps its order.
+    np.testing.assert_array_equal(
+        packed["tokens"][:, :9], [[2, 3, 4, 5, 6, 1, 7, 1, 0], [2, 3, 4, 8, 9, 10, 1, 11, 1]]
+    )
+    np.testing.assert_array_equal(packed["response_rank"][0], [0, 0, 0, 0, 0, 1, 0, 2, 0])
+    np.testing.assert_array_equal(packed["response_rank"][1], [0, 0, 0, 0, 0, 0, 1, 0, 2])
+    np.testing.assert_array_equal(packed["branches"][1], [0, 0, 0, 1, 1, 1, 1, 2, 2])
+
+
+def test_packing_rejects_bad_comparisons():
+    args = dict(length=16, context_length=8, eos_id=1, pad_id=0, vocab_size=20)
+    with pytest.raises(ValueError, match="comparison 0 has K = 1 responses"):
+        pack_comparisons([([3], [[4]], [0])], **args)
+    with pytest.raises(ValueError, match=r"ranking \[0, 0\] is not a permutation"):
+        pack_comparisons([([3], [[4], [5]], [0, 0])], **args)
+    with pytest.raises(ValueError, match="token id 25 is outside"):
+        pack_comparisons([([3], [[4], [25]], [0, 1])], **args)
+    with pytest.raises(ValueError, match="exceed the context length 8"):
+        pack_comparisons([([3], [[4] * 7, [5]], [0, 1])], **args)
+    with pytest.raises(ValueError, match="two responses exceed the row length 5"):
+        pack_comparisons([([3, 3], [[4], [5, 5]], [0, 1])], **dict(args, length=5))
