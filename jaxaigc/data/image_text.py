@@ -14,7 +14,7 @@ from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter
 
 from jaxaigc.data import builders, shapes
 
@@ -102,17 +102,21 @@ DIRECTION_PARTS = ("left", "right", "clockwise")
 class CaptionTrueAugment(grain.transforms.RandomMap):
     """Random changes that keep a caption true, applied to records marked ``augment``.
 
-    A crop of a random fraction of the area in ``[crop_scale, 1]`` resized back; a mirror image
+    A crop of a random fraction of the area in ``[crop_scale, 1]`` resized back, then shrunk by
+    a factor in ``[shrink, 1]`` onto the colour of its corner at a random place; a mirror image
     unless the caption names a direction; greyscale with probability ``greyscale`` unless it
-    names a colour; each caption word dropped with probability ``word_dropout`` (at least one
-    kept: a looser description, not always a true one, e.g. "no entry" -> "entry"). Unmarked
-    records (shapes: their captions name positions, sizes and colours) pass unchanged; the mark
-    is removed.
+    names a colour; with probability ``style`` one drawing-style change that keeps hues
+    (:data:`STYLES`: fewer shades, dark outlines, blur, contrast); each caption word dropped with
+    probability ``word_dropout`` (at least one kept: a looser description, not always a true
+    one, e.g. "no entry" -> "entry"). Unmarked records (shapes: their captions name positions,
+    sizes and colours) pass unchanged; the mark is removed.
     """
 
     crop_scale: float = 0.5
+    shrink: float = 1.0
     flip: bool = True
     greyscale: float = 0.2
+    style: float = 0.0
     word_dropout: float = 0.0
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
@@ -128,6 +132,14 @@ class CaptionTrueAugment(grain.transforms.RandomMap):
         grey_image = crop.shape[-1] == 1
         pil = Image.fromarray(crop[..., 0] if grey_image else crop)
         image = np.asarray(pil.resize((w, h), Image.Resampling.BICUBIC)).reshape(h, w, -1)
+        if self.shrink < 1:
+            factor = rng.uniform(self.shrink, 1.0)
+            small_h, small_w = max(1, round(h * factor)), max(1, round(w * factor))
+            pil = Image.fromarray(image[..., 0] if grey_image else image)
+            small = np.asarray(pil.resize((small_w, small_h), Image.Resampling.BICUBIC))
+            y, x = int(rng.integers(h - small_h + 1)), int(rng.integers(w - small_w + 1))
+            image = np.broadcast_to(image[:1, :1], image.shape).copy()
+            image[y : y + small_h, x : x + small_w] = small.reshape(small_h, small_w, -1)
         directed = any(part in caption for part in DIRECTION_PARTS)
         if self.flip and rng.random() < 0.5 and not directed:
             image = image[:, ::-1]
@@ -138,10 +150,31 @@ class CaptionTrueAugment(grain.transforms.RandomMap):
         ):
             grey = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
             image = np.repeat(grey.round().astype(np.uint8)[..., None], image.shape[-1], -1)
+        if not grey_image and rng.random() < self.style:
+            name = STYLES[int(rng.integers(len(STYLES)))]
+            image = np.asarray(_restyle(Image.fromarray(np.ascontiguousarray(image)), name, rng))
         if self.word_dropout > 0 and len(words) > 1:
             kept = [word for word in words if rng.random() >= self.word_dropout]
             caption = " ".join(kept or [words[int(rng.integers(len(words)))]])
         return {"image": np.ascontiguousarray(image), "caption": caption}
+
+
+# Drawing styles of the same picture (emoji fonts differ in shading, outlines and detail).
+STYLES = ("posterize", "outline", "blur", "contrast")
+
+
+def _restyle(image: Image.Image, name: str, rng: np.random.Generator) -> Image.Image:
+    pixels = np.asarray(image)
+    if name == "posterize":  # flat colours: 3 to 5 levels per channel, white stays white
+        step = 255 / int(rng.integers(2, 5))
+        return Image.fromarray((np.round(pixels / step) * step).astype(np.uint8))
+    if name == "outline":  # dark lines where the picture has edges (not at its border)
+        edges = np.asarray(image.convert("L").filter(ImageFilter.FIND_EDGES)) > 64
+        edges[[0, -1]], edges[:, [0, -1]] = False, False
+        return Image.fromarray(np.where(edges[..., None], 0, pixels).astype(np.uint8))
+    if name == "blur":
+        return image.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.0)))
+    return ImageEnhance.Contrast(image).enhance(rng.uniform(0.5, 1.5))
 
 
 class Concatenate:

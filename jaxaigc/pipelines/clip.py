@@ -35,7 +35,15 @@ def get_config() -> ml_collections.ConfigDict:
             # image_text.CaptionTrueAugment on the emoji and Fashion-MNIST records (never on
             # shapes, whose captions name positions, sizes and colours)
             augment=ml_collections.ConfigDict(
-                dict(enabled=False, crop_scale=0.5, flip=True, greyscale=0.2, word_dropout=0.0)
+                dict(
+                    enabled=False,
+                    crop_scale=0.5,
+                    shrink=1.0,
+                    flip=True,
+                    greyscale=0.2,
+                    style=0.0,
+                    word_dropout=0.0,
+                )
             ),
         )
     )
@@ -126,8 +134,10 @@ def build(config: ml_collections.ConfigDict) -> tuple[CLIP, Task, BatchIterator,
     ops = [
         image_text.CaptionTrueAugment(
             crop_scale=augment.crop_scale,
+            shrink=augment.shrink,
             flip=augment.flip,
             greyscale=augment.greyscale,
+            style=augment.style,
             word_dropout=augment.word_dropout,
         ),
         image_text.Tokenize(tokenizer.encode, cfg.context_length),

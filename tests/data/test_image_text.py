@@ -95,3 +95,20 @@ def test_caption_true_augment_crops_and_drops_words():
     captions = [out["caption"].split() for out in outs]
     assert all(c and all(w in words for w in c) for c in captions)
     assert any(len(c) < len(words) for c in captions)
+
+
+def test_caption_true_augment_shrinks_onto_the_corner_colour_and_restyles():
+    image = np.full((16, 16, 3), 255, np.uint8)
+    image[4:12, 4:12] = (200, 40, 40)  # a red square on white
+    marked = image_text.Augmentable(image_text.ArraySource(image[None], ["tool"], name="emoji"))
+    op = image_text.CaptionTrueAugment(crop_scale=1.0, shrink=0.5, flip=False, greyscale=0.0)
+    outs = [out["image"] for out in _draws(marked[0], op)]
+    assert all(out.shape == image.shape for out in outs)
+    red = [int((out[..., 0].astype(int) > out[..., 1].astype(int) + 80).sum()) for out in outs]
+    assert min(red) < 30 < 64 == max(red)  # smaller squares (16 to 64 pixels), never larger
+    restyle = image_text.CaptionTrueAugment(crop_scale=1.0, flip=False, greyscale=0.0, style=1.0)
+    styled = _draws(marked[0], restyle)
+    assert any(not np.array_equal(out["image"], image) for out in styled)
+    for out in styled:  # hues kept: the square stays red, the background white or grey
+        square, corner = out["image"][6:10, 6:10].astype(int), out["image"][0, 0].astype(int)
+        assert (square[..., 0] > square[..., 1] + 40).all() and np.ptp(corner) < 8
