@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
             prompt_length=100,  # bytes of prompt + SEPARATOR, left-padded (the longest: 99)
             response_length=60,  # the most bytes a response takes, EOS included (longest: 60)
             demonstrations=20_000,
+            sft_corpus=0,  # pretraining lines replayed in SFT
             comparisons=32_000,  # synthetic responses: gold, corrupted gold, other tasks' answers
             # Prompts whose K responses are the SFT policy's samples (temperature 1): the paper's
             # comparison data, and where PPO's rollouts start.
@@ -244,6 +245,20 @@ def build_sft(config, pretrained_params) -> tuple[Task, BatchIterator]:
         loss_fn=sft_loss_fn(model),
     )
     arrays = _sft_arrays(config, demos)
+    if config.data.sft_corpus:
+        # Pretraining lines replayed beside the demonstrations, every byte after the first a
+        # target, so that SFT does not forget the corpus that PPO-ptx's term measures.
+        corpus = corpus_lines(config, config.data.sft_corpus, seed=config.data.seed)
+        width = corpus["tokens"].shape[1]
+        demo_tokens = np.full((len(demos), width), PAD, np.int32)
+        demo_mask = np.zeros((len(demos), width), bool)
+        demo_tokens[:, : arrays["tokens"].shape[1]] = arrays["tokens"]
+        demo_mask[:, : arrays["tokens"].shape[1]] = arrays["response_mask"]
+        corpus_mask = np.pad(corpus["weights"].astype(bool), ((0, 0), (1, 0)))
+        arrays = {
+            "tokens": np.concatenate([demo_tokens, corpus["tokens"]]),
+            "response_mask": np.concatenate([demo_mask, corpus_mask]),
+        }
     if config.data.pack:
         lengths = _last(arrays["response_mask"]) + 1  # through the EOS
         arrays = pack(arrays, lengths, length=config.model.context_length)

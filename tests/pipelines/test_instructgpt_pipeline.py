@@ -71,6 +71,21 @@ def test_packed_stages_hold_every_sequence_once():
     assert b["tokens"].size < a["tokens"].size / 7
 
 
+def test_sft_replays_corpus_lines_as_targets():
+    """data.sft_corpus: pretraining lines join the demonstrations; every byte of a line but its
+    first is a target, and no target is the first byte of a packed sequence."""
+    config = ig.get_config()
+    config.data.update(demonstrations=100, sft_corpus=0)
+    plain = ig.build_sft(ig.stage_config(config, "sft"), None)[1].source.arrays
+    config.data.sft_corpus = 50
+    mixed = ig.build_sft(ig.stage_config(config, "sft"), None)[1].source.arrays
+    corpus = ig.corpus_lines(config, 50, seed=config.data.seed)
+    assert mixed["response_mask"].sum() == plain["response_mask"].sum() + corpus["weights"].sum()
+    segments = mixed["segments"]
+    first = np.concatenate([np.ones_like(segments[:, :1]), segments[:, 1:] != segments[:, :-1]], 1)
+    assert not (mixed["response_mask"] & first.astype(bool)).any()
+
+
 def _builders():
     return (
         ("pretrain", ig.build_pretrain, ()),
