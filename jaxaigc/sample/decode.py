@@ -268,7 +268,9 @@ def _sample_gpt(
     pad_id,
 ):
     model = GPT(config)
-    full = jax.ShapeDtypeStruct((prompt.shape[0], config.context_length), jnp.int32)
+    # A cache of the prompt and the steps only: each step's attention reads every cached slot,
+    # and a context-length cache (GPT-2: 1,024 slots) would be read in full at every token.
+    full = jax.ShapeDtypeStruct((prompt.shape[0], prompt.shape[1] + steps), jnp.int32)
     cache = _empty_cache(model, full)
 
     def forward(cache, tokens, valid=None):
