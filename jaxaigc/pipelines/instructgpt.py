@@ -265,10 +265,13 @@ def build_sft(config, pretrained_params) -> tuple[Task, BatchIterator]:
     return task, _iterator(arrays, config, "sft")
 
 
+def _comparison_bytes(config, comparison: instructions.Comparison):
+    """The prompt's bytes and each response's, cut to the response length."""
+    return prompt_bytes(comparison.prompt), [_truncated(config, r) for r in comparison.responses]
+
+
 def comparison_arrays(config, comparisons) -> dict[str, np.ndarray]:
-    encoded = [
-        (prompt_bytes(c.prompt), [_truncated(config, r) for r in c.responses]) for c in comparisons
-    ]
+    encoded = [_comparison_bytes(config, c) for c in comparisons]
     length = _fitted_length(config, [(p, r) for p, responses in encoded for r in responses])
     rows = [
         encode_comparison(
@@ -330,10 +333,7 @@ def build_rm(config, sft_params) -> tuple[Task, BatchIterator]:
     task = Task(init=init, loss_fn=reward_loss_fn(model))
     if config.data.pack:
         arrays = pack_comparisons(
-            [
-                (prompt_bytes(c.prompt), [_truncated(config, r) for r in c.responses], c.ranking)
-                for c in comparisons
-            ],
+            [(*_comparison_bytes(config, c), c.ranking) for c in comparisons],
             length=config.data.comparison_row,
             context_length=config.model.context_length,
             eos_id=EOS,
