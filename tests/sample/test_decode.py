@@ -8,7 +8,13 @@ import pytest
 
 from jaxaigc.models.dalle import DALLE, DALLEConfig
 from jaxaigc.models.gpt import GPT, GPTConfig
-from jaxaigc.sample.decode import filter_logits, generate, sample, sample_image_tokens
+from jaxaigc.sample.decode import (
+    _sample_gpt,
+    filter_logits,
+    generate,
+    sample,
+    sample_image_tokens,
+)
 
 TINY = GPTConfig(vocab_size=16, context_length=8, width=32, layers=2, heads=2)
 
@@ -65,6 +71,31 @@ def test_temperature_sampling_is_seeded():
     np.testing.assert_array_equal(a, draw(0))
     assert a.shape == (2, 6) and not np.array_equal(a, b)
     assert ((a >= 0) & (a < TINY.vocab_size)).all()
+
+
+def test_the_cache_holds_the_prompt_and_the_steps_not_the_context():
+    """Each step reads every cached slot, so a context-length cache would cost the whole context
+    at every token: the compiled sampler's scratch memory must not grow with the context."""
+    prompt = jnp.zeros((2, 3), jnp.int32)
+
+    def scratch_bytes(context_length):
+        config = TINY.replace(context_length=context_length, decode=True)
+        lowered = _sample_gpt.lower(
+            config,
+            _params(config),
+            prompt,
+            jnp.ones(prompt.shape, bool),
+            jax.random.key(0),
+            steps=4,
+            temperature=0.0,
+            top_k=0,
+            top_p=1.0,
+            eos_id=None,
+            pad_id=0,
+        )
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    assert scratch_bytes(4096) == scratch_bytes(8)
 
 
 def test_too_long_raises():
