@@ -249,15 +249,13 @@ def build_sft(config, pretrained_params) -> tuple[Task, BatchIterator]:
         # Pretraining lines replayed beside the demonstrations, every byte after the first a
         # target, so that SFT does not forget the corpus that PPO-ptx's term measures.
         corpus = corpus_lines(config, config.data.sft_corpus, seed=config.data.seed)
-        width = corpus["tokens"].shape[1]
-        demo_tokens = np.full((len(demos), width), PAD, np.int32)
-        demo_mask = np.zeros((len(demos), width), bool)
-        demo_tokens[:, : arrays["tokens"].shape[1]] = arrays["tokens"]
-        demo_mask[:, : arrays["tokens"].shape[1]] = arrays["response_mask"]
+        widen = ((0, 0), (0, corpus["tokens"].shape[1] - arrays["tokens"].shape[1]))
         corpus_mask = np.pad(corpus["weights"].astype(bool), ((0, 0), (1, 0)))
         arrays = {
-            "tokens": np.concatenate([demo_tokens, corpus["tokens"]]),
-            "response_mask": np.concatenate([demo_mask, corpus_mask]),
+            "tokens": np.concatenate(
+                [np.pad(arrays["tokens"], widen, constant_values=PAD), corpus["tokens"]]
+            ),
+            "response_mask": np.concatenate([np.pad(arrays["response_mask"], widen), corpus_mask]),
         }
     if config.data.pack:
         lengths = _last(arrays["response_mask"]) + 1  # through the EOS
