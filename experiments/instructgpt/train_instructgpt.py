@@ -6,7 +6,9 @@ Each stage trains in ``<workdir>/<stage>`` and resumes from its checkpoints. The
 whose gold scores differ), the mean gold score of SFT, PPO and PPO-ptx on held-out prompts of the
 training templates and of the held-out template, PPO's win-rate over SFT, the KL(policy || SFT),
 reward-model score and gold score curves, and the pretraining NLL of each policy (the alignment
-tax). Process 0 writes it and ``curves.png``, the curves drawn with matplotlib.
+tax). With ``gold_reward_run`` a third run, PPO scored by the gold scorer in place of the reward
+model, measures what PPO makes of a perfect reward model. Process 0 writes the report and
+``curves.png``, the curves drawn with matplotlib.
 
     python experiments/instructgpt/train_instructgpt.py --workdir runs/instructgpt
 """
@@ -35,6 +37,9 @@ from jaxaigc.train.metrics import read_metrics
 def get_config() -> ml_collections.ConfigDict:
     config = ig.get_config()
     config.ptx_gamma = 1.0  # the PPO-ptx run's gamma_ptx (the PPO run has 0)
+    # A third run, PPO against the gold scorer instead of the reward model: what PPO makes of
+    # a perfect reward model, the ceiling of the other two.
+    config.gold_reward_run = True
     # curve_prompts: the first held-out prompts, answered greedily every curve_every PPO
     # iterations for the gold-score curve.
     config.eval = ml_collections.ConfigDict(
@@ -124,9 +129,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     curve_prompts = evaluation["train_templates"][: config.eval.curve_prompts]
     policies = {"sft": sft}
     curves = {}
-    for name, gamma in (("ppo", 0.0), ("ppo_ptx", config.ptx_gamma)):
+    runs = [("ppo", 0.0, "model"), ("ppo_ptx", config.ptx_gamma, "model")]
+    if config.gold_reward_run:
+        runs.append(("ppo_gold", 0.0, "gold"))
+    for name, gamma, reward in runs:
         run_config = ml_collections.ConfigDict(config.to_dict())
         run_config.ppo.algorithm.gamma_ptx = gamma
+        run_config.ppo.reward = reward
         gold_path = workdir / name / "gold.jsonl"
         hook = _gold_hook(run_config, gold_path, curve_prompts)
         params = _stage(
@@ -149,15 +158,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 {"prompt": p.text, "response": r}
                 for p, r in zip(prompts[:4], responses, strict=False)
             ]
+    # What PPO optimises: responses sampled as in its rollouts (T=1), 4 per prompt.
+    repeated = [p for p in evaluation["train_templates"] for _ in range(4)]
+    sampled_gold = {
+        name: float(_gold(repeated, ig.respond(config, params, repeated, temperature=1.0)).mean())
+        for name, params in policies.items()
+    }
     # Greedy responses of the same prompts: the gold curves start at SFT's score.
     sft_curve_gold = float(gold["sft/train_templates"][: len(curve_prompts)].mean())
     for c in curves.values():
         c["gold"] = [(0, sft_curve_gold), *c["gold"]]
     wins, ties = {}, {}
-    for split in evaluation:
-        diff = gold[f"ppo/{split}"] - gold[f"sft/{split}"]
-        wins[split] = float((diff > 0).mean() + 0.5 * (diff == 0).mean())
-        ties[split] = float((diff == 0).mean())
+    for name in ("ppo", "ppo_gold")[: 1 + bool(config.gold_reward_run)]:
+        for split in evaluation:
+            diff = gold[f"{name}/{split}"] - gold[f"sft/{split}"]
+            wins.setdefault(name, {})[split] = float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+            ties.setdefault(name, {})[split] = float((diff == 0).mean())
     lines = ig.corpus_lines(config, config.eval.corpus, seed=config.data.seed + 13)
     nll = {
         name: ig.pretraining_nll(config, params, lines)
@@ -175,9 +191,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         "reward_model_sft_samples": _rm_accuracy(
             config, rm, ig.sft_comparisons(config, sft, n, seed=seed)
         ),
-        "gold_score": {k: float(v.mean()) for k, v in gold.items()},
-        "win_rate_ppo_over_sft": wins,  # ties count half
-        "tie_rate_ppo_sft": ties,
+        "gold_score": {k: float(v.mean()) for k, v in gold.items()},  # greedy responses
+        "gold_score_sampled": sampled_gold,  # training templates, T=1
+        "win_rate_over_sft": wins,  # ties count half
+        "tie_rate_with_sft": ties,
         "pretraining_nll": nll,
         "final_kl": {name: c["rollout/kl"][-1][1] for name, c in curves.items()},
         "curves": curves,
@@ -193,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     return report
 
 
-_LABELS = {"sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+_LABELS = {"sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx", "ppo_gold": "PPO (gold reward)"}
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -206,13 +223,23 @@ def summary_lines(report: dict) -> list[str]:
         f"new pairs of the training templates, {sampled['accuracy']:.1%} on {sampled['pairs']} "
         "pairs of SFT samples (chance 50%)"
     ]
-    for split, win in report["win_rate_ppo_over_sft"].items():
-        scores = ", ".join(f"{_LABELS[n]} {g[f'{n}/{split}']:.3f}" for n in _LABELS)
-        lines.append(
-            f"mean gold score (0-1) on {split.replace('_', ' ')}: {scores}; PPO wins over SFT "
-            f"{win:.1%} (50% = no better; ties {report['tie_rate_ppo_sft'][split]:.0%}, "
-            "counted half)"
+    wins, ties = report["win_rate_over_sft"], report["tie_rate_with_sft"]
+    for split in wins["ppo"]:
+        scores = ", ".join(
+            f"{_LABELS[n]} {g[f'{n}/{split}']:.3f}" for n in _LABELS if f"{n}/{split}" in g
         )
+        versus = "; ".join(
+            f"{_LABELS[n]} wins over SFT {w[split]:.1%} (ties {ties[n][split]:.0%})"
+            for n, w in wins.items()
+        )
+        lines.append(
+            f"mean gold score (0-1) of greedy responses, {split.replace('_', ' ')}: {scores}. "
+            f"{versus} (50% = no better; ties counted half)"
+        )
+    lines.append(
+        "mean gold score of responses sampled at T=1 (as in the rollouts), train templates: "
+        + ", ".join(f"{_LABELS[n]} {v:.3f}" for n, v in report["gold_score_sampled"].items())
+    )
     lines.append(
         "final KL(policy || SFT) per response: "
         + ", ".join(f"{_LABELS[n]} {v:.2f} nats" for n, v in report["final_kl"].items())
@@ -237,8 +264,14 @@ def write_curves(path: Path, report: dict) -> None:
     fig = Figure(figsize=(12, 8), layout="constrained")
     FigureCanvasAgg(fig)  # PNG without a display
     kl, score, gold, tax = fig.subplots(2, 2).flat
-    runs = {"ppo": "PPO", "ppo_ptx": f"PPO-ptx (gamma_ptx {report['ptx_gamma']:g})"}
+    runs = {
+        "ppo": "PPO",
+        "ppo_ptx": f"PPO-ptx (gamma_ptx {report['ptx_gamma']:g})",
+        "ppo_gold": "PPO on the gold reward (score: gold x gold_scale)",
+    }
     for name, label in runs.items():
+        if name not in report["curves"]:
+            continue
         curves = report["curves"][name]
         for ax, key in ((kl, "rollout/kl"), (score, "rollout/score"), (gold, "gold")):
             if curves[key]:
@@ -247,7 +280,9 @@ def write_curves(path: Path, report: dict) -> None:
     gold.axhline(sft_gold, color="grey", linestyle="--", label=f"SFT {sft_gold:.3f}")
     score.axhline(0, color="grey", linestyle="--", label="demonstrations (RM centred at 0)")
     kl.set(title="KL(policy || SFT reference) of the rollouts", ylabel="nats per response")
-    score.set(title="reward-model score of the rollouts (sampled, T=1)", ylabel="RM score")
+    score.set(
+        title="score of the rollouts (sampled, T=1)", ylabel="RM score (gold run: scaled gold)"
+    )
     gold.set(
         title=f"gold score of greedy responses ({report['curve_prompts']} held-out prompts)",
         ylabel="mean gold score (0-1)",
@@ -257,7 +292,7 @@ def write_curves(path: Path, report: dict) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     nll = report["pretraining_nll"]
-    names = [n for n in ("pretrained", "sft", "ppo", "ppo_ptx") if n in nll]
+    names = [n for n in ("pretrained", "sft", "ppo", "ppo_ptx", "ppo_gold") if n in nll]
     bars = tax.bar([_LABELS.get(n, n) for n in names], [nll[n] for n in names], color="C2")
     tax.bar_label(bars, fmt="%.3f")
     tax.axhline(

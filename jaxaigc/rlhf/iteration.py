@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxaigc.models.gpt import GPT, GPTConfig
 from jaxaigc.objectives.autoregressive import next_token_nll
@@ -166,6 +167,7 @@ def make_ppo_task(
     *,
     policy_params: Any | None = None,
     reward_params: Any | None = None,
+    reward_fn: Callable[..., Any] | None = None,
 ) -> Task:
     """The :class:`~jaxaigc.train.loop.Task` of PPO(-ptx) for ``train.loop.train``.
 
@@ -175,6 +177,11 @@ def make_ppo_task(
     ``prompt_valid`` bool [B, p], left-padded (:func:`jaxaigc.rlhf.sft.left_pad`); with
     ``gamma_ptx`` also ``ptx`` int32 [B, l] and ``ptx_weights`` [B, l - 1]. B must divide by
     ``minibatches``.
+
+    ``reward_fn(prompt, prompt_valid, response, mask) -> float32 [B]``, a host function of numpy
+    arrays called through ``jax.pure_callback``, scores the rollouts in place of the reward model
+    (e.g. a programmatic gold scorer: the most any reward model can give PPO); the value model
+    still starts from ``reward_params``.
     """
     _check_models(policy_config, reward_config, ppo)
     policy, scorer = GPT(policy_config), GPT(reward_config)
@@ -259,8 +266,19 @@ def make_ppo_task(
             old_logprobs = logprobs(params["policy"])
             ref_logprobs = logprobs(frozen["reference"])
             values = scorer.apply({"params": params["value"]}, tokens, valid=valid)[:, -r - 1 : -1]
-            scores = scorer.apply({"params": frozen["reward"]}, tokens, valid=valid)[:, -r:]
-            score = score_at_eos(scores, mask)
+            if reward_fn is None:
+                scores = scorer.apply({"params": frozen["reward"]}, tokens, valid=valid)[:, -r:]
+                score = score_at_eos(scores, mask)
+            else:
+                shape = jax.ShapeDtypeStruct(prompt.shape[:1], jnp.float32)
+                score = jax.pure_callback(
+                    lambda *arrays: reward_fn(*map(np.asarray, arrays)),
+                    shape,
+                    prompt,
+                    prompt_valid,
+                    samples.tokens,
+                    mask,
+                )
             rewards, kl = kl_penalty_rewards(old_logprobs, ref_logprobs, score, mask, beta)
             advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
             if ppo.whiten_advantages:

@@ -137,6 +137,26 @@ def test_sft_comparisons_rank_the_policys_samples():
     assert arrays["tokens"].shape[:2] == (5, config.data.max_k)
 
 
+def test_the_gold_reward_scores_responses_to_their_own_prompts():
+    prompts = ig.instructions.rl_prompts(3, seed=0)
+    reward = ig.gold_reward(prompts, scale=3.0)
+    prompt, valid = ig.left_pad(
+        [ig.prompt_bytes(p) for p in prompts], length=100, pad_id=ig.PAD, vocab_size=ig.VOCAB
+    )
+    responses = [prompts[0].answer, prompts[1].answer + "x", ""]
+    # Right-padded rows of response and EOS, as the sampler gives them.
+    rows = [ig.response_bytes(r) + [ig.EOS] for r in responses]
+    response = np.stack([np.pad(row, (0, 60 - len(row))) for row in rows]).astype(np.int32)
+    mask = np.arange(60) < np.array([[len(row)] for row in rows])
+    want = [3.0 * ig.instructions.score(p, r) for p, r in zip(prompts, responses, strict=True)]
+    np.testing.assert_allclose(reward(prompt, valid, response, mask), want, rtol=1e-6)
+    assert want[0] == 3.0 and want[1] < 3.0
+    config = ig.get_config()
+    config.ppo.reward = "oracle"
+    with pytest.raises(ValueError, match="ppo.reward must be 'model' or 'gold'; got 'oracle'"):
+        ig.build_ppo(ig.stage_config(config, "ppo"), None, None)
+
+
 def test_kl_target_overrides_from_the_command_line():
     argv = ["train_instructgpt", "--config.ppo.algorithm.kl_target=6"]
     values = flags.FlagValues()
@@ -159,12 +179,12 @@ def test_toy_run_end_to_end(tmp_path):
     config.train.log_every = 1
     config.eval.update(prompts=8, comparisons=8, corpus=16, curve_prompts=8, curve_every=1)
     report = experiment.run(config, tmp_path)
-    for stage in ("pretrain", "sft", "rm", "ppo", "ppo_ptx"):
+    for stage in ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "ppo_gold"):
         assert (tmp_path / stage / "checkpoints" / "2").is_dir(), stage
     assert 0 <= report["reward_model"]["accuracy"] <= 1 and report["reward_model"]["pairs"] > 0
     assert set(report["gold_score"]) == {
         f"{n}/{s}"
-        for n in ("sft", "ppo", "ppo_ptx")
+        for n in ("sft", "ppo", "ppo_ptx", "ppo_gold")
         for s in ("train_templates", "held_out_template")
     }
     assert len(report["curves"]["ppo"]["rollout/kl"]) == 2
@@ -174,7 +194,11 @@ def test_toy_run_end_to_end(tmp_path):
         and not report["curves"]["ppo"]["train/ptx_nll"]
     )
     assert all(np.isfinite(v) for v in report["pretraining_nll"].values())
-    assert set(report["pretraining_nll"]) == {"pretrained", "sft", "ppo", "ppo_ptx"}
+    assert set(report["pretraining_nll"]) == {"pretrained", "sft", "ppo", "ppo_ptx", "ppo_gold"}
+    # The gold-reward run's rollouts are scored by the gold scorer: within [0, gold_scale].
+    gold_scores = [v for _, v in report["curves"]["ppo_gold"]["rollout/score"]]
+    assert all(0 <= v <= config.ppo.gold_scale for v in gold_scores)
+    assert set(report["win_rate_over_sft"]) == {"ppo", "ppo_gold"}
     # The gold curves: SFT's greedy score on the same 8 prompts, then every iteration.
     sft_gold = report["gold_score"]["sft/train_templates"]
     for name in ("ppo", "ppo_ptx"):
@@ -183,7 +207,8 @@ def test_toy_run_end_to_end(tmp_path):
     png = (tmp_path / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000  # four drawn panels, not a blank
     lines = experiment.summary_lines(report)
-    assert len(lines) == 5 and "chance 50%" in lines[0] and "uniform 5.545" in lines[-1]
+    assert len(lines) == 6 and "chance 50%" in lines[0] and "uniform 5.545" in lines[-1]
+    assert set(report["gold_score_sampled"]) == {"sft", "ppo", "ppo_ptx", "ppo_gold"}
     # A rerun resumes every stage as finished: the gold points come from gold.jsonl, once each.
     again = experiment.run(config, tmp_path)
     assert again["curves"]["ppo"]["gold"] == report["curves"]["ppo"]["gold"]

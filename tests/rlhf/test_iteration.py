@@ -11,6 +11,7 @@ from jaxaigc.data.pipeline import BatchIterator
 from jaxaigc.models.gpt import GPT, GPTConfig
 from jaxaigc.rlhf import PPOConfig, left_pad, make_ppo_task, ppo_loss_fn
 from jaxaigc.train.loop import default_train_config, train
+from jaxaigc.train.metrics import read_metrics
 from jaxaigc.train.optim import make_optimizer
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import jit_train_step
@@ -53,8 +54,8 @@ def _batch(n: int = 8) -> dict:
     return {k: np.stack([rows[i][k] for i in range(n)]) for k in rows[0]}
 
 
-def _run(mesh, rules, ppo=PPO, steps=1):
-    task = make_ppo_task(POLICY, REWARD, ppo)
+def _run(mesh, rules, ppo=PPO, reward_fn=None):
+    task = make_ppo_task(POLICY, REWARD, ppo, reward_fn=reward_fn)
     tx, schedule = make_optimizer(peak_lr=3e-3, total_steps=10 * task.updates_per_step)
     state, shardings, _ = create_sharded_state(task.init, tx, jax.random.key(0), mesh, rules)
     step = task.make_step(tx, rng=jax.random.key(1), schedule=schedule)
@@ -120,6 +121,31 @@ def test_no_gradient_from_padded_positions():
 
 def test_one_iteration_on_the_mesh_equals_one_device(mesh_1, mesh_2x2x2):
     assert_one_step_matches_one_device(lambda mesh, rules: _run(mesh, rules), mesh_1, mesh_2x2x2)
+
+
+def _fives(prompt, prompt_valid, response, mask):
+    """A programmatic reward: the share of token 5 among the drawn tokens."""
+    del prompt, prompt_valid
+    return ((response == 5) & mask).sum(1).astype(np.float32) / response.shape[1]
+
+
+def test_a_programmatic_reward_on_the_mesh_equals_one_device(mesh_1, mesh_2x2x2):
+    assert_one_step_matches_one_device(
+        lambda mesh, rules: _run(mesh, rules, reward_fn=_fives), mesh_1, mesh_2x2x2
+    )
+
+
+def test_ppo_raises_a_programmatic_reward(tmp_path, mesh_1):
+    config = default_train_config()
+    config.train.update(steps=25, batch_size=16, log_every=1)
+    config.optim.update(peak_lr=3e-3, warmup_steps=0)
+    ppo = PPOConfig(response_length=7, eos_id=1, minibatches=2, kl_coef=0.0)
+    task = make_ppo_task(POLICY, REWARD, ppo, reward_fn=_fives)
+    batches = BatchIterator(_Rows(64), global_batch_size=16, seed=0)
+    train(task, batches, config, tmp_path, mesh=mesh_1)
+    scores = [r["rollout/score"] for r in read_metrics(tmp_path) if "rollout/score" in r]
+    # From chance (token 5 is 1 of 14 drawable tokens) to most of each response.
+    assert scores[0] < 0.15 and np.mean(scores[-5:]) > 0.6, scores
 
 
 def test_ppo_trains_through_the_loop_and_resumes(tmp_path, mesh_1):
