@@ -10,8 +10,9 @@ images never trained on except the first, a memorisation reference:
   (chance 10% / 50%): *prompted classification of classes seen in training* when Fashion-MNIST
   is in the mix, zero-shot only when it is not.
 - Emoji among all emoji names (the 1,361 of Noto's train and test splits): held-out Noto emoji
-  (new names), and OpenMoji (another style, never trained on) for trained names (style shift
-  only) and held-out names (new concept and new style).
+  (new names; also the subset whose names use only words of trained names), and OpenMoji
+  (another style, never trained on) for trained names (style shift only) and held-out names
+  (new concept and new style).
 - Shapes, compositional zero-shot: one-object test scenes of the held-out (colour, shape) pairs,
   classified among all colour-shape prompts (beside the seen pairs).
 - Retrieval image<->caption, R@1 / R@5, on held-out emoji (test split) and on shapes test scenes.
@@ -22,6 +23,7 @@ images never trained on except the first, a memorisation reference:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -57,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
 # The emoji training captions are the bare names; the shapes captions name a size.
 EMOJI_TEMPLATES = ("{}",)
 SHAPE_TEMPLATES = ("a small {}", "a large {}")
+
+
+def _words(name: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", name.lower()))
 
 
 def _images(source, ops, indices) -> np.ndarray:
@@ -120,6 +126,7 @@ def evaluate(model, variables, tokenizer, config: ml_collections.ConfigDict) -> 
     names = split_names["train"] + split_names["test"]
     label = {name: i for i, name in enumerate(names)}
     held_out = set(split_names["test"])
+    trained_words = {w for name in split_names["train"] for w in _words(name)}
     openmoji = (
         builders.load("openmoji", split="test", data_dir=config.data.data_dir, resolution=32),
         builders.load("openmoji", split="train", data_dir=config.data.data_dir, resolution=32),
@@ -127,6 +134,14 @@ def evaluate(model, variables, tokenizer, config: ml_collections.ConfigDict) -> 
     emoji_sets = {
         "noto_trained_images": [(noto["train"], i) for i in range(len(noto["train"]))],
         "noto_held_out_names": [(noto["test"], i) for i in range(len(noto["test"]))],
+        # Held-out names made only of words that training names have: new combinations of known
+        # words. A name with a word no caption has (most held-out names) names a concept
+        # these captions never taught.
+        "noto_held_out_names_of_trained_words": [
+            (noto["test"], i)
+            for i in range(len(noto["test"]))
+            if _words(noto["test"][i]["caption"]) <= trained_words
+        ],
         "openmoji_trained_names": [
             (src, i)
             for src in openmoji
@@ -202,6 +217,8 @@ def summary_lines(report: dict) -> list[str]:
         f"Noto emoji trained on, among all names (memorisation, not transfer): "
         f"{top(report['noto_trained_images'])}",
         f"held-out Noto emoji among all names (zero-shot): {top(report['noto_held_out_names'])}",
+        "  of which names made only of words of trained names: "
+        f"{top(report['noto_held_out_names_of_trained_words'])}",
         f"OpenMoji, trained names (style shift): {top(report['openmoji_trained_names'])}",
         f"OpenMoji, held-out names (zero-shot): {top(report['openmoji_held_out_names'])}",
         f"shapes, held-out colour-shape pairs (zero-shot): {top(report['shapes_held_out_pairs'])}",
