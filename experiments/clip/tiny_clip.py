@@ -22,6 +22,7 @@ images never trained on except the first, a memorisation reference:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -36,6 +37,7 @@ from jaxaigc.cli import run_experiment
 from jaxaigc.compile_options import jit_inference
 from jaxaigc.data import builders, image_text, shapes
 from jaxaigc.data.preprocess import clip_ops
+from jaxaigc.models.clip import CLIPConfig
 from jaxaigc.pipelines import clip
 from jaxaigc.train.loop import train
 from jaxaigc.train.metrics import read_metrics
@@ -44,10 +46,14 @@ from jaxaigc.train.metrics import read_metrics
 def get_config() -> ml_collections.ConfigDict:
     config = clip.get_config()
     # The transfer recipe (BUILD_NOTES, "CLIP transfer"): no Fashion-MNIST (its figure is then
-    # zero-shot), emoji weighed up and drawn in a second style, caption-true augmentation.
+    # zero-shot), emoji weighed up and drawn in a second style, caption-true augmentation, and a
+    # small ModifiedResNet image tower, which learns the emoji twice as fast per step as tiny-vit's
+    # and transfers better to held-out names and OpenMoji's style.
+    model = CLIPConfig.from_name("tiny-rn", context_length=config.model.context_length)
+    config.model = ml_collections.ConfigDict(dataclasses.asdict(model.replace(vision_width=16)))
     config.data.update(dict(fashion_mnist=False, emoji_repeats=16, symbola_repeats=16))
     config.data.augment.update(dict(enabled=True, word_dropout=0.2))
-    config.train.steps = 1000
+    config.train.steps = 1200
     config.train.log_every = 25
     config.train.checkpoint_every = 250
     config.eval = ml_collections.ConfigDict(
