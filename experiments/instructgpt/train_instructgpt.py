@@ -169,7 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     for c in curves.values():
         c["gold"] = [(0, sft_curve_gold), *c["gold"]]
     wins, ties = {}, {}
-    for name in ("ppo", "ppo_gold")[: 1 + bool(config.gold_reward_run)]:
+    for name in [n for n in ("ppo", "ppo_gold") if n in policies]:
         for split in evaluation:
             diff = gold[f"{name}/{split}"] - gold[f"sft/{split}"]
             wins.setdefault(name, {})[split] = float((diff > 0).mean() + 0.5 * (diff == 0).mean())
