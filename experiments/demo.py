@@ -77,7 +77,7 @@ def unclip_config() -> ml_collections.ConfigDict:
 
 def instructgpt_config() -> ml_collections.ConfigDict:
     # The experiment's defaults (pretrain 1,000, SFT 2,500, PPO and PPO-ptx 300 iterations each)
-    # with half the reward model's steps and comparisons, to stay within 6 minutes: 346 s on 2
+    # with half the reward model's steps and comparisons, to stay within 6 minutes: 352 s on 2
     # quiet cores (2026-11-30).
     config = train_instructgpt.get_config()
     config.rm.steps, config.data.comparisons = 2_400, 16_000
