@@ -379,6 +379,11 @@ def ppo_config(config) -> PPOConfig:
     return PPOConfig(**config.ppo.algorithm.to_dict())
 
 
+def _response_text(tokens: np.ndarray, drawn: np.ndarray) -> str:
+    """A sampled row's response up to its EOS, as text."""
+    return decode_bytes(tokens[drawn & (tokens != EOS)])
+
+
 def gold_reward(prompts: Sequence[instructions.Prompt], *, scale: float):
     """A PPO ``reward_fn``: ``scale`` times the gold score of each response to one of
     ``prompts``, each prompt found by its bytes."""
@@ -387,8 +392,8 @@ def gold_reward(prompts: Sequence[instructions.Prompt], *, scale: float):
     def reward(prompt, prompt_valid, response, mask) -> np.ndarray:
         scores = []
         for row, valid, tokens, drawn in zip(prompt, prompt_valid, response, mask, strict=True):
-            text = decode_bytes(tokens[drawn & (tokens != EOS)])
-            scores.append(scale * instructions.score(by_bytes[tuple(row[valid].tolist())], text))
+            prompt_of_row = by_bytes[tuple(row[valid].tolist())]
+            scores.append(scale * instructions.score(prompt_of_row, _response_text(tokens, drawn)))
         return np.asarray(scores, np.float32)
 
     return reward
@@ -452,7 +457,7 @@ def respond(
             pad_id=PAD,
         )
         for row, mask in zip(np.asarray(samples.tokens), np.asarray(samples.mask), strict=True):
-            out.append(decode_bytes(row[mask & (row != EOS)]))
+            out.append(_response_text(row, mask))
     return out
 
 
