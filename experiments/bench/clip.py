@@ -183,7 +183,11 @@ def bench(name: str, batch: int, repeats: int, dtype: str, settle: float, openai
         *jax_times, torch_s = median_times([*jax_rows.values(), torch_fn], repeats, settle)
         for row, jax_s in zip(jax_rows, jax_times, strict=True):
             rows.append(dict(model=name, row=row, flops=flops, jax_s=jax_s, torch_s=torch_s))
-            print(f"{name} {row}: jax {jax_s * 1e3:.1f} ms, torch {torch_s * 1e3:.1f} ms")
+            print(
+                f"{name} {row}: {flops / 1e9:.0f} GFLOP, jax {jax_s * 1e3:.1f} ms, "
+                f"torch {torch_s * 1e3:.1f} ms",
+                flush=True,
+            )
     return rows
 
 
@@ -212,6 +216,8 @@ def main():
         return matmul_ceiling(4096 if on_cpu else 8192, dtype=jnp.dtype(args.dtype))
 
     ceiling = ceiling_now()
+    # Printed now as well: a run stopped at its time limit still gives its rows a denominator.
+    print(f"matmul ceiling before the models {ceiling / 1e9:.1f} GFLOP/s", flush=True)
     rows = [
         r
         for name in args.models.split(",")
