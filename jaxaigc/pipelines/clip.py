@@ -1,5 +1,5 @@
 """A small CLIP trained contrastively on the embedded image-caption data (shapes scenes, Noto
-emoji, captioned Fashion-MNIST)."""
+emoji and the same names in other styles, captioned Fashion-MNIST)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
             shapes=20_000,  # procedural scenes in the training mix
             emoji_repeats=4,  # the ~1,230 training emoji, repeated to weigh them up
             symbola_repeats=0,  # the same names drawn by Symbola (~960), a second style
+            emojione_repeats=0,  # and by EmojiOne 2 (~980), a third, in colour
             fashion_mnist=True,
             data_dir=ml_collections.FieldReference(None, field_type=str),
             # image_text.CaptionTrueAugment on the emoji and Fashion-MNIST records (never on
@@ -76,6 +77,9 @@ def training_source(config: ml_collections.ConfigDict) -> image_text.Concatenate
     if data.symbola_repeats:
         symbola = builders.load("symbola", split="train", data_dir=data.data_dir, resolution=32)
         sources.extend([mark(symbola)] * data.symbola_repeats)
+    if data.emojione_repeats:
+        emojione = builders.load("emojione", split="train", data_dir=data.data_dir, resolution=32)
+        sources.extend([mark(emojione)] * data.emojione_repeats)
     if data.fashion_mnist:
         fashion = builders.load("fashion_mnist", split="train", data_dir=data.data_dir)
         sources.append(

@@ -152,6 +152,36 @@ def test_symbola_draws_noto_names_in_black_without_colour_names(emoji, data_dir)
     assert repr(symbola["train"]) == "Source('symbola/16/1.0.0:train')"
 
 
+needs_emojione = pytest.mark.skipif(
+    not (builders.FONT_PATH.exists() and any(builders.EMOJIONE_GEMS.glob("gemojione-*"))),
+    reason="sudo apt-get install -y fonts-noto-color-emoji ruby-gemojione for the EmojiOne tests",
+)
+
+
+@needs_emojione
+def test_emojione_draws_noto_names_in_the_same_split_in_colour(emoji, data_dir):
+    emojione = {
+        s: builders.load("emojione", split=s, data_dir=data_dir, resolution=16)
+        for s in ("train", "test")
+    }
+    noto = {s: {src[i]["caption"]: src[i] for i in range(len(src))} for s, src in emoji.items()}
+    differences = []
+    for split, source in emojione.items():
+        records = [source[i] for i in range(len(source))]
+        captions = {r["caption"] for r in records}
+        assert captions <= noto[split].keys()  # the same names, in the same split
+        assert len(captions) > 0.7 * len(noto[split])  # gemojione 3.3.0 draws ~80% of them
+        for r in records:
+            assert r["caption"] == unicodedata.name(chr(r["codepoint"])).lower()
+            assert r["image"].shape == (16, 16, 3)
+            noto_image = noto[split][r["caption"]]["image"].astype(int)
+            differences.append(np.abs(r["image"].astype(int) - noto_image).mean())
+        colourful = [np.ptp(r["image"].astype(int), axis=-1).max() > 60 for r in records]
+        assert np.mean(colourful) > 0.8  # 87%: a few are drawn in greys
+    assert np.median(differences) > 10  # grey levels: the same concepts, drawn differently
+    assert repr(emojione["train"]) == "Source('emoji_one/16/1.0.0:train')"
+
+
 def raw_labels_by_image(prefix):
     directory = builders.FASHION_MNIST_DIR
     with gzip.open(directory / f"{prefix}-images-idx3-ubyte.gz") as f:
@@ -207,6 +237,7 @@ def test_load_reuses_a_built_dataset(emoji, data_dir, monkeypatch):
     [
         ("emoji", "FONT_PATH", "fonts-noto-color-emoji"),
         ("symbola", "SYMBOLA_PATH", "fonts-symbola"),
+        ("emojione", "EMOJIONE_GEMS", "ruby-gemojione"),
         ("fashion_mnist", "FASHION_MNIST_DIR", "dataset-fashion-mnist"),
     ],
 )
@@ -218,7 +249,8 @@ def test_a_missing_package_says_how_to_install_it(tmp_path, monkeypatch, name, a
 
 
 def test_unknown_names_and_configs_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="known: emoji, fashion_mnist, openmoji, symbola"):
+    known = "known: emoji, emojione, fashion_mnist, openmoji, symbola"
+    with pytest.raises(ValueError, match=known):
         builders.load("mnist", split="train", data_dir=tmp_path)
     with pytest.raises(ValueError, match="'resolution': 32"):
         builders.load("emoji", split="train", data_dir=tmp_path, resolution=24)
