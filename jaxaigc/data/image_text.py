@@ -16,7 +16,7 @@ import grain
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from jaxaigc.data import builders, shapes
+from jaxaigc.data import builders, shapes, wordnet
 
 # Captions of the Fashion-MNIST *training* images. Zero-shot evaluation uses other templates
 # (jaxaigc.zero_shot.DEFAULT_TEMPLATES), so no evaluation prompt is ever a training caption.
@@ -106,10 +106,13 @@ class CaptionTrueAugment(grain.transforms.RandomMap):
     a factor in ``[shrink, 1]`` onto the colour of its corner at a random place; a mirror image
     unless the caption names a direction; greyscale with probability ``greyscale`` unless it
     names a colour; with probability ``style`` one drawing-style change that keeps hues
-    (:data:`STYLES`: fewer shades, dark outlines, blur, contrast); each caption word dropped with
-    probability ``word_dropout`` (at least one kept: a looser description, not always a true
-    one, e.g. "no entry" -> "entry"). Unmarked records (shapes: their captions name positions,
-    sizes and colours) pass unchanged; the mark is removed.
+    (:data:`STYLES`: fewer shades, dark outlines, blur, contrast); with probability ``gloss``
+    the caption followed by the WordNet definition of the name or of one of its words
+    (:func:`wordnet.name_definitions`; "dog face: a member of the genus Canis ...", which ties
+    the definition's words to the image), else each caption word dropped with probability
+    ``word_dropout`` (at least one kept: a looser description, not always a true one, e.g. "no
+    entry" -> "entry"). Unmarked records (shapes: their captions name positions, sizes and
+    colours) pass unchanged; the mark is removed.
     """
 
     crop_scale: float = 0.5
@@ -118,6 +121,7 @@ class CaptionTrueAugment(grain.transforms.RandomMap):
     greyscale: float = 0.2
     style: float = 0.0
     word_dropout: float = 0.0
+    gloss: float = 0.0
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         image, caption = element["image"], element["caption"]
@@ -153,7 +157,10 @@ class CaptionTrueAugment(grain.transforms.RandomMap):
         if not grey_image and rng.random() < self.style:
             name = STYLES[int(rng.integers(len(STYLES)))]
             image = np.asarray(_restyle(Image.fromarray(np.ascontiguousarray(image)), name, rng))
-        if self.word_dropout > 0 and len(words) > 1:
+        definitions = wordnet.name_definitions(caption) if self.gloss > 0 else ()
+        if definitions and rng.random() < self.gloss:
+            caption = f"{caption}: {definitions[int(rng.integers(len(definitions)))]}"
+        elif self.word_dropout > 0 and len(words) > 1:
             kept = [word for word in words if rng.random() >= self.word_dropout]
             caption = " ".join(kept or [words[int(rng.integers(len(words)))]])
         return {"image": np.ascontiguousarray(image), "caption": caption}

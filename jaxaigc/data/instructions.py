@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxaigc.data import wordnet
+from jaxaigc.data.wordnet import WORDNET_DIR
+
 SPLITS = ("train", "held_out")
 # Independent random streams per data product, so e.g. RL prompts differ from SFT prompts.
 _PROMPTS, _DEMOS, _COMPARISONS, _LABELLER, _RL, _CORPUS = range(6)
@@ -463,24 +466,17 @@ def rank(
     return Comparison(prompt, tuple(responses), scores, ranking)
 
 
-WORDNET_DIR = Path("/usr/share/wordnet")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 CORPUS_SOURCES = ("wordnet", "fortunes", "generated")
 
 
 def _wordnet() -> list[str]:
     """The "lemma: gloss" of every synset in WordNet's data files (Debian ``wordnet-base``)."""
-    texts = []
-    for part in ("noun", "verb", "adj", "adv"):
-        path = WORDNET_DIR / f"data.{part}"
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith(" ") or " | " not in line:  # the licence header
-                continue
-            fields, gloss = line.split(" | ", 1)
-            # The first lemma; adjectives may carry a syntax marker such as "(a)".
-            lemma = re.sub(r"\(\w+\)$", "", fields.split()[4]).replace("_", " ")
-            texts.append(f"{lemma}: {gloss.strip()}")
-    return texts
+    return [
+        f"{lemma}: {gloss}"
+        for part in wordnet.PARTS
+        for lemma, gloss in wordnet.synsets(part, WORDNET_DIR)
+    ]
 
 
 def _fortunes() -> list[str]:

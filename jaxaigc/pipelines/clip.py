@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
                     greyscale=0.2,
                     style=0.0,
                     word_dropout=0.0,
+                    gloss=0.0,  # WordNet definitions after emoji names (needs wordnet-base)
                 )
             ),
         )
@@ -143,6 +144,7 @@ def build(config: ml_collections.ConfigDict) -> tuple[CLIP, Task, BatchIterator,
             greyscale=augment.greyscale,
             style=augment.style,
             word_dropout=augment.word_dropout,
+            gloss=augment.gloss,
         ),
         image_text.Tokenize(tokenizer.encode, cfg.context_length),
         *clip_ops(cfg.image_resolution, train=False),

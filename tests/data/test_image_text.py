@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxaigc.data import image_text
+from jaxaigc.data import image_text, wordnet
 
 
 def test_concatenate_indexes_across_sources():
@@ -112,3 +112,22 @@ def test_caption_true_augment_shrinks_onto_the_corner_colour_and_restyles():
     for out in styled:  # hues kept: the square stays red, the background white or grey
         square, corner = out["image"][6:10, 6:10].astype(int), out["image"][0, 0].astype(int)
         assert (square[..., 0] > square[..., 1] + 40).all() and np.ptp(corner) < 8
+
+
+@pytest.mark.skipif(
+    not (wordnet.WORDNET_DIR / "index.noun").exists(),
+    reason="sudo apt-get install -y wordnet-base for WordNet definitions in captions",
+)
+def test_caption_true_augment_appends_a_definition_of_the_name_or_a_word():
+    marked = image_text.Augmentable(
+        image_text.ArraySource(
+            np.stack([_asymmetric_image()] * 2), ["dog face", "zzyzx"], name="emoji"
+        )
+    )
+    op = image_text.CaptionTrueAugment(flip=False, greyscale=0.0, word_dropout=0.5, gloss=0.5)
+    definitions = wordnet.name_definitions("dog face")
+    captions = {out["caption"] for out in _draws(marked[0], op, n=200)}
+    explained = {c for c in captions if c.startswith("dog face: ")}
+    assert {c.removeprefix("dog face: ") for c in explained} == set(definitions)
+    assert captions - explained <= {"dog face", "dog", "face"}  # else: word dropout
+    assert {out["caption"] for out in _draws(marked[1], op)} == {"zzyzx"}  # nothing to define
