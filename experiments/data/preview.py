@@ -1,4 +1,5 @@
-"""Writes one captioned PNG grid per image dataset (shapes, emoji, fashion_mnist) to eyeball them.
+"""Writes one captioned PNG grid per image dataset (shapes, the emoji styles, fashion_mnist) to
+eyeball them.
 
 Small images are upscaled without smoothing so pixels and captions stay legible. Emoji and
 Fashion-MNIST are built on first use (see ``jaxaigc.data.builders``).
@@ -23,6 +24,7 @@ _N = flags.DEFINE_integer("n", 24, "Images per grid.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Built datasets; default: $JAXAIGC_DATA_DIR.")
 
 _COLUMNS = 8
+_EMOJI = ("emoji", "openmoji", "symbola", "emojione")  # one builder per drawing style
 _MIN_SIDE = 128  # upscale images smaller than this
 _PAD = 6
 
@@ -32,7 +34,7 @@ def examples(name: str, n: int, size: int, data_dir: str | None) -> tuple[list, 
     if name == "shapes":
         images, captions, _ = shapes.generate(n, size, seed=0)
         return list(images), captions
-    config = {"resolution": size} if name == "emoji" else {}
+    config = {"resolution": size} if name in _EMOJI else {}
     source = builders.load(name, split="train", data_dir=data_dir, **config)
     records = [source[i] for i in range(n)]
     return [r["image"] for r in records], [r["caption"] for r in records]
@@ -77,7 +79,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     out_dir = Path(_OUT_DIR.value)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("shapes", "emoji", "fashion_mnist"):
+    for name in ("shapes", *_EMOJI, "fashion_mnist"):
         images, captions = examples(name, _N.value, _SIZE.value, _DATA_DIR.value)
         path = out_dir / f"{name}.png"
         caption_grid(images, captions).save(path)
