@@ -18,6 +18,7 @@ needs_fashion_mnist = pytest.mark.skipif(
     reason="sudo apt-get install -y dataset-fashion-mnist for the Fashion-MNIST tests",
 )
 
+SPLITS = ("train", "test")
 # Emoji with a name and a glyph in Noto Color Emoji 2.042 (Debian 12), by the Unicode version of
 # Python's unicodedata (3.10: 13.0, 3.11: 14.0, 3.12: 15.0, 3.13: 15.1).
 EMOJI_COUNTS = {"13.0.0": 1324, "14.0.0": 1361, "15.0.0": 1381, "15.1.0": 1381}
@@ -39,19 +40,19 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tensorflow_datasets")
 
 
+def emoji_splits(name, data_dir):
+    """Both splits of the emoji builder ``name`` at 16 px."""
+    return {s: builders.load(name, split=s, data_dir=data_dir, resolution=16) for s in SPLITS}
+
+
 @pytest.fixture(scope="module")
 def emoji(data_dir):
-    return {
-        s: builders.load("emoji", split=s, data_dir=data_dir, resolution=16)
-        for s in ("train", "test")
-    }
+    return emoji_splits("emoji", data_dir)
 
 
 @pytest.fixture(scope="module")
 def fashion_mnist(data_dir):
-    return {
-        s: builders.load("fashion_mnist", split=s, data_dir=data_dir) for s in ("train", "test")
-    }
+    return {s: builders.load("fashion_mnist", split=s, data_dir=data_dir) for s in SPLITS}
 
 
 @needs_font
@@ -86,10 +87,7 @@ def test_emoji_split_and_repr_are_stable(emoji, data_dir):
 
 @pytest.fixture(scope="module")
 def openmoji(data_dir):
-    return {
-        s: builders.load("openmoji", split=s, data_dir=data_dir, resolution=16)
-        for s in ("train", "test")
-    }
+    return emoji_splits("openmoji", data_dir)
 
 
 def test_openmoji_records_are_named_glyphs_split_by_name(openmoji):
@@ -134,10 +132,7 @@ needs_symbola = pytest.mark.skipif(
 
 @needs_symbola
 def test_symbola_draws_noto_names_in_black_without_colour_names(emoji, data_dir):
-    symbola = {
-        s: builders.load("symbola", split=s, data_dir=data_dir, resolution=16)
-        for s in ("train", "test")
-    }
+    symbola = emoji_splits("symbola", data_dir)
     noto = {s: {source[i]["caption"] for i in range(len(source))} for s, source in emoji.items()}
     for split, source in symbola.items():
         records = [source[i] for i in range(len(source))]
@@ -160,10 +155,7 @@ needs_emojione = pytest.mark.skipif(
 
 @needs_emojione
 def test_emojione_draws_noto_names_in_the_same_split_in_colour(emoji, data_dir):
-    emojione = {
-        s: builders.load("emojione", split=s, data_dir=data_dir, resolution=16)
-        for s in ("train", "test")
-    }
+    emojione = emoji_splits("emojione", data_dir)
     noto = {s: {src[i]["caption"]: src[i] for i in range(len(src))} for s, src in emoji.items()}
     differences = []
     for split, source in emojione.items():
