@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from jaxaigc.data import wordnet
-from jaxaigc.data.wordnet import WORDNET_DIR
 
 SPLITS = ("train", "held_out")
 # Independent random streams per data product, so e.g. RL prompts differ from SFT prompts.
@@ -466,6 +465,8 @@ def rank(
     return Comparison(prompt, tuple(responses), scores, ranking)
 
 
+# Where the corpus reads its texts (module attributes, so tests can point them elsewhere).
+WORDNET_DIR = wordnet.WORDNET_DIR
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 CORPUS_SOURCES = ("wordnet", "fortunes", "generated")
 
