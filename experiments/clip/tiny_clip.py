@@ -22,7 +22,6 @@ images never trained on except the first, a memorisation reference:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -54,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     model = CLIPConfig.from_name(
         "tiny-rn", context_length=24, vision_width=16, transformer_width=64
     )
-    config.model = ml_collections.ConfigDict(dataclasses.asdict(model))
+    config.model = clip.model_fields(model)
     config.data.update(dict(fashion_mnist=False, emoji_repeats=16, symbola_repeats=16))
     config.data.augment.update(dict(enabled=True, word_dropout=0.2))
     config.train.steps = 1700

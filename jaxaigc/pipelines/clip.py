@@ -22,8 +22,7 @@ from jaxaigc.train.loop import Task, default_train_config
 
 def get_config() -> ml_collections.ConfigDict:
     config = default_train_config()
-    model = CLIPConfig.from_name("tiny-vit", context_length=32)
-    config.model = ml_collections.ConfigDict(dataclasses.asdict(model))
+    config.model = model_fields(CLIPConfig.from_name("tiny-vit", context_length=32))
     config.loss = "softmax"  # or "sigmoid" (SigLIP; set model.logit_bias_init, e.g. -10)
     config.data = ml_collections.ConfigDict(
         dict(
@@ -54,6 +53,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 128
     config.train.steps = 200
     return config
+
+
+def model_fields(model: CLIPConfig) -> ml_collections.ConfigDict:
+    """``model`` as ``config.model``, its SigLIP logit bias settable from the command line
+    (``--config.model.logit_bias_init=-10``) also when it is None."""
+    fields = ml_collections.ConfigDict(dataclasses.asdict(model))
+    if model.logit_bias_init is None:
+        fields.logit_bias_init = ml_collections.config_dict.placeholder(float)
+    return fields
 
 
 def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:

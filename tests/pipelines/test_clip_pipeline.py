@@ -1,13 +1,12 @@
 """The CLIP training pipeline end to end on procedural scenes: the loss falls, on a ViT and on a
 ResNet (whose BatchNorm statistics are model state), and on an 8-device mesh."""
 
-import dataclasses
-
 import jax
-import ml_collections
 import numpy as np
 import optax
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from jaxaigc import parallel
 from jaxaigc.data.tokenizers import ClipTokenizer
@@ -28,7 +27,7 @@ except FileNotFoundError as error:
 def _config(preset: str, steps: int, **changes):
     config = clip.get_config()
     model = clip.CLIPConfig.from_name(preset, context_length=24, **changes)
-    config.model = ml_collections.ConfigDict(dataclasses.asdict(model))
+    config.model = clip.model_fields(model)
     config.data.update(dict(shapes=512, emoji_repeats=0, fashion_mnist=False))
     config.train.update(dict(steps=steps, batch_size=32, log_every=5, checkpoint_every=1000))
     config.optim.warmup_steps = 5
@@ -66,6 +65,15 @@ def test_unknown_loss_is_an_error():
     config.loss = "sigmoid"
     with pytest.raises(ValueError, match="logit_bias_init"):
         clip.build(config)
+
+
+def test_the_siglip_bias_is_settable_from_the_command_line():
+    argv = ["prog", "--config.loss=sigmoid", "--config.model.logit_bias_init=-10"]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", clip.get_config(), flag_values=values, sys_argv=argv)
+    values(argv)
+    assert clip.model_config(values.config).logit_bias_init == -10.0
+    assert clip.model_config(clip.get_config()).logit_bias_init is None  # OpenAI's: no bias
 
 
 def test_logit_scale_parameter_stays_in_range_and_the_model_uses_the_trained_scale():
