@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxaigc.objectives.contrastive import l2_normalize
@@ -23,23 +22,40 @@ DEFAULT_TEMPLATES = (
 )
 
 
+def encode_batched(
+    encode: Callable[[np.ndarray], jax.Array], inputs: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """``encode(inputs)`` computed ``batch_size`` rows at a time, the last batch padded with
+    zeros to full size so that a jitted ``encode`` compiles for one shape."""
+    if len(inputs) <= batch_size:
+        return np.asarray(encode(inputs))
+    outputs = []
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size]
+        padding = np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)
+        outputs.append(np.asarray(encode(np.concatenate([batch, padding])))[: len(batch)])
+    return np.concatenate(outputs)
+
+
 def class_weights(
     encode_text: Callable[[np.ndarray], jax.Array],
     tokenize: Callable[[list[str]], np.ndarray],
     class_names: Sequence[str],
     templates: Sequence[str] = DEFAULT_TEMPLATES,
+    *,
+    batch_size: int = 1024,
 ) -> jax.Array:
     """Normalised class embeddings [d, num_classes] from a prompt-template ensemble.
 
-    Args: encode_text maps token ids [n, t] to embeddings [n, d]; tokenize maps strings to ids.
+    Args: encode_text maps token ids [n, t] to embeddings [n, d], called on ``batch_size``
+    prompts at a time; tokenize maps strings to ids.
     """
     if not class_names or not templates:
         raise ValueError("zero-shot classification needs at least one class name and template")
-    columns = []
-    for name in class_names:
-        embeddings = l2_normalize(encode_text(tokenize([t.format(name) for t in templates])))
-        columns.append(l2_normalize(embeddings.mean(0)))
-    return jnp.stack(columns, axis=1)
+    prompts = [t.format(name) for name in class_names for t in templates]
+    embeddings = encode_batched(encode_text, np.asarray(tokenize(prompts)), batch_size)
+    embeddings = l2_normalize(embeddings.reshape(len(class_names), len(templates), -1))
+    return l2_normalize(embeddings.mean(1)).T
 
 
 def topk_accuracy(

@@ -93,25 +93,22 @@ def evaluate(model, variables, tokenizer, config: ml_collections.ConfigDict) -> 
     encode_text = jit_inference(lambda t: model.apply(variables, t, method="encode_text"))
 
     def embed(fn, array):
-        return np.concatenate(
-            [
-                np.asarray(fn(array[i : i + ev.batch_size]))
-                for i in range(0, len(array), ev.batch_size)
-            ]
-        )
+        return zero_shot.encode_batched(fn, array, ev.batch_size)
 
     def tokenize(texts):
         return tokenizer.encode(texts, context_length=cfg.context_length, truncate=True)
 
     def accuracy(images, names, labels, templates) -> dict:
         weights = zero_shot.class_weights(
-            lambda t: embed(encode_text, t), tokenize, names, templates
+            encode_text, tokenize, names, templates, batch_size=ev.batch_size
         )
         top = zero_shot.classify(embed(encode_image, images), weights, np.asarray(labels))
         return {**top, "chance_top1": 1 / len(names), "chance_top5": min(1, 5 / len(names))}
 
     results = {}
-    fashion = builders.load("fashion_mnist", split="test", data_dir=config.data.data_dir)
+    fashion = builders.load(
+        "fashion_mnist", split="test", data_dir=config.data.data_dir, in_memory=True
+    )
     n = min(ev.fashion_mnist, len(fashion))
     seen = bool(config.data.fashion_mnist)
     results["fashion_mnist"] = {
@@ -128,7 +125,9 @@ def evaluate(model, variables, tokenizer, config: ml_collections.ConfigDict) -> 
 
     # Emoji among every name of both Noto splits.
     noto = {
-        s: builders.load("emoji", split=s, data_dir=config.data.data_dir, resolution=32)
+        s: builders.load(
+            "emoji", split=s, data_dir=config.data.data_dir, resolution=32, in_memory=True
+        )
         for s in ("train", "test")
     }
     split_names = {s: [src[i]["caption"] for i in range(len(src))] for s, src in noto.items()}
@@ -137,8 +136,12 @@ def evaluate(model, variables, tokenizer, config: ml_collections.ConfigDict) -> 
     held_out = set(split_names["test"])
     trained_words = {w for name in split_names["train"] for w in _words(name)}
     openmoji = (
-        builders.load("openmoji", split="test", data_dir=config.data.data_dir, resolution=32),
-        builders.load("openmoji", split="train", data_dir=config.data.data_dir, resolution=32),
+        builders.load(
+            "openmoji", split="test", data_dir=config.data.data_dir, resolution=32, in_memory=True
+        ),
+        builders.load(
+            "openmoji", split="train", data_dir=config.data.data_dir, resolution=32, in_memory=True
+        ),
     )
     emoji_sets = {
         "noto_trained_images": [(noto["train"], i) for i in range(len(noto["train"]))],
@@ -189,9 +192,7 @@ def evaluate(model, variables, tokenizer, config: ml_collections.ConfigDict) -> 
         }
 
     pairs = {
-        "emoji_test": builders.load(
-            "emoji", split="test", data_dir=config.data.data_dir, resolution=32
-        ),
+        "emoji_test": noto["test"],
         "shapes_test": image_text.shapes_source(
             ev.shapes, cfg.image_resolution, seed=config.seed, split="test"
         ),

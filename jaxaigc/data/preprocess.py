@@ -66,6 +66,8 @@ class Resize(grain.transforms.Map):
         short, long = min(h, w), max(h, w)
         new_short, new_long = self.size, int(self.size * long / short)
         new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
+        if (new_h, new_w) == (h, w):  # PIL would return a copy
+            return element
         # PIL has no single-channel (h, w, 1) mode: resize the (h, w) plane.
         pil = Image.fromarray(image[..., 0] if c == 1 else image)
         resized = np.asarray(pil.resize((new_w, new_h), _RESAMPLE[self.method]))

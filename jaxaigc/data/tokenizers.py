@@ -33,6 +33,7 @@ _WORDS = regex.compile(
     regex.IGNORECASE,
 )
 _SPACES = regex.compile(r"\s+")
+_TEXT_CACHE_SIZE = 200_000  # captions whose ids are kept (~100 MB at most)
 
 
 def _byte_chars() -> list[str]:
@@ -86,8 +87,10 @@ class ClipTokenizer:
             + (b" " if t.endswith(_WORD_END) else b"")
             for t in tokens[:-2]
         ]
-        # Words recur, so most lookups skip the merges (a dict, not lru_cache, so it pickles).
+        # Words and captions recur, so most lookups skip the merges and ftfy's text repair
+        # (dicts, not lru_cache, so the tokenizer pickles).
         self._cache: dict[str, tuple[int, ...]] = {SOT: (self.sot_token,), EOT: (self.eot_token,)}
+        self._text_cache: dict[str, tuple[int, ...]] = {}
 
     def _word_ids(self, word: str) -> tuple[int, ...]:
         if (ids := self._cache.get(word)) is None:
@@ -97,9 +100,13 @@ class ClipTokenizer:
 
     def tokenize(self, text: str) -> list[int]:
         """The ids of ``text`` without SOT and EOT (OpenAI's ``SimpleTokenizer.encode``)."""
-        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-        text = _SPACES.sub(" ", text).strip().lower()
-        return [i for word in _WORDS.findall(text) for i in self._word_ids(word)]
+        if (ids := self._text_cache.get(text)) is None:
+            clean = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+            clean = _SPACES.sub(" ", clean).strip().lower()
+            ids = tuple(i for word in _WORDS.findall(clean) for i in self._word_ids(word))
+            if len(self._text_cache) < _TEXT_CACHE_SIZE:  # bounded: web captions rarely recur
+                self._text_cache[text] = ids
+        return list(ids)
 
     def encode(
         self, texts: str | Sequence[str], *, context_length: int = 77, truncate: bool = False

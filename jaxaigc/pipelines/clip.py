@@ -81,13 +81,19 @@ def training_source(config: ml_collections.ConfigDict) -> image_text.Concatenate
             image_text.shapes_source(data.shapes, resolution, seed=config.seed, split="train")
         )
     if data.emoji_repeats:
-        emoji = builders.load("emoji", split="train", data_dir=data.data_dir, resolution=32)
+        emoji = builders.load(
+            "emoji", split="train", data_dir=data.data_dir, resolution=32, in_memory=True
+        )
         sources.extend([mark(emoji)] * data.emoji_repeats)
     if data.symbola_repeats:
-        symbola = builders.load("symbola", split="train", data_dir=data.data_dir, resolution=32)
+        symbola = builders.load(
+            "symbola", split="train", data_dir=data.data_dir, resolution=32, in_memory=True
+        )
         sources.extend([mark(symbola)] * data.symbola_repeats)
     if data.emojione_repeats:
-        emojione = builders.load("emojione", split="train", data_dir=data.data_dir, resolution=32)
+        emojione = builders.load(
+            "emojione", split="train", data_dir=data.data_dir, resolution=32, in_memory=True
+        )
         sources.extend([mark(emojione)] * data.emojione_repeats)
     if data.fashion_mnist:
         fashion = builders.load("fashion_mnist", split="train", data_dir=data.data_dir)

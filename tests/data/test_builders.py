@@ -83,6 +83,11 @@ def test_emoji_split_and_repr_are_stable(emoji, data_dir):
     ]
     # grain validates a restored state against the repr: it must name the resolution.
     assert repr(again) == "Source('emoji/16/1.0.0:test')"
+    decoded = builders.load("emoji", split="test", data_dir=data_dir, resolution=16, in_memory=True)
+    assert repr(decoded) == repr(again) and len(decoded) == len(again)
+    for i in range(len(again)):
+        assert decoded[i].keys() == again[i].keys()
+        assert all(np.array_equal(decoded[i][k], again[i][k]) for k in again[i])
 
 
 @pytest.fixture(scope="module")

@@ -101,6 +101,8 @@ def _openai_clip_transform(image: np.ndarray, size: int) -> np.ndarray:
         (50, 33, 15),
         (33, 33, 9),
         (80, 31, 24),
+        (24, 40, 24),  # already the size: no resampling
+        (31, 31, 31),
     ],
 )
 def test_eval_ops_equal_openai_clip_transform_on_odd_sizes(h, w, size):

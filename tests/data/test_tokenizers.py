@@ -73,6 +73,8 @@ def test_clip_ids_match_openai(clip_tokenizer):
     )
     expected = [reference.encode(text) for text in corpus]
     assert [clip_tokenizer.tokenize(text) for text in corpus] == expected
+    clip_tokenizer.tokenize(corpus[0]).append(0)  # the caption cache hands out copies
+    assert [clip_tokenizer.tokenize(text) for text in corpus] == expected
     batch = clip_tokenizer.encode(corpus, truncate=True)
     assert batch.shape == (len(corpus), 77) and batch.dtype == np.int32
     for row, ids in zip(batch, expected, strict=True):
