@@ -212,6 +212,22 @@ class Concatenate:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextPairs(grain.transforms.RandomMap):
+    """Adds a text pair drawn uniformly from ``pairs`` to each record, as token ids ``pair_a``
+    and ``pair_b`` (int32 [context_length]): a text-only contrastive task carried by the image
+    batches (``clip_loss_fn(text_pairs=...)``); image and tokens pass unchanged."""
+
+    pairs: Sequence[tuple[str, str]] = dataclasses.field(repr=False)
+    encode: Callable[..., np.ndarray]
+    context_length: int
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        pair = self.pairs[int(rng.integers(len(self.pairs)))]
+        tokens = self.encode(list(pair), context_length=self.context_length, truncate=True)
+        return {**element, "pair_a": tokens[0], "pair_b": tokens[1]}
+
+
+@dataclasses.dataclass(frozen=True)
 class Tokenize(grain.transforms.Map):
     """Replaces ``caption`` with ``tokens`` int32 [context_length] (long captions truncated)."""
 

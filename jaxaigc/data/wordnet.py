@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 WORDNET_DIR = Path("/usr/share/wordnet")
@@ -61,3 +61,40 @@ def name_definitions(name: str, directory: Path = WORDNET_DIR) -> tuple[str, ...
     terms = [name, *name.split()]
     found = (noun_definition(t, directory) for t in terms)
     return tuple(dict.fromkeys(d for d in found if d))
+
+
+@functools.cache
+def _noun_graph(directory: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Each noun synset's lemmas and the synsets it is a kind or an instance of, by offset."""
+    lemmas, parents = {}, {}
+    path = directory / "data.noun"
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith(" ") or " | " not in line:  # the licence header
+            continue
+        # offset lex_filenum ss_type w_cnt [word lex_id]... p_cnt [symbol offset pos source]...
+        fields = line.split(" | ", 1)[0].split()
+        count = int(fields[3], 16)
+        lemmas[fields[0]] = [fields[4 + 2 * i].replace("_", " ").lower() for i in range(count)]
+        start = 5 + 2 * count
+        pointers = [
+            fields[start + 4 * i : start + 4 * i + 2] for i in range(int(fields[start - 1]))
+        ]
+        parents[fields[0]] = [offset for symbol, offset in pointers if symbol in ("@", "@i")]
+    return lemmas, parents
+
+
+def kinds_of(
+    words: Iterable[str], depth: int = 3, directory: Path = WORDNET_DIR
+) -> tuple[tuple[str, str], ...]:
+    """``(noun, word)`` for every noun that is a kind of one of ``words`` within ``depth``
+    hypernym steps ("eagle" -> "bird of prey" -> "bird": ``("eagle", "bird")``), sorted."""
+    lemmas, parents = _noun_graph(directory)
+    words = set(words)
+    pairs = set()
+    for offset, nouns in lemmas.items():
+        frontier = parents[offset]
+        for _ in range(depth):
+            reached = {w for parent in frontier for w in lemmas[parent] if w in words}
+            pairs.update((noun, w) for noun in nouns for w in reached if noun != w)
+            frontier = [grand for parent in frontier for grand in parents[parent]]
+    return tuple(sorted(pairs))

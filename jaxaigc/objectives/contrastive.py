@@ -123,12 +123,14 @@ def sigmoid_loss(
     return loss, {"logit_scale": scale, "logit_bias": bias}
 
 
-def clip_loss_fn(model: nn.Module, *, loss: str = "softmax") -> Callable:
+def clip_loss_fn(model: nn.Module, *, loss: str = "softmax", text_pairs: float = 0.0) -> Callable:
     """The stateful objective ``loss_fn(params, model_state, batch, rng)`` of a CLIP model.
 
     ``batch = {"image": float [n, r, r, 3], "tokens": int32 [n, t]}``; ``model_state`` holds the
     ResNet's ``batch_stats`` (empty for a ViT). ``loss`` is ``"softmax"`` (CLIP's InfoNCE) or
-    ``"sigmoid"`` (SigLIP; the model needs a ``logit_bias`` parameter).
+    ``"sigmoid"`` (SigLIP; the model needs a ``logit_bias`` parameter). ``text_pairs`` > 0 adds
+    that times InfoNCE between the text embeddings of ``batch["pair_a"]`` and ``["pair_b"]``
+    (int32 [n, t]; :class:`jaxaigc.data.image_text.TextPairs`).
     """
     if loss not in ("softmax", "sigmoid"):
         raise ValueError(f"unknown contrastive loss {loss!r}; use 'softmax' or 'sigmoid'")
@@ -147,6 +149,14 @@ def clip_loss_fn(model: nn.Module, *, loss: str = "softmax") -> Callable:
             value, metrics = clip_loss(images, texts, logit_scale)
         else:
             value, metrics = sigmoid_loss(images, texts, logit_scale, params["logit_bias"])
+        if text_pairs:
+            pairs = jnp.concatenate([batch["pair_a"], batch["pair_b"]])
+            a, b = jnp.split(
+                model.apply({"params": params, **model_state}, pairs, method="encode_text"), 2
+            )
+            pair_loss, _ = clip_loss(a, b, logit_scale)
+            value = value + text_pairs * pair_loss
+            metrics = {**metrics, "loss_text_pairs": pair_loss}
         return value, (metrics, {**model_state, **updates})
 
     return loss_fn

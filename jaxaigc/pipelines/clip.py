@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxaigc.data import builders, image_text
+from jaxaigc.data import builders, image_text, wordnet
 from jaxaigc.data.pipeline import BatchIterator
 from jaxaigc.data.preprocess import clip_ops
 from jaxaigc.data.tokenizers import ClipTokenizer
@@ -46,6 +46,11 @@ def get_config() -> ml_collections.ConfigDict:
                     gloss=0.0,  # WordNet definitions after names; no gain measured (BUILD_NOTES)
                 )
             ),
+            # Weight of a text-text InfoNCE on WordNet (noun, kind-of word) pairs whose word is
+            # a training caption's, within text_pairs_depth hypernym steps ("eagle", "bird"):
+            # what the captions never name, placed by the text tower near what they do.
+            text_pairs=0.0,
+            text_pairs_depth=2,
         )
     )
     config.optim.peak_lr = 1e-3
@@ -163,15 +168,22 @@ def build(config: ml_collections.ConfigDict) -> tuple[CLIP, Task, BatchIterator,
         image_text.Tokenize(tokenizer.encode, cfg.context_length),
         *clip_ops(cfg.image_resolution, train=False),
     ]
+    source = training_source(config)
+    if config.data.text_pairs:
+        distinct = {id(s): s for s in source.sources}.values()  # emoji sources repeat
+        captions = {s[i]["caption"] for s in distinct for i in range(len(s))}
+        words = {w for caption in captions for w in caption.lower().split()}
+        pairs = wordnet.kinds_of(words, depth=config.data.text_pairs_depth)
+        ops.insert(2, image_text.TextPairs(pairs, tokenizer.encode, cfg.context_length))
     batches = BatchIterator(
-        training_source(config),
+        source,
         global_batch_size=config.train.batch_size,
         seed=config.seed,
         operations=ops,
     )
     task = Task(
         init=_init_fn(model),
-        loss_fn=clip_loss_fn(model, loss=config.loss),
+        loss_fn=clip_loss_fn(model, loss=config.loss, text_pairs=config.data.text_pairs),
         has_model_state=True,
         constrain_params=clamp_logit_scale,
     )

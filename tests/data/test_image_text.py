@@ -131,3 +131,17 @@ def test_caption_true_augment_appends_a_definition_of_the_name_or_a_word():
     assert {c.removeprefix("dog face: ") for c in explained} == set(definitions)
     assert captions - explained <= {"dog face", "dog", "face"}  # else: word dropout
     assert {out["caption"] for out in _draws(marked[1], op)} == {"zzyzx"}  # nothing to define
+
+
+def test_text_pairs_are_drawn_by_the_record_generator_and_tokenized():
+    pairs = [("eagle", "bird"), ("puppy", "dog"), ("oak", "tree")]
+
+    def encode(texts, context_length, truncate):
+        return np.array([[len(t)] * context_length for t in texts], np.int32)
+
+    op = image_text.TextPairs(pairs, encode, 4)
+    element = {"image": np.zeros((2, 2, 3), np.uint8), "tokens": np.zeros(4, np.int32)}
+    outs = [op.random_map(element, np.random.default_rng(seed)) for seed in (0, 0, 1, 2, 3)]
+    assert all(np.array_equal(outs[0][k], outs[1][k]) for k in outs[0])
+    assert {(int(o["pair_a"][0]), int(o["pair_b"][0])) for o in outs} <= {(5, 4), (5, 3), (3, 4)}
+    assert outs[0]["image"] is element["image"] and outs[0]["pair_a"].shape == (4,)

@@ -36,3 +36,11 @@ def test_every_synset_has_a_lemma_and_a_gloss():
 def test_a_missing_package_says_how_to_install_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install -y wordnet-base"):
         wordnet.noun_definition("dog", tmp_path)
+
+
+def test_kinds_of_follow_hypernyms_to_the_given_words_within_the_depth():
+    pairs = wordnet.kinds_of({"bird", "dog"}, depth=2)
+    assert ("eagle", "bird") in pairs  # eagle -> bird of prey -> bird
+    assert ("eagle", "bird") not in wordnet.kinds_of({"bird"}, depth=1)
+    assert ("puppy", "dog") in pairs and ("dog", "dog") not in pairs
+    assert list(pairs) == sorted(pairs) and {w for _, w in pairs} <= {"bird", "dog"}

@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from jaxaigc import parallel
+from jaxaigc.models.clip import CLIP, CLIPConfig
 from jaxaigc.objectives import contrastive
 
 
@@ -73,3 +75,25 @@ def test_sharded_loss_and_gradients_equal_single_device(loss_name, mesh_2x2x2):
     np.testing.assert_allclose(got_loss, expected_loss, rtol=1e-6)
     for got, want in zip(got_grads, expected_grads, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_text_pairs_add_their_weighted_infonce():
+    model = CLIP(CLIPConfig.from_name("tiny-vit", context_length=8, vocab_size=64))
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+        **{
+            k: jnp.asarray(rng.integers(1, 64, (4, 8)), jnp.int32)
+            for k in ("tokens", "pair_a", "pair_b")
+        },
+    }
+    variables = nn.meta.unbox(
+        model.init(jax.random.key(0), batch["image"][:1], batch["tokens"][:1])
+    )
+    params = variables["params"]
+    plain, _ = contrastive.clip_loss_fn(model)(params, {}, batch, None)
+    value, (metrics, _) = contrastive.clip_loss_fn(model, text_pairs=0.5)(params, {}, batch, None)
+    a, b = (model.apply(variables, batch[k], method="encode_text") for k in ("pair_a", "pair_b"))
+    pair_loss = _numpy_clip_loss(np.asarray(a), np.asarray(b), np.exp(float(params["logit_scale"])))
+    np.testing.assert_allclose(metrics["loss_text_pairs"], pair_loss, rtol=1e-5)
+    np.testing.assert_allclose(value, plain + 0.5 * pair_loss, rtol=1e-5)
