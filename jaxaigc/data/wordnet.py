@@ -68,6 +68,10 @@ def _noun_graph(directory: Path) -> tuple[dict[str, list[str]], dict[str, list[s
     """Each noun synset's lemmas and the synsets it is a kind or an instance of, by offset."""
     lemmas, parents = {}, {}
     path = directory / "data.noun"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: install it with `sudo apt-get install -y wordnet-base`"
+        )
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if line.startswith(" ") or " | " not in line:  # the licence header
             continue
@@ -84,7 +88,7 @@ def _noun_graph(directory: Path) -> tuple[dict[str, list[str]], dict[str, list[s
 
 
 def kinds_of(
-    words: Iterable[str], depth: int = 3, directory: Path = WORDNET_DIR
+    words: Iterable[str], depth: int = 2, directory: Path = WORDNET_DIR
 ) -> tuple[tuple[str, str], ...]:
     """``(noun, word)`` for every noun that is a kind of one of ``words`` within ``depth``
     hypernym steps ("eagle" -> "bird of prey" -> "bird": ``("eagle", "bird")``), sorted."""
