@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 _YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
@@ -39,3 +40,19 @@ def inference_options() -> dict[str, str]:
 def jit_inference(fn: Callable, **jit_kwargs) -> Callable:
     """``jax.jit(fn, **jit_kwargs)`` compiled with ``inference_options()``."""
     return jax.jit(fn, compiler_options=inference_options(), **jit_kwargs)
+
+
+def apply_in_batches(fn: Callable, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    """``fn(inputs)`` computed ``batch_size`` rows at a time (in one call when there are fewer),
+    the last batch padded with zeros so that a jitted ``fn`` compiles for one shape. Dispatch is
+    asynchronous: every batch is queued before the first result is read."""
+    size = min(batch_size, len(inputs))
+    if size == 0:
+        return np.asarray(fn(inputs))
+    outputs = []
+    for start in range(0, len(inputs), size):
+        chunk = inputs[start : start + size]
+        if (pad := size - len(chunk)) > 0:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        outputs.append(fn(chunk))
+    return np.concatenate(jax.device_get(outputs))[: len(inputs)]

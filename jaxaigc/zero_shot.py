@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from jaxaigc.compile_options import apply_in_batches
 from jaxaigc.objectives.contrastive import l2_normalize
 
 DEFAULT_TEMPLATES = (
@@ -20,21 +21,6 @@ DEFAULT_TEMPLATES = (
     "an image of a {}.",
     "a photo of the {}.",
 )
-
-
-def encode_batched(
-    encode: Callable[[np.ndarray], jax.Array], inputs: np.ndarray, batch_size: int
-) -> np.ndarray:
-    """``encode(inputs)`` computed ``batch_size`` rows at a time, the last batch padded with
-    zeros to full size so that a jitted ``encode`` compiles for one shape."""
-    if len(inputs) <= batch_size:
-        return np.asarray(encode(inputs))
-    outputs = []
-    for start in range(0, len(inputs), batch_size):
-        batch = inputs[start : start + batch_size]
-        padding = np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)
-        outputs.append(np.asarray(encode(np.concatenate([batch, padding])))[: len(batch)])
-    return np.concatenate(outputs)
 
 
 def class_weights(
@@ -53,7 +39,7 @@ def class_weights(
     if not class_names or not templates:
         raise ValueError("zero-shot classification needs at least one class name and template")
     prompts = [t.format(name) for name in class_names for t in templates]
-    embeddings = encode_batched(encode_text, np.asarray(tokenize(prompts)), batch_size)
+    embeddings = apply_in_batches(encode_text, np.asarray(tokenize(prompts)), batch_size)
     embeddings = l2_normalize(embeddings.reshape(len(class_names), len(templates), -1))
     return l2_normalize(embeddings.mean(1)).T
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxaigc.compile_options import inference_options, jit_inference
+from jaxaigc.compile_options import apply_in_batches, inference_options, jit_inference
 from jaxaigc.models.clip import CLIP, CLIPConfig
 
 
@@ -36,3 +36,16 @@ def test_jit_inference_matches_xla_defaults(name):
     np.testing.assert_allclose(
         tuned(variables, images), expected, atol=1e-5 * np.abs(expected).max(), rtol=0
     )
+
+
+def test_apply_in_batches_equals_one_call_and_compiles_one_shape():
+    shapes = []
+
+    def encode(x):
+        shapes.append(x.shape)
+        return x * 2.0
+
+    inputs = np.arange(23 * 3, dtype=np.float32).reshape(23, 3)
+    np.testing.assert_array_equal(apply_in_batches(encode, inputs, 10), inputs * 2)
+    assert shapes == [(10, 3)] * 3  # the last 3 rows padded to 10
+    np.testing.assert_array_equal(apply_in_batches(encode, inputs[:4], 10), inputs[:4] * 2)

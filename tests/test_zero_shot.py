@@ -34,19 +34,6 @@ def test_class_weights_average_normalised_prompts():
         zero_shot.class_weights(encode_text, tokenize, [], templates)
 
 
-def test_encode_batched_equals_one_call_and_compiles_one_shape():
-    shapes = []
-
-    def encode(x):
-        shapes.append(x.shape)
-        return x * 2.0
-
-    inputs = np.arange(23 * 3, dtype=np.float32).reshape(23, 3)
-    np.testing.assert_array_equal(zero_shot.encode_batched(encode, inputs, 10), inputs * 2)
-    assert shapes == [(10, 3)] * 3  # the last 3 rows padded to 10
-    np.testing.assert_array_equal(zero_shot.encode_batched(encode, inputs[:4], 10), inputs[:4] * 2)
-
-
 def test_retrieval_recall_perfect_and_shuffled():
     rng = np.random.default_rng(0)
     images = rng.normal(size=(50, 16))

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 
 from jaxaigc import zero_shot
 from jaxaigc.cli import run_experiment
-from jaxaigc.compile_options import jit_inference
+from jaxaigc.compile_options import apply_in_batches, jit_inference
 from jaxaigc.data import builders, image_text, shapes
 from jaxaigc.data.preprocess import clip_ops
 from jaxaigc.models.clip import CLIPConfig
@@ -93,7 +93,7 @@ def evaluate(model, variables, tokenizer, config: ml_collections.ConfigDict) -> 
     encode_text = jit_inference(lambda t: model.apply(variables, t, method="encode_text"))
 
     def embed(fn, array):
-        return zero_shot.encode_batched(fn, array, ev.batch_size)
+        return apply_in_batches(fn, array, ev.batch_size)
 
     def tokenize(texts):
         return tokenizer.encode(texts, context_length=cfg.context_length, truncate=True)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxaigc.compile_options import jit_inference
+from jaxaigc.compile_options import apply_in_batches, jit_inference
 from jaxaigc.data import builders, shapes
 from jaxaigc.data.tokenizers import BPETokenizer, train_bpe
 from jaxaigc.models import dvae
@@ -108,15 +108,6 @@ def _jitted(fn: Callable) -> Callable:
     return jit_inference(fn, static_argnums=0)
 
 
-def _batches(items: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """``items`` in batches of exactly ``batch_size`` rows, the last padded with zeros."""
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        if (pad := batch_size - len(chunk)) > 0:
-            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        yield chunk
-
-
 def encode_images(
     model: dvae.DVAEConfig, variables: dict, images: np.ndarray, *, batch_size: int = 500
 ) -> np.ndarray:
@@ -127,11 +118,8 @@ def encode_images(
       images: uint8 images, or floats in [0, 1].
       batch_size: images per call of the one compiled program (the last batch is padded).
     """
-    batch_size = min(batch_size, len(images))
-    # Dispatch is asynchronous: every batch is queued before the first result is read.
     encode = _jitted(dvae.encode)
-    ids = [encode(model, variables, chunk) for chunk in _batches(images, batch_size)]
-    ids = np.concatenate(jax.device_get(ids))[: len(images)]
+    ids = apply_in_batches(lambda chunk: encode(model, variables, chunk), images, batch_size)
     return ids.reshape(len(images), -1)
 
 
@@ -144,10 +132,8 @@ def decode_images(
     if side * side != length:
         raise ValueError(f"{length} tokens per image is not a square grid")
     grids = np.asarray(tokens, np.int32).reshape(n, side, side)
-    batch_size = min(batch_size, n)
     decode = _jitted(_decode_uint8)
-    out = [decode(model, variables, chunk) for chunk in _batches(grids, batch_size)]
-    return np.concatenate(jax.device_get(out))[:n]
+    return apply_in_batches(lambda chunk: decode(model, variables, chunk), grids, batch_size)
 
 
 def params_digest(variables: Any) -> str:
