@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     prior = default_train_config()
     prior.model = dataclasses.asdict(PriorConfig.from_name("tiny", text_len=TEXT_LEN))
+    _leave_to_clip(prior.model, "prior")
     prior.optim.update(dict(peak_lr=1e-3, warmup_steps=50, b2=0.96, weight_decay=0.06))
     prior.train.update(dict(batch_size=64, steps=1000, log_every=50, checkpoint_every=500))
     config.prior = prior
@@ -73,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
             prediction="v",
         )
     )  # fmt: skip
+    _leave_to_clip(decoder.model, "decoder")
     # The loss's timestep weighting (objectives.diffusion.loss_weights): "none" or "min_snr".
     decoder.loss = ml_collections.ConfigDict(dict(weighting="none", min_snr_gamma=5.0))
     decoder.optim.update(dict(peak_lr=2e-3, warmup_steps=50))
@@ -94,6 +96,17 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
     return config
+
+
+# The model fields that only the CLIP decides. get_config leaves them unset, and build_prior and
+# build_decoder fill them in from the CLIP features (so they follow the CLIP run, whatever its
+# size); a value set by hand is checked against the features instead.
+CLIP_FIELDS = {"prior": ("embed_dim", "text_width"), "decoder": ("clip_dim", "image_size")}
+
+
+def _leave_to_clip(model: ml_collections.ConfigDict, section: str) -> None:
+    for field in CLIP_FIELDS[section]:
+        model[field] = ml_collections.config_dict.placeholder(int)
 
 
 def prior_config(config: ml_collections.ConfigDict) -> PriorConfig:
@@ -256,16 +269,16 @@ def build_prior(
     features: SceneFeatures | None = None,
 ) -> tuple[Prior, Task, BatchIterator]:
     """The prior, its task for :func:`jaxaigc.train.loop.train` (with ``config.prior``) and its
-    batches of training-scene CLIP features (``features``, else encoded here by ``clip``)."""
+    batches of training-scene CLIP features (``features``, else encoded here by ``clip``).
+    Unset :data:`CLIP_FIELDS` of ``config.prior.model`` are filled in, in place, from them."""
     _, features = _clip_and_features(config, clip, features)
-    model = Prior(prior_config(config))
-    cfg = model.config
     checks = [
         ("the CLIP embedding width", features.text_embedding.shape[1], "embed_dim"),
         ("the CLIP text transformer's width", features.text_tokens.shape[2], "text_width"),
         ("the encoded captions' length", features.text_tokens.shape[1], "text_len"),
     ]
-    _check_fields(checks, cfg, "prior")
+    _fit_fields(checks, config.prior.model, "prior")
+    model = Prior(prior_config(config))
 
     source = ArrayRecords(
         {
@@ -279,7 +292,7 @@ def build_prior(
     batches = BatchIterator(
         source, global_batch_size=config.prior.train.batch_size, seed=config.prior.seed
     )
-    task = Task(init=prior_init(model), loss_fn=prior_loss_fn(model, cfg.diffusion()))
+    task = Task(init=prior_init(model), loss_fn=prior_loss_fn(model, model.config.diffusion()))
     return model, task, batches
 
 
@@ -291,15 +304,16 @@ def build_decoder(
 ) -> tuple[Decoder, Task, BatchIterator]:
     """The decoder, its task (with ``config.decoder``; its loss weighted by
     ``config.decoder.loss``) and its batches of training scenes in [-1, 1] with their CLIP image
-    embeddings (and CLIP caption tokens when the decoder has a text encoder)."""
+    embeddings (and CLIP caption tokens when the decoder has a text encoder). Unset
+    :data:`CLIP_FIELDS` of ``config.decoder.model`` are filled in, in place, from them."""
     _, features = _clip_and_features(config, clip, features)
-    model = Decoder(decoder_config(config))
-    cfg = model.config
     checks = [
         ("the CLIP embedding width", features.image_embedding.shape[1], "clip_dim"),
         ("the scenes' side", features.images.shape[1], "image_size"),
     ]
-    _check_fields(checks, cfg, "decoder")
+    _fit_fields(checks, config.decoder.model, "decoder")
+    model = Decoder(decoder_config(config))
+    cfg = model.config
     arrays = {
         "image": to_unit_range(features.images),
         "image_embedding": features.image_embedding,
@@ -390,11 +404,14 @@ def load_trained(
     return model_of(run_config), variables["params"], step
 
 
-def _check_fields(checks, cfg, section: str) -> None:
+def _fit_fields(checks, model: ml_collections.ConfigDict, section: str) -> None:
+    """Sets each unset field of ``model`` to the value the features give; a set one must match."""
     for what, value, field in checks:
-        if value != getattr(cfg, field):
+        if model[field] is None:
+            model[field] = int(value)
+        elif value != model[field]:
             raise ValueError(
-                f"{what} is {value}, but the {section}'s {field} is {getattr(cfg, field)}: set "
+                f"{what} is {value}, but the {section}'s {field} is {model[field]}: set "
                 f"config.{section}.model.{field} to {value}"
             )
 

@@ -113,6 +113,25 @@ def test_load_trained_names_the_stage_and_the_missing_checkpoint(tmp_path):
         unclip.load_trained(tmp_path, "decoder")
 
 
+def test_the_clip_sizes_the_stages(clip):
+    """The fields only the CLIP decides follow its features, with nothing set by hand: a change of
+    the CLIP's text width or embedding size (the demo's clip stage went to width 64) builds."""
+    config = CLIPConfig.from_name("tiny-vit", context_length=TEXT_LEN)
+    narrow = CLIP(config.replace(transformer_width=64, embed_dim=32))
+    example = (jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, TEXT_LEN), jnp.int32))
+    shapes = nn.meta.unbox(jax.eval_shape(narrow.init, jax.random.key(0), *example))
+    narrow = unclip.ClipEncoder(narrow, _random(shapes, 0, 0.05), clip.tokenizer)
+    for encoder, width, dim in ((clip, 128, 64), (narrow, 64, 32)):
+        features = unclip.encode_scenes(encoder, 8, split="train", seed=0)
+        config = _config()
+        prior, _, _ = unclip.build_prior(config, None, features=features)
+        decoder, _, _ = unclip.build_decoder(config, None, features=features)
+        assert (prior.config.text_width, prior.config.embed_dim) == (width, dim)
+        assert (decoder.config.clip_dim, decoder.config.image_size) == (dim, 32)
+        # Filled in place, so the run config saved with the checkpoints rebuilds the same models.
+        assert (config.prior.model.text_width, config.decoder.model.clip_dim) == (width, dim)
+
+
 def test_mismatched_clip_features_are_named(clip):
     features = unclip.encode_scenes(clip, 16, split="train", seed=0)
     config = _config()
