@@ -49,14 +49,15 @@ def get_config() -> ml_collections.ConfigDict:
     # small ModifiedResNet image tower, which learns the emoji twice as fast per step as tiny-vit's
     # and transfers better to held-out names and OpenMoji's style. 24 tokens hold the longest
     # caption (19), and a 64-wide text tower (at 128 its backward pass took most of a step) and
-    # the faster input pipeline run 2,400 steps in the time 1,200 took.
+    # the faster input pipeline run 2,200 steps in the time 1,100 took: the demo's stage took
+    # 222-248 s at 2,400 steps, depending on the day, over its 4 minutes on a slow one.
     model = CLIPConfig.from_name(
         "tiny-rn", context_length=24, vision_width=16, transformer_width=64
     )
     config.model = clip.model_fields(model)
     config.data.update(dict(fashion_mnist=False, emoji_repeats=16, symbola_repeats=16))
     config.data.augment.update(dict(enabled=True, word_dropout=0.2))
-    config.train.steps = 2400
+    config.train.steps = 2200
     config.train.log_every = 25
     config.train.checkpoint_every = 250
     config.eval = ml_collections.ConfigDict(
