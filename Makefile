@@ -27,7 +27,7 @@ install-test: $(PY)
 
 # glibc.malloc.hugetlb=1: the heap in transparent huge pages (README, "On CPU").
 demo: install data-packages
-	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) experiments/demo.py --workdir $(WORKDIR)
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(VENV)/bin/jaxaigc demo --workdir $(WORKDIR)
 
 data-packages:
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

@@ -1,62 +1,313 @@
-"""The command line shared by experiment scripts: ``--config.*`` overrides, ``--workdir`` and
-joining a multi-process run (``--coordinator_address``, ``--num_processes``, ``--process_id``)."""
+"""The ``jaxaigc`` command: ``jaxaigc SUBCOMMAND --help`` says what each one takes.
+
+    jaxaigc demo [--quick] [--stages lm,clip] [--workdir runs/demo] [--clip.train.steps=400]
+    jaxaigc train RECIPE --workdir DIR [--quick] [--config.train.steps=100 ...]
+    jaxaigc eval WORKDIR
+    jaxaigc generate WORKDIR "a red circle" ... [--n 16] [--seed 0] [--out grid.png]
+    jaxaigc zero-shot CLIP IMAGE ... --labels cat,dog [--templates "a photo of a {}."]
+    jaxaigc respond WORKDIR "prompt" ... [--temperature 0] [--max-tokens 64]
+    jaxaigc convert {clip,dvae,gpt2} SRC DEST
+    jaxaigc bench NAME [ARGS ...]
+
+Inputs (recipe names, paths, images, overrides) are checked before anything compiles. A run of
+several processes (pods, clusters) takes ``--coordinator_address``, ``--num_processes`` and
+``--process_id`` where JAX cannot find them itself.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
-from absl import app, flags, logging
+import numpy as np
+from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxaigc import parallel
-
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address",
-    None,
-    "host:port of process 0 in a multi-process run. Without it, TPU pods, SLURM, Open MPI and "
-    "GKE are detected as JAX detects them; elsewhere the run is one process.",
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, from 0.")
+DEMO_STAGES = ("lm", "clip", "dvae", "dalle", "unclip", "instructgpt")
+BENCH_DIR = Path(__file__).resolve().parents[1] / "experiments" / "bench"
 
 
-def join_distributed() -> None:
-    """Joins the multi-process run the flags describe or the cluster provides (see
-    :func:`jaxaigc.parallel.initialize_distributed`); call it before anything touches a device."""
-    given = {
-        "coordinator_address": _COORDINATOR.value,
-        "num_processes": _NUM_PROCESSES.value,
-        "process_id": _PROCESS_ID.value,
-    }
-    given = {name: value for name, value in given.items() if value is not None}
-    count, index = given.get("num_processes"), given.get("process_id")
-    if count is not None and count < 1:
-        raise app.UsageError(f"--num_processes={count}: needs at least 1")
-    if index is not None and (index < 0 or (count is not None and index >= count)):
-        raise app.UsageError(f"--process_id={index}: must be in [0, --num_processes={count})")
-    parallel.initialize_distributed(**given)
+class UsageError(ValueError):
+    """Bad command-line input: printed as ``jaxaigc: error: ...`` with exit status 2."""
 
 
-def run_experiment(
-    run: Callable[[ml_collections.ConfigDict, str | Path], dict],
-    config: ml_collections.ConfigDict,
+def join_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
 ) -> None:
-    """Parses ``--config.<field>=...`` (defaults: ``config``) and the required ``--workdir``, joins
-    the multi-process run if there is one, then calls ``run(config, workdir)`` (on every
-    process). Call it under ``if __name__ == "__main__"``: the config flags are defined here, so
-    the script can still be imported beside other flags (as the demo does)."""
-    config_flags.DEFINE_config_dict("config", config)
-    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, report.json.")
-    flags.mark_flag_as_required("workdir")
+    """Joins the multi-process run these describe or the cluster provides (see
+    :func:`jaxaigc.parallel.initialize_distributed`); call it before anything touches a device."""
+    from jaxaigc import parallel
 
-    def main(argv: list[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
-            logging.set_verbosity(logging.WARNING)
-        join_distributed()
-        run(flags.FLAGS.config, flags.FLAGS.workdir)
+    if num_processes is not None and num_processes < 1:
+        raise UsageError(f"--num_processes={num_processes}: needs at least 1")
+    if process_id is not None and (
+        process_id < 0 or (num_processes is not None and process_id >= num_processes)
+    ):
+        raise UsageError(
+            f"--process_id={process_id}: must be in [0, --num_processes={num_processes})"
+        )
+    given = dict(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+    parallel.initialize_distributed(**{k: v for k, v in given.items() if v is not None})
 
-    app.run(main)
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, name: str, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
+    """``config`` with ``--<name>.a.b=value`` overrides applied (typed as the field is).
+
+    Raises:
+      UsageError: an argument that is not such an override, or a field the config lacks.
+    """
+    for arg in overrides:
+        if not arg.startswith(f"--{name}."):
+            raise UsageError(f"unexpected argument {arg!r}; overrides look like --{name}.a.b=1")
+    argv = ["jaxaigc", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_dict(name, config, flag_values=flag_values, sys_argv=argv)
+    try:
+        flag_values(argv)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as error:
+        raise UsageError(f"bad override: {error}") from error
+    return flag_values[name].value
+
+
+def _add_distributed(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("several processes (JAX finds them on TPU pods and SLURM)")
+    group.add_argument("--coordinator_address", help="host:port of process 0")
+    group.add_argument("--num_processes", type=int, help="processes in the run")
+    group.add_argument("--process_id", type=int, help="this process's index, from 0")
+
+
+def _join(args: argparse.Namespace) -> None:
+    join_distributed(args.coordinator_address, args.num_processes, args.process_id)
+
+
+def _print_report(report: dict, workdir: Path) -> None:
+    from jaxaigc.evaluate.report import format_figure
+
+    print(f"{report.get('title', report['system'])} ({workdir})")
+    for figure in report["figures"]:
+        print(f"  {format_figure(figure)}")
+    print(f"  report: {workdir / 'report.html'}")
+
+
+def _existing_dir(path: str, what: str) -> Path:
+    if not Path(path).is_dir():
+        raise UsageError(f"{what} {path!r} is not a directory")
+    return Path(path)
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
+    from jaxaigc import run
+
+    if args.recipe not in run.RECIPES:
+        raise UsageError(f"unknown recipe {args.recipe!r}; known: {', '.join(run.RECIPES)}")
+    config = apply_overrides(run.get_config(args.recipe, quick=args.quick), "config", extra)
+    _join(args)
+    workdir = Path(args.workdir)
+    _print_report(run.train_and_evaluate(args.recipe, config, workdir), workdir)
+
+
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> None:
+    from jaxaigc import run
+    from jaxaigc.evaluate.report import write_demo_report
+
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = [s for s in stages if s not in DEMO_STAGES]
+    if unknown:
+        raise UsageError(f"unknown stages {unknown}; known: {', '.join(DEMO_STAGES)}")
+    configs = {}
+    for stage in stages:
+        mine = [a for a in extra if a.startswith(f"--{stage}.")]
+        configs[stage] = apply_overrides(run.get_config(stage, quick=args.quick), stage, mine)
+    strays = [a for a in extra if not any(a.startswith(f"--{s}.") for s in stages)]
+    if strays:
+        raise UsageError(f"unexpected arguments {strays}; overrides look like --clip.train.steps=5")
+    _join(args)
+    workdir = Path(args.workdir)
+    for stage in stages:
+        print(f"\n== stage {stage} ==", flush=True)
+        start = time.perf_counter()
+        report = run.train_and_evaluate(stage, configs[stage], workdir / stage)
+        _print_report(report, workdir / stage)
+        print(f"  {time.perf_counter() - start:.0f} s", flush=True)
+    import jax
+
+    if jax.process_index() == 0:
+        page = write_demo_report(workdir, DEMO_STAGES)
+        print(f"\nthe demo's report: {page}\nthe curves: tensorboard --logdir {workdir}")
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
+    from jaxaigc import run
+
+    workdir = _existing_dir(args.workdir, "run directory")
+    run.load_run(workdir)  # a clear error for a directory that holds no run
+    _join(args)
+    _print_report(run.evaluate_run(workdir), workdir)
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> None:
+    from jaxaigc import pipelines
+    from jaxaigc.evaluate.grids import write_grid
+
+    if args.n < 1:
+        raise UsageError(f"--n={args.n}: needs at least 1")
+    pipe = pipelines.load(_existing_dir(args.workdir, "run directory"))
+    if not isinstance(pipe, pipelines.TextToImage):
+        raise UsageError(f"{args.workdir} is a {pipe.recipe} run; generate takes dalle or unclip")
+    out = Path(args.out or Path(args.workdir) / "generated.png")
+    result = pipe(args.captions, n=args.n, seed=args.seed)
+    write_grid(out, result.images, captions=args.captions, scale=args.scale)
+    for caption, scores in zip(args.captions, result.scores, strict=True):
+        print(f"{caption!r}: CLIP scores, best first: {np.round(scores, 3).tolist()}")
+    print(out)
+
+
+def cmd_zero_shot(args: argparse.Namespace, extra: list[str]) -> None:
+    from jaxaigc import pipelines
+
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if len(labels) < 2:
+        raise UsageError(f"--labels={args.labels!r}: give at least two labels, comma-separated")
+    missing = [path for path in args.images if not Path(path).is_file()]
+    if missing:
+        raise UsageError(f"no such image file(s): {missing}")
+    clip = pipelines.load_clip(_existing_dir(args.clip, "CLIP run or converted checkpoint"))
+    images = pipelines.read_images(args.images, size=clip.image_size)
+    templates = tuple(args.templates) if args.templates else None
+    probs = clip.classify(images, labels, templates=templates)
+    for path, row in zip(args.images, probs, strict=True):
+        best = np.argsort(-row)[: args.top]
+        print(f"{path}: " + ", ".join(f"{labels[i]} {row[i]:.1%}" for i in best))
+
+
+def cmd_respond(args: argparse.Namespace, extra: list[str]) -> None:
+    from jaxaigc import pipelines
+
+    if args.max_tokens < 1 or args.temperature < 0:
+        raise UsageError("--max-tokens must be >= 1 and --temperature >= 0")
+    policy = pipelines.load_policy(_existing_dir(args.workdir, "run directory"), args.policy)
+    responses = policy.respond(
+        args.prompts, temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed
+    )
+    for prompt, response in zip(args.prompts, responses, strict=True):
+        print(f"{prompt}\n-> {response}")
+
+
+def cmd_convert(args: argparse.Namespace, extra: list[str]) -> None:
+    from jaxaigc.convert.checkpoints import convert
+
+    if not Path(args.src).is_file():
+        raise UsageError(f"no such checkpoint file: {args.src}")
+    if Path(args.dest).exists() and any(Path(args.dest).iterdir()):
+        raise UsageError(f"{args.dest} exists and is not empty; choose a new directory")
+    print(convert(args.kind, args.src, args.dest, trust_pickle=args.trust_pickle))
+
+
+def cmd_bench(args: argparse.Namespace, extra: list[str]) -> None:
+    names = sorted(p.stem for p in BENCH_DIR.glob("*.py")) if BENCH_DIR.is_dir() else []
+    if not names:
+        raise UsageError(f"no benchmarks in {BENCH_DIR} (they ship with the source checkout)")
+    if args.name not in names:
+        raise UsageError(f"unknown benchmark {args.name!r}; known: {', '.join(names)}")
+    # The benchmarks are scripts (they set allocator variables before jax starts): run, not import.
+    status = subprocess.call([sys.executable, str(BENCH_DIR / f"{args.name}.py"), *extra])
+    raise SystemExit(status)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="jaxaigc", description="CLIP, DALL-E, DALL-E 2 and InstructGPT in JAX."
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+
+    p = sub.add_parser("demo", help="every stage on embedded data, then runs/demo/report.html")
+    p.add_argument("--quick", action="store_true", help="every stage at a few steps (~4 min)")
+    p.add_argument("--stages", default=",".join(DEMO_STAGES), help="comma-separated, in order")
+    p.add_argument("--workdir", default="runs/demo")
+    p.epilog = "Stage configs are overridden as --<stage>.a.b=value (e.g. --clip.train.steps=5)."
+    _add_distributed(p)
+    p.set_defaults(run=cmd_demo, extra=True)
+
+    p = sub.add_parser("train", help="train a recipe (resuming), evaluate it, write its report")
+    p.add_argument("recipe", help="lm, clip, dvae, dalle, unclip or instructgpt")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, a few steps")
+    p.epilog = "The recipe's config is overridden as --config.a.b=value."
+    _add_distributed(p)
+    p.set_defaults(run=cmd_train, extra=True)
+
+    p = sub.add_parser("eval", help="re-evaluate a run from its checkpoints, rewrite its report")
+    p.add_argument("workdir")
+    _add_distributed(p)
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("generate", help="images from captions with a DALL-E or unCLIP run")
+    p.add_argument("workdir")
+    p.add_argument("captions", nargs="+")
+    p.add_argument("--n", type=int, default=16, help="candidates per caption, best first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=int, default=3, help="pixel upscaling in the grid")
+    p.add_argument("--out", help="the grid's PNG path (default WORKDIR/generated.png)")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("zero-shot", help="classify images among labels with a CLIP")
+    p.add_argument("clip", help="a CLIP run directory or a converted checkpoint directory")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--labels", required=True, help="comma-separated class names")
+    p.add_argument("--templates", action="append", help='e.g. "a photo of a {}." (repeatable)')
+    p.add_argument("--top", type=int, default=3)
+    p.set_defaults(run=cmd_zero_shot)
+
+    p = sub.add_parser("respond", help="answers from an InstructGPT run's policy")
+    p.add_argument("workdir")
+    p.add_argument("prompts", nargs="+")
+    p.add_argument("--policy", default="ppo_ptx", help="sft, ppo or ppo_ptx")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_respond)
+
+    p = sub.add_parser("convert", help="a PyTorch checkpoint file -> a checkpoint jaxaigc loads")
+    p.add_argument("kind", choices=("clip", "dvae", "gpt2"))
+    p.add_argument("src", help="OpenAI CLIP .pt, DALL-E encoder.pkl, or GPT-2 pytorch_model.bin")
+    p.add_argument("dest", help="a new directory")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="dvae: allow unpickling OpenAI's encoder.pkl/decoder.pkl (runs the files' code)",
+    )
+    p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("bench", help="run a benchmark of experiments/bench/ with its arguments")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_bench, extra=True)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    if extra and not getattr(args, "extra", False):
+        top.error(f"unrecognized arguments: {' '.join(extra)}")
+    if "verbosity" not in os.environ.get("ABSL_FLAGS", ""):
+        logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    try:
+        args.run(args, extra)
+    except UsageError as error:
+        top.exit(2, f"jaxaigc: error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()

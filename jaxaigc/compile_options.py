@@ -13,6 +13,7 @@ Other platforms compile with XLA's defaults.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -42,17 +43,18 @@ def jit_inference(fn: Callable, **jit_kwargs) -> Callable:
     return jax.jit(fn, compiler_options=inference_options(), **jit_kwargs)
 
 
-def apply_in_batches(fn: Callable, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-    """``fn(inputs)`` computed ``batch_size`` rows at a time (in one call when there are fewer),
-    the last batch padded with zeros so that a jitted ``fn`` compiles for one shape. Dispatch is
-    asynchronous: every batch is queued before the first result is read."""
+def apply_in_batches(fn: Callable, inputs: np.ndarray, batch_size: int) -> Any:
+    """``fn(inputs)`` (an array or a tuple of arrays) computed ``batch_size`` rows at a time (in
+    one call when there are fewer), the last batch padded with zeros so that a jitted ``fn``
+    compiles for one shape. Dispatch is asynchronous: every batch is queued before the first
+    result is read."""
     size = min(batch_size, len(inputs))
     if size == 0:
-        return np.asarray(fn(inputs))
+        return jax.tree.map(np.asarray, fn(inputs))
     outputs = []
     for start in range(0, len(inputs), size):
         chunk = inputs[start : start + size]
         if (pad := size - len(chunk)) > 0:
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
         outputs.append(fn(chunk))
-    return np.concatenate(jax.device_get(outputs))[: len(inputs)]
+    return jax.tree.map(lambda *xs: np.concatenate(xs)[: len(inputs)], *jax.device_get(outputs))

@@ -342,6 +342,12 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """tokens int [b, t <= context_length] -> [b, embed_dim], read at each row's largest id."""
+        return self.text_features(tokens)[0]
+
+    def text_features(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """tokens int [b, t <= context_length] -> (the embedding [b, embed_dim] of
+        :meth:`encode_text`, the final layer norm's per-token features [b, t, width]), float32;
+        unCLIP's prior and decoder read the per-token ones."""
         cfg = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
@@ -358,10 +364,11 @@ class CLIP(nn.Module):
         x = jnp.take(table, tokens, axis=0) + positions[: tokens.shape[1]]
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         x = self.transformer(x.astype(jnp.dtype(cfg.dtype)))
-        x = self.ln_final(x)
+        per_token = self.ln_final(x)
         # The end-of-text token has the largest id, so argmax finds it (the first, if repeated).
-        x = x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]  # (b, width)
-        return (x @ self.text_projection.astype(x.dtype)).astype(jnp.float32)
+        x = per_token[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]  # (b, width)
+        pooled = (x @ self.text_projection.astype(x.dtype)).astype(jnp.float32)
+        return pooled, per_token.astype(jnp.float32)
 
     def encode(
         self, images: jax.Array, tokens: jax.Array, *, train: bool = False

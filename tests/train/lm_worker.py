@@ -1,5 +1,5 @@
 """Trains the tiny LM in its own process (or as one of several, under
-``experiments/launch_local.py``), for the kill / preemption / resume tests.
+``python -m jaxaigc.launch``), for the kill / preemption / resume tests.
 
 Process 0 writes ``final.npz`` (the final params and EMA), ``losses.json`` (step -> loss of the
 steps this run made) and ``compiles.json`` (compilations of the train step, in total and after the
@@ -20,12 +20,13 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from jaxaigc import parallel  # noqa: E402
-from jaxaigc.pipelines import lm  # noqa: E402
+from jaxaigc.configs import lm as lm_config  # noqa: E402
+from jaxaigc.systems import lm  # noqa: E402
 from jaxaigc.train.loop import train  # noqa: E402
 
 
 def config(steps: int, checkpoint_every: int):
-    c = lm.get_config()
+    c = lm_config.get_config()
     c.model.update(context_length=16, width=32, layers=2, heads=4, dropout_rate=0.1)
     c.data.lines = 2000
     c.mesh.shape = {"data": 2, "fsdp": 2, "tensor": 2}

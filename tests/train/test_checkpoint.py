@@ -4,7 +4,8 @@ import jax
 import pytest
 
 from jaxaigc import parallel
-from jaxaigc.pipelines import lm
+from jaxaigc.configs import lm as lm_config
+from jaxaigc.systems import lm
 from jaxaigc.train.checkpoint import Checkpointer, CheckpointError
 from jaxaigc.train.optim import make_optimizer
 from jaxaigc.train.state import create_sharded_state
@@ -12,7 +13,7 @@ from tests.helpers import assert_trees_equal
 
 
 def tiny_task():
-    config = lm.get_config()
+    config = lm_config.get_config()
     config.model.update(context_length=16, width=32, layers=2, heads=4)
     return lm.build(config)[1]
 

@@ -8,11 +8,12 @@ import optax
 import pytest
 
 from jaxaigc import parallel
+from jaxaigc.configs import lm as lm_config
 from jaxaigc.data.pipeline import BatchIterator, DataStateMismatch
 from jaxaigc.models.clip import CLIP, CLIPConfig
 from jaxaigc.models.gpt import GPT, GPTConfig
 from jaxaigc.objectives.autoregressive import lm_loss_fn
-from jaxaigc.pipelines import lm
+from jaxaigc.systems import lm
 from jaxaigc.train.loop import NonFiniteLossError, Task, default_train_config, train
 from jaxaigc.train.optim import decay_mask, make_optimizer
 from jaxaigc.train.state import create_sharded_state
@@ -21,7 +22,7 @@ from tests.helpers import max_relative_difference
 
 
 def tiny_lm_config(steps=20):
-    c = lm.get_config()
+    c = lm_config.get_config()
     c.model.update(context_length=16, width=32, layers=2, heads=4)
     c.data.lines = 2000
     c.train.update(steps=steps, batch_size=8, log_every=1, checkpoint_every=10)

@@ -1,4 +1,4 @@
-"""Real multi-process runs on localhost (``experiments/launch_local.py``, gloo collectives).
+"""Real multi-process runs on localhost (``python -m jaxaigc.launch``, gloo collectives).
 
 The same global batches and mesh train identically on 1 process x 8 devices and 2 processes x 4,
 and checkpoints move between process counts, after a SIGKILL or a SIGTERM, at the next batch.
@@ -18,7 +18,7 @@ from tests.helpers import max_relative_difference
 from tests.train.test_resume import WORKER, assert_bit_identical, load
 
 ROOT = Path(__file__).parents[2]
-LAUNCHER = ROOT / "experiments" / "launch_local.py"
+LAUNCHER = ["-m", "jaxaigc.launch"]
 
 STEPS = 12  # checkpoints at 4, 8 and 12
 
@@ -41,7 +41,7 @@ def run_worker(workdir, processes, *args, expect=0):
     args = ["--steps", STEPS, "--checkpoint-every", 4, *args]
     worker = [str(WORKER), "--workdir", str(workdir), *map(str, args)]
     if processes > 1:
-        launcher = [str(LAUNCHER), str(processes), "--devices_per_process", str(8 // processes)]
+        launcher = [*LAUNCHER, str(processes), "--devices_per_process", str(8 // processes), "--"]
         worker = launcher + worker
     result = subprocess.run(
         [sys.executable, *worker], capture_output=True, text=True, cwd=ROOT, timeout=600

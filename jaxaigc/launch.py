@@ -1,9 +1,9 @@
-"""Runs a script as N JAX processes on this machine, as a pod or cluster would run it.
+"""Runs a command as N JAX processes on this machine, as a pod or cluster would run it.
 
-    python experiments/launch_local.py 2 experiments/lm/tiny_lm.py --workdir /tmp/lm2
+    python -m jaxaigc.launch 2 -- -m jaxaigc train lm --workdir runs/lm2
 
 Each process gets ``--coordinator_address=localhost:<free port> --num_processes=N
---process_id=i`` after the script's own arguments, and ``--devices_per_process`` CPU devices
+--process_id=i`` after the command's own arguments, and ``--devices_per_process`` CPU devices
 (``XLA_FLAGS``); collectives between processes go over gloo. SIGTERM or SIGINT to the launcher
 reaches every process (a preemption). When a process dies with a non-zero status the others are
 killed, as SLURM's ``srun --kill-on-bad-exit`` does: they would otherwise wait in a collective
@@ -45,8 +45,8 @@ def process_env(devices: int) -> dict[str, str]:
 def launch(
     num_processes: int, command: list[str], *, devices_per_process: int = 1, poll_s: float = 0.1
 ) -> int:
-    """Runs ``command`` (a Python script and its arguments) as ``num_processes`` processes; returns
-    the exit status described in the module docstring."""
+    """Runs ``command`` (Python's arguments: a script or ``-m module``, then theirs) as
+    ``num_processes`` processes; returns the exit status described in the module docstring."""
     if num_processes < 1 or devices_per_process < 1:
         raise ValueError(
             f"need at least one process and one device each, got {num_processes} processes of "
@@ -96,13 +96,18 @@ def launch(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        usage="python -m jaxaigc.launch N [--devices_per_process D] -- PYTHON_ARGS ...",
+    )
     parser.add_argument("num_processes", type=int)
     parser.add_argument("--devices_per_process", type=int, default=1)
-    parser.add_argument("script")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
-    args = parser.parse_args()
-    command = [args.script, *args.args]
+    argv = sys.argv[1:]
+    if "--" not in argv:
+        parser.error("put -- before what python runs, e.g. -- -m jaxaigc train lm --workdir W")
+    split = argv.index("--")
+    args = parser.parse_args(argv[:split])
+    command = argv[split + 1 :]
     sys.exit(launch(args.num_processes, command, devices_per_process=args.devices_per_process))
 
 

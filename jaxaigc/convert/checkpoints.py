@@ -1,0 +1,79 @@
+"""Reference PyTorch checkpoint files -> run directories every jaxaigc command loads.
+
+A converted run is laid out as a trained one: ``recipe.json`` (the kind and the model's fields)
+and ``checkpoints/0`` holding the parameters and the config, so :mod:`jaxaigc.pipelines` and the
+recipes' ``config.stages`` read it as they read a run of their own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxaigc.configs import fields
+from jaxaigc.convert.clip import load_clip
+from jaxaigc.convert.dvae import load_dvae_pickle
+from jaxaigc.convert.gpt2 import gpt2_from_torch
+from jaxaigc.train.checkpoint import Checkpointer
+from jaxaigc.train.loop import default_train_config
+
+KINDS = ("clip", "dvae", "gpt2")
+
+
+def _read_state_dict(path: Path) -> Mapping[str, Any]:
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(path)
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_run(dest: str | Path, kind: str, model: Any, variables: dict, *, source: str) -> Path:
+    """Writes ``variables`` of ``model`` (a model config dataclass) as a run directory."""
+    dest = Path(dest)
+    config = default_train_config()
+    config.train.ema_decay = 0.0  # the checkpoint holds the parameters themselves
+    config.model = fields.section(model)
+    config_json = config.to_dict()
+    params, model_state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+    state = {"params": jax.tree.map(jax.numpy.asarray, params)}
+    if model_state:
+        state["model_state"] = jax.tree.map(jax.numpy.asarray, model_state)
+    checkpointer = Checkpointer(dest / "checkpoints", save_every=1, max_to_keep=1, async_save=False)
+    try:
+        checkpointer.save(0, state, data_state={}, config=config_json, force=True)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    record = {"recipe": kind, "config": config_json, "converted_from": source}
+    (dest / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
+    return dest
+
+
+def convert(kind: str, src: str | Path, dest: str | Path, *, trust_pickle: bool = False) -> Path:
+    """Converts ``src`` into the run directory ``dest``.
+
+    Args:
+      kind: ``"clip"`` (an OpenAI ``.pt`` or ``.safetensors``), ``"dvae"`` (OpenAI's
+        ``encoder.pkl``, with ``decoder.pkl`` beside it; pickles run code, hence
+        ``trust_pickle``) or ``"gpt2"`` (a Hugging Face ``pytorch_model.bin`` or
+        ``model.safetensors``).
+    """
+    src = Path(src)
+    if kind == "clip":
+        model, variables = load_clip(src)
+    elif kind == "dvae":
+        model, variables = load_dvae_pickle(
+            src, src.with_name("decoder.pkl"), trust_pickle=trust_pickle
+        )
+    elif kind == "gpt2":
+        model, variables = gpt2_from_torch(_read_state_dict(src))
+    else:
+        raise ValueError(f"unknown kind {kind!r}; known: {', '.join(KINDS)}")
+    return save_run(dest, kind, model, variables, source=str(src))

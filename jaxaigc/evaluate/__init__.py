@@ -1,0 +1,1 @@
+"""Evaluation outputs a person reads: image grids and run reports."""

@@ -1,0 +1,105 @@
+"""The recipes by name, and a recipe's run: its stages trained in order (each resuming from its
+checkpoints), then the system's evaluator, whose report goes beside the run (``report.json``,
+``report.md``, ``report.html``).
+
+A run directory keeps ``recipe.json`` (the recipe's name and its whole config), so
+:func:`evaluate_run` and the inference pipelines rebuild everything from the directory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from jaxaigc.configs import clip as clip_config
+from jaxaigc.configs import dalle as dalle_config
+from jaxaigc.configs import dvae as dvae_config
+from jaxaigc.configs import instructgpt as instructgpt_config
+from jaxaigc.configs import lm as lm_config
+from jaxaigc.configs import unclip as unclip_config
+from jaxaigc.evaluate import clip as clip_eval
+from jaxaigc.evaluate import dalle as dalle_eval
+from jaxaigc.evaluate import dvae as dvae_eval
+from jaxaigc.evaluate import instructgpt as instructgpt_eval
+from jaxaigc.evaluate import lm as lm_eval
+from jaxaigc.evaluate import unclip as unclip_eval
+from jaxaigc.evaluate.report import write_report
+from jaxaigc.systems import clip, dalle, dvae, instructgpt, lm, unclip
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A recipe's config (``get_config(quick=...)``), training run and evaluator."""
+
+    get_config: Callable[..., ml_collections.ConfigDict]
+    train: Callable[[ml_collections.ConfigDict, Path], None]
+    evaluate: Callable[[Path, ml_collections.ConfigDict], dict]
+
+
+RECIPES: dict[str, Recipe] = {
+    "lm": Recipe(lm_config.get_config, lm.train, lm_eval.evaluate),
+    "clip": Recipe(clip_config.get_config, clip.train, clip_eval.evaluate),
+    "dvae": Recipe(dvae_config.get_config, dvae.train, dvae_eval.evaluate),
+    "dalle": Recipe(dalle_config.get_config, dalle.train, dalle_eval.evaluate),
+    "unclip": Recipe(unclip_config.get_config, unclip.train, unclip_eval.evaluate),
+    "instructgpt": Recipe(
+        instructgpt_config.get_config, instructgpt.train, instructgpt_eval.evaluate
+    ),
+}
+RUN_FILE = "recipe.json"
+
+
+def check_recipe(recipe: str) -> None:
+    """Raises ValueError for an unknown recipe name, listing the known ones."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+
+
+def get_config(recipe: str, *, quick: bool = False) -> ml_collections.ConfigDict:
+    """The config of ``recipe``; ``quick``: the same stages at a few steps and tiny sizes."""
+    check_recipe(recipe)
+    return RECIPES[recipe].get_config(quick=quick)
+
+
+def train_and_evaluate(recipe: str, config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains ``recipe`` with ``config`` in ``workdir`` (resuming), evaluates, writes the report."""
+    check_recipe(recipe)
+    workdir = Path(workdir)
+    start = time.perf_counter()
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        record = {"recipe": recipe, "config": config.to_dict()}
+        (workdir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    RECIPES[recipe].train(config, workdir)
+    return evaluate_run(workdir, seconds=time.perf_counter() - start)
+
+
+def load_run(workdir: str | Path) -> tuple[str, ml_collections.ConfigDict]:
+    """The recipe and config a run directory was trained with."""
+    path = Path(workdir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: {workdir} is not a run directory (train one with "
+            "`jaxaigc train RECIPE --workdir DIR`)"
+        )
+    record = json.loads(path.read_text())
+    return record["recipe"], ml_collections.ConfigDict(record["config"])
+
+
+def evaluate_run(workdir: str | Path, *, seconds: float | None = None) -> dict:
+    """Evaluates the run in ``workdir`` from its checkpoints and saved config, rewrites its
+    report (on process 0; every process evaluates) and returns it."""
+    workdir = Path(workdir)
+    recipe, config = load_run(workdir)
+    report = {"system": recipe, **RECIPES[recipe].evaluate(workdir, config)}
+    if seconds is not None:
+        report["seconds"] = seconds
+    if jax.process_index() == 0:
+        write_report(workdir, report)
+    return report
