@@ -18,8 +18,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax._src import config as jax_config  # private: the only scoped partitioner switch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxaigc import jax_internals
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch is split over every data-parallel axis: plain data parallelism and FSDP.
@@ -145,7 +146,7 @@ def partitioner(mesh: Mesh, rules: Rules) -> contextlib.AbstractContextManager:
     """
     axes = next((axes for name, axes in rules if name == "conv_in"), None)
     if any(mesh.shape.get(name, 1) > 1 for name in _axis_names(axes)):
-        return jax_config.use_shardy_partitioner(False)
+        return jax_internals.use_shardy_partitioner(False)
     return contextlib.nullcontext()
 
 
@@ -235,9 +236,8 @@ def _cluster_detected() -> bool:
     """True where JAX can find the coordinator itself (TPU pod, SLURM, Open MPI, k8s, env vars)."""
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return True
-    try:  # JAX keeps its cluster auto-detection private; fall back to "single process".
-        from jax._src.clusters import ClusterEnv
-
-        return any(env.is_env_present() for env in ClusterEnv._cluster_types)
-    except (ImportError, AttributeError):
+    try:  # JAX keeps its cluster auto-detection private
+        return jax_internals.cluster_detected()
+    except jax_internals.JaxInternalsError as error:
+        log.warning("%s; assuming a single process", error)
         return False

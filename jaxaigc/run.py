@@ -89,7 +89,7 @@ def load_run(workdir: str | Path) -> tuple[str, ml_collections.ConfigDict]:
             "`jaxaigc train RECIPE --workdir DIR`)"
         )
     record = json.loads(path.read_text())
-    return record["recipe"], ml_collections.ConfigDict(record["config"])
+    return record["recipe"], ml_collections.ConfigDict(record["config"], sort_keys=False)
 
 
 def evaluate_run(workdir: str | Path, *, seconds: float | None = None) -> dict:

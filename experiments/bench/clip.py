@@ -19,10 +19,9 @@ after the models.
 
 import argparse
 import contextlib
-import importlib.machinery
+import importlib.metadata
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import jax
@@ -48,14 +47,15 @@ from jaxaigc.train.step import jit_train_step, make_train_step
 
 
 def openai_clip_module():
-    """OpenAI's ``clip/model.py``, imported by path (``clip/__init__`` needs torchvision)."""
-    # Not importlib.util.find_spec: this script's own directory (first on sys.path) has a clip.py.
-    here = Path(__file__).resolve().parent
-    search = [p for p in sys.path if Path(p or ".").resolve() != here]
-    spec = importlib.machinery.PathFinder.find_spec("clip", search)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("openai-clip is not installed: pip install --no-deps openai-clip==1.0.1")
-    path = Path(spec.submodule_search_locations[0]) / "model.py"
+    """OpenAI's ``clip/model.py``, imported by path from the installed ``openai-clip`` distribution
+    (``clip/__init__`` needs torchvision, and ``import clip`` finds this script's own clip.py)."""
+    try:
+        distribution = importlib.metadata.distribution("openai-clip")
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(
+            "openai-clip is not installed: pip install --no-deps openai-clip==1.0.1"
+        ) from None
+    path = Path(distribution.locate_file("clip/model.py"))
     module_spec = importlib.util.spec_from_file_location("openai_clip_model", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

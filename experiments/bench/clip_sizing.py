@@ -4,11 +4,12 @@
         python experiments/bench/clip_sizing.py [--models RN50,ViT-B/32] [--batch-per-device 64]
 
 For each full-size preset: abstract parameters from ``jax.eval_shape`` (no array is allocated),
-shardings from their logical names on an FSDP mesh over all devices, then ``encode_image``,
-``encode_text`` and a whole AdamW train step (``clip_loss_fn``: InfoNCE over the global batch,
-BatchNorm statistics updated) are lowered and compiled on ``jax.ShapeDtypeStruct`` inputs.
-Prints a markdown table of parameter counts, compile times and XLA's per-device memory estimate
-of the train step.
+shardings from their logical names on an FSDP mesh over all devices, then ``encode_image`` and
+``encode_text`` (jitted as ``jit_inference`` does) and a whole AdamW train step (``clip_loss_fn``:
+InfoNCE over the global batch, BatchNorm statistics updated; jitted by ``jit_train_step``, as
+training runs it) are lowered and compiled on ``jax.ShapeDtypeStruct`` inputs
+(``jaxaigc.train.sizing``). Prints a markdown table of parameter counts, compile times and XLA's
+per-device memory estimate of the train step.
 The estimate comes from the CPU backend, which lays out buffers like the accelerator backends but
 fuses differently: read it as an order of magnitude for a TPU/GPU pod.
 """
@@ -16,49 +17,32 @@ fuses differently: read it as an order of magnitude for a TPU/GPU pod.
 from __future__ import annotations
 
 import argparse
-import math
-import time
+import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxaigc import parallel
 from jaxaigc.models.clip import CLIP, PRESETS, CLIPConfig, clamp_logit_scale
 from jaxaigc.objectives.contrastive import clip_loss_fn
+from jaxaigc.train import sizing
 from jaxaigc.train.optim import make_optimizer
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import make_train_step
 
 FULL_PRESETS = [name for name in PRESETS if not name.startswith("tiny")]
-GIB = 2**30
 
 
 def size_model(config: CLIPConfig, mesh, rules, global_batch: int) -> dict:
-    """Parameter count, compile seconds and per-device bytes of the compiled functions."""
+    """``sizing.size_train_step``'s figures of the train step, under ``"train_step"``, and
+    ``sizing.size_inference``'s of each encoder, under its name."""
     model = CLIP(config)
     r = config.image_resolution
+
+    def init(rng):  # inside eval_shape these zeros are abstract: nothing is allocated
+        return model.init(rng, jnp.zeros((1, r, r, 3)), jnp.zeros((1, 1), jnp.int32))
+
     tx, _ = make_optimizer(peak_lr=5e-4, total_steps=10_000, weight_decay=0.2)
-    _, shardings, state = create_sharded_state(
-        # Inside eval_shape these zeros are abstract: nothing is allocated.
-        lambda rng: model.init(rng, jnp.zeros((1, r, r, 3)), jnp.zeros((1, 1), jnp.int32)),
-        tx,
-        jax.random.key(0),
-        mesh,
-        rules,
-        materialize=False,
-    )
-    batch = {
-        "image": jax.ShapeDtypeStruct(
-            (global_batch, r, r, 3), jnp.float32, sharding=parallel.batch_sharding(mesh, 4)
-        ),
-        "tokens": jax.ShapeDtypeStruct(
-            (global_batch, config.context_length),
-            jnp.int32,
-            sharding=parallel.batch_sharding(mesh, 2),
-        ),
-    }
-    variables = {"params": state.params, **state.model_state}
     step = make_train_step(
         clip_loss_fn(model),
         tx,
@@ -66,46 +50,19 @@ def size_model(config: CLIPConfig, mesh, rules, global_batch: int) -> dict:
         has_model_state=True,
         constrain_params=clamp_logit_scale,
     )
-
-    def with_rules(fn):
-        def wrapped(*args):
-            with nn.logical_axis_rules(rules):
-                return fn(*args)
-
-        return wrapped
-
-    functions = {
-        "encode_image": (
-            jax.jit(with_rules(lambda v, x: model.apply(v, x, method="encode_image"))),
-            (variables, batch["image"]),
-        ),
-        "encode_text": (
-            jax.jit(with_rules(lambda v, t: model.apply(v, t, method="encode_text"))),
-            (variables, batch["tokens"]),
-        ),
-        "train_step": (
-            jax.jit(with_rules(step), out_shardings=(shardings, None), donate_argnums=(0,)),
-            (state, batch),
-        ),
+    example = {"image": ((r, r, 3), jnp.float32), "tokens": ((config.context_length,), jnp.int32)}
+    result = {
+        "train_step": sizing.size_train_step(
+            step, init, tx, example, mesh, rules, global_batch=global_batch
+        )
     }
-    result = {"params": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))}
-    with jax.set_mesh(mesh):
-        for name, (fn, args) in functions.items():
-            start = time.perf_counter()
-            compiled = fn.lower(*args).compile()
-            result[f"{name}_compile_s"] = time.perf_counter() - start
-            result[f"{name}_memory"] = compiled.memory_analysis()
+    _, _, state = create_sharded_state(init, tx, jax.random.key(0), mesh, rules, materialize=False)
+    variables = {"params": state.params, **state.model_state}
+    batch = sizing.abstract_batch(example, global_batch, mesh)
+    for method, inputs in (("encode_image", batch["image"]), ("encode_text", batch["tokens"])):
+        encode = functools.partial(model.apply, method=method)
+        result[method] = sizing.size_inference(encode, (variables, inputs), mesh, rules)
     return result
-
-
-def peak_bytes(memory) -> int:
-    """Arguments + outputs + temporaries, less the donated (aliased) buffers."""
-    return (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        + memory.temp_size_in_bytes
-        - memory.alias_size_in_bytes
-    )
 
 
 def main():
@@ -135,12 +92,11 @@ def main():
             name, dtype=args.dtype, remat_policy=args.remat, scan_layers=True
         )
         r = size_model(config, mesh, rules, global_batch)
-        step = r["train_step_memory"]
+        step, gib = r["train_step"], sizing.GIB
         print(
-            f"| {name} | {r['params'] / 1e6:.1f}M | {r['encode_image_compile_s']:.0f} / "
-            f"{r['encode_text_compile_s']:.0f} / {r['train_step_compile_s']:.0f} | "
-            f"{step.argument_size_in_bytes / GIB:.2f} | {step.temp_size_in_bytes / GIB:.2f} | "
-            f"{peak_bytes(step) / GIB:.2f} |",
+            f"| {name} | {step['params'] / 1e6:.1f}M | {r['encode_image']['compile_s']:.0f} / "
+            f"{r['encode_text']['compile_s']:.0f} / {step['compile_s']:.0f} | "
+            f"{step['argument'] / gib:.2f} | {step['temp'] / gib:.2f} | {step['peak'] / gib:.2f} |",
             flush=True,
         )
 

@@ -1,6 +1,7 @@
 """Where the demo's CLIP stage spends its time, for checkouts side by side: milliseconds per
-input batch, training steps/s and evaluation seconds of ``experiments/clip/tiny_clip.py``'s
-recipe. Each checkout runs in its own process, alternating, ``--rounds`` times.
+input batch, training steps/s and evaluation seconds (:func:`jaxaigc.evaluate.clip.transfer` on a
+trained run, loading excluded) of the ``clip`` recipe. Each checkout runs in its own process,
+alternating, ``--rounds`` times; a checkout needs the recipe layout (``jaxaigc/configs/clip.py``).
 
     git worktree add /tmp/before <commit>
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python experiments/bench/clip_stage.py \
@@ -16,18 +17,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Run inside a checkout: its jaxaigc and its tiny_clip.
+# Run inside a checkout (its jaxaigc first on PYTHONPATH).
 MEASURE = """
 import json, sys, tempfile, time
-sys.path[:0] = [".", "experiments/clip"]
-import tiny_clip
-from jaxaigc.data.tokenizers import ClipTokenizer
-from jaxaigc.pipelines import clip
+from jaxaigc.configs import clip as clip_config
+from jaxaigc.evaluate import clip as clip_eval
+from jaxaigc.systems.clip import load_trained
+from jaxaigc.systems import clip
 from jaxaigc.train.loop import train
 from jaxaigc.train.metrics import read_metrics
 
 trained, steps = sys.argv[1], int(sys.argv[2])
-config = tiny_clip.get_config()
+config = clip_config.get_config()
 config.train.update(dict(steps=steps, log_every=50, checkpoint_every=10 * steps))
 _, task, batches, tokenizer = clip.build(config)
 for _ in range(3):
@@ -39,9 +40,9 @@ batch_ms = (time.perf_counter() - start) / 30 * 1e3
 workdir = tempfile.mkdtemp()
 train(task, batches, config, workdir)
 rates = [r["train/steps_per_sec"] for r in read_metrics(workdir) if "train/steps_per_sec" in r]
-model, variables, _ = clip.load_trained(trained)
+model, variables, _ = load_trained(trained)
 start = time.perf_counter()
-tiny_clip.evaluate(model, variables, tokenizer, config)
+clip_eval.transfer(model, variables, tokenizer, config)
 evaluate_s = time.perf_counter() - start
 print(json.dumps(dict(batch_ms=batch_ms, steps_per_sec=sum(rates[1:]) / len(rates[1:]),
                       evaluate_s=evaluate_s)))
@@ -51,7 +52,7 @@ print(json.dumps(dict(batch_ms=batch_ms, steps_per_sec=sum(rates[1:]) / len(rate
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkout", action="append", required=True, help="repository root")
-    parser.add_argument("--trained", required=True, help="a tiny_clip workdir to evaluate")
+    parser.add_argument("--trained", required=True, help="a trained clip run to evaluate")
     parser.add_argument(
         "--steps", type=int, default=300, help="training steps timed (first 50 dropped)"
     )

@@ -20,9 +20,9 @@ import numpy as np
 from timing import add_allocator_flag, matmul_ceiling, median_times, use_retaining_malloc
 
 from jaxaigc.models.gpt import GPT
-from jaxaigc.pipelines import instructgpt as ig
-from jaxaigc.rlhf import ppo_loss_fn
+from jaxaigc.objectives.ppo import ppo_loss_fn
 from jaxaigc.sample.decode import generate, token_logprobs
+from jaxaigc.systems import instructgpt as ig
 from jaxaigc.train.optim import make_optimizer
 from jaxaigc.train.state import init_state
 from jaxaigc.train.step import make_train_step

@@ -7,7 +7,8 @@ For each mesh a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_cou
 compiles the whole PPO iteration the loop jits (``make_ppo_task(...).make_step``: KV-cache
 rollout of ``--response-length`` tokens per prompt, reference / value / reward scoring, GAE, then
 ``--minibatches`` AdamW updates of policy + value with the pretraining-mix term on
-``--ptx-length``-token corpus rows) on abstract inputs, through ``dalle_sizing.compile_train_step``.
+``--ptx-length``-token corpus rows) on abstract inputs, jitted by ``jit_train_step`` as the loop
+jits it (``jaxaigc.train.sizing.size_train_step``).
 The state holds the trained policy and value model (the value model has the reward model's
 shape), their Adam moments, and the frozen SFT reference and reward model. Prints a markdown row
 per mesh: XLA's per-device memory (arguments, temporaries, peak) and compile seconds. As for
@@ -19,17 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 
-from dalle_sizing import compile_train_step, markdown_row, parse_mesh, run_child
+import jax
+import jax.numpy as jnp
+
+from jaxaigc import parallel
+from jaxaigc.models.gpt import GPTConfig
+from jaxaigc.objectives.ppo import PPOConfig
+from jaxaigc.train.optim import make_optimizer
+from jaxaigc.train.ppo import make_ppo_task
+from jaxaigc.train.sizing import markdown_row, parse_mesh, run_child, size_train_step
 
 
 def size_one(mesh_spec: dict[str, int], args) -> dict:
     """Compiles the PPO iteration on this process's (emulated) devices."""
-    import jax.numpy as jnp
-
-    from jaxaigc.models.gpt import GPTConfig
-    from jaxaigc.rlhf import PPOConfig, make_ppo_task
-    from jaxaigc.train.optim import make_optimizer
-
     policy = GPTConfig.from_name(args.policy)
     reward = GPTConfig.from_name(args.reward, head="scalar")
     ppo = PPOConfig(
@@ -56,16 +59,16 @@ def size_one(mesh_spec: dict[str, int], args) -> dict:
         "ptx": ((args.ptx_length,), jnp.int32),
         "ptx_weights": ((args.ptx_length - 1,), jnp.float32),
     }
-    return compile_train_step(
+    result = size_train_step(
+        task.make_step(tx, rng=jax.random.key(1)),
         task.init,
-        task.loss_fn,
-        example,
         tx,
-        mesh_spec,
+        example,
+        parallel.make_mesh(mesh_spec),
+        parallel.make_rules(),
         global_batch=args.global_batch,
-        accum=1,
-        make_step=task.make_step,
     )
+    return {**result, "accum": 1}
 
 
 def main():
@@ -111,7 +114,14 @@ def main():
         )
     ]
     for mesh in args.meshes.split():
-        row = run_child(mesh, 1, args, extra=extra, script=__file__)
+        row = run_child(
+            __file__,
+            mesh,
+            accum=1,
+            global_batch=args.global_batch,
+            timeout=args.timeout,
+            extra=extra,
+        )
         print(markdown_row(row, args.limit_gib), flush=True)
 
 

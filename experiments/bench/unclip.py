@@ -3,24 +3,25 @@
     python experiments/bench/unclip.py [--parts step,sample,sizing] [--batch 8 --repeats 5]
         [--meshes "fsdp=8 fsdp=4,tensor=2"] [--accum 1,8] [--conv-in fsdp] [--unet-remat none]
 
-``step``: one AdamW training step (``make_train_step(decoder_loss_fn(...))``, fp32) of a decoder
-at 64 px: the ``tiny`` preset's widths at ``--channels`` base channels, levels 64 / 32 / 16 / 8 px
-with attention at 16 and 8, its 2-layer caption encoder, ``--batch`` images. ``sample``: a 50-step
-DDIM sample of ``--batch`` images at guidance 3 (``sample_decoder``: every step runs the UNet on
-the conditional and unconditional halves, a batch of 2b). Time is the median of interleaved
-repeats (``timing.median_times``); FLOPs are XLA's cost analysis of the compiled step, and for
-the sampler 50 x that of one guided UNet call (the analysis counts a scan's body once); the
-fraction is of the fp32 matmul ceiling measured in the same run (``timing.matmul_ceiling``).
+``step``: one AdamW training step (``make_train_step(decoder_loss_fn(...))``, fp32, jitted by
+``jit_train_step`` on one device) of a decoder at 64 px: the ``tiny`` preset's widths at
+``--channels`` base channels, levels 64 / 32 / 16 / 8 px with attention at 16 and 8, its 2-layer
+caption encoder, ``--batch`` images. ``sample``: a 50-step DDIM sample of ``--batch`` images at
+guidance 3 (``sample_decoder``: every step runs the UNet on the conditional and unconditional
+halves, a batch of 2b). Time is the median of interleaved repeats (``timing.median_times``);
+FLOPs are XLA's cost analysis of the compiled step, and for the sampler 50 x that of one guided
+UNet call (the analysis counts a scan's body once); the fraction is of the fp32 matmul ceiling
+measured in the same run (``timing.matmul_ceiling``).
 
 ``sizing``: the ``paper-1b`` prior (global batch 4096, the paper's) and the ``paper-3.5b``
 decoder at 64 px (global batch 2048) with the paper's AdamW settings, each train step lowered and
-compiled on abstract inputs in a subprocess per emulated mesh (``dalle_sizing.compile_train_step``:
-nothing is allocated); GiB per device from XLA:CPU's memory analysis (an order of magnitude for a
-pod, see ``dalle_sizing``). The default rules shard convolution kernels on their output channels
-over ``tensor`` only, so on an fsdp-only mesh every UNet convolution is replicated; ``--conv-in
-fsdp`` shards their input channels over fsdp too (compiled with GSPMD:
-``parallel.partitioner``, the Shardy workaround). ``--unet-remat`` replaces the preset's UNet
-rematerialisation policy (``paper-3.5b``: "full"), to measure what it saves.
+compiled as training jits it, on abstract inputs in a subprocess per emulated mesh
+(``jaxaigc.train.sizing``: nothing is allocated); GiB per device from XLA:CPU's memory analysis
+(an order of magnitude for a pod, see ``dalle_sizing``). The default rules shard convolution
+kernels on their output channels over ``tensor`` only, so on an fsdp-only mesh every UNet
+convolution is replicated; ``--conv-in fsdp`` shards their input channels over fsdp too
+(compiled with GSPMD: ``parallel.partitioner``, the Shardy workaround). ``--unet-remat`` replaces
+the preset's UNet rematerialisation policy (``paper-3.5b``: "full"), to measure what it saves.
 """
 
 import argparse
@@ -28,25 +29,27 @@ import functools
 import json
 import time
 
-import dalle_sizing
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from dalle import compile_with_options, flops_of
+from jax.sharding import NamedSharding, PartitionSpec
 from timing import add_allocator_flag, matmul_ceiling, median_times, use_retaining_malloc
 
-from jaxaigc.models.decoder import Decoder, DecoderConfig, sample_decoder
+from jaxaigc import parallel
+from jaxaigc.compile_options import jit_inference
+from jaxaigc.models.decoder import Decoder, DecoderConfig
 from jaxaigc.models.prior import Prior, PriorConfig
 from jaxaigc.objectives.unclip import decoder_loss_fn, prior_loss_fn
 from jaxaigc.pipelines.unclip import decoder_init, prior_init
+from jaxaigc.sample.diffusion import sample_decoder
+from jaxaigc.train import sizing
 from jaxaigc.train.optim import make_optimizer
 from jaxaigc.train.state import TrainState
-from jaxaigc.train.step import make_train_step
+from jaxaigc.train.step import jit_train_step, make_train_step
 
 SAMPLE_STEPS, GUIDANCE = 50, 3.0
-GIB = 2**30
 # Table 3 of the paper (prior: AdamW 1.1e-4, b2 0.96, wd 6e-2, batch 4096; decoder: 1.2e-4,
 # batch 2048) and its sizes.
 PAPER = {
@@ -87,9 +90,17 @@ def train_step_row(config: DecoderConfig, b: int, repeats: int, ceiling: float) 
     tx = optax.adamw(1e-4)
     state = TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params), {}, None)
     step = make_train_step(decoder_loss_fn(model, config.diffusion()), tx, rng=jax.random.key(1))
-    compiled = compile_with_options(step, state, batch)
-    (seconds,) = median_times([lambda: jax.block_until_ready(compiled(state, batch))], repeats)
-    flops = flops_of(compiled)
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    replicated = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), state)
+    run = jit_train_step(step, mesh, parallel.make_rules(), replicated, batch)
+    flops = sizing.compiled_figures(run.lower(state, batch).compile())["flops"]
+    holder = {"state": state}  # each call donates the state it is given
+
+    def one_step():
+        holder["state"], metrics = run(holder["state"], batch)
+        jax.block_until_ready(metrics)
+
+    (seconds,) = median_times([one_step], repeats)
     return dict(part="train step", seconds=seconds, flops=flops, fraction=flops / seconds / ceiling)
 
 
@@ -108,11 +119,13 @@ def sample_row(config: DecoderConfig, b: int, repeats: int, ceiling: float) -> d
     x = np.zeros((2 * b, r, r, 3), np.float32)
     t = np.zeros((2 * b,), np.int32)
     conditional = np.arange(2 * b) < b
-    forward = compile_with_options(
-        lambda p, x, t, z, text, c: model.apply({"params": p}, x, t, z, text, conditional=c),
-        params, x, t, np.concatenate([z, z]), np.concatenate([text, text]), conditional,
-    )  # fmt: skip
-    flops = SAMPLE_STEPS * flops_of(forward)
+    unet = jit_inference(
+        lambda p, x, t, z, text, c: model.apply({"params": p}, x, t, z, text, conditional=c)
+    )
+    forward = unet.lower(
+        params, x, t, np.concatenate([z, z]), np.concatenate([text, text]), conditional
+    ).compile()
+    flops = SAMPLE_STEPS * sizing.compiled_figures(forward)["flops"]
     return dict(
         part=f"DDIM {SAMPLE_STEPS} steps, guidance {GUIDANCE:g}",
         seconds=seconds,
@@ -155,11 +168,14 @@ def size_one(
             "image_embedding": ((c.clip_dim,), f32),
             "text_tokens": ((c.text_len,), jnp.int32),
         }
-    result = dalle_sizing.compile_train_step(
-        init(model), loss_fn(model, c.diffusion()), example, tx, mesh_spec,
-        global_batch=global_batch, accum=accum, rules=rules,
+    step = make_train_step(
+        loss_fn(model, c.diffusion()), tx, rng=jax.random.key(1), accum_steps=accum
+    )
+    result = sizing.size_train_step(
+        step, init(model), tx, example, parallel.make_mesh(mesh_spec), parallel.make_rules(rules),
+        global_batch=global_batch,
     )  # fmt: skip
-    return {**result, "model": paper["preset"]}
+    return {**result, "accum": accum, "model": paper["preset"]}
 
 
 def main():
@@ -186,7 +202,7 @@ def main():
     rules = {"conv_in": args.conv_in} if args.conv_in else {}
     if args.one:
         result = size_one(
-            args.model, dalle_sizing.parse_mesh(args.one), args.global_batch, int(args.accum),
+            args.model, sizing.parse_mesh(args.one), args.global_batch, int(args.accum),
             rules, args.unet_remat,
         )  # fmt: skip
         print(json.dumps(result), flush=True)
@@ -233,8 +249,11 @@ def main():
                 for accum in (int(a) for a in args.accum.split(",")):
                     extra = ("--model", name, "--conv-in", args.conv_in)
                     extra += ("--unet-remat", args.unet_remat)
-                    r = dalle_sizing.run_child(mesh, accum, args, script=__file__, extra=extra)
-                    row = dalle_sizing.markdown_row(r, args.limit_gib)
+                    r = sizing.run_child(
+                        __file__, mesh, accum=accum, global_batch=args.global_batch,
+                        timeout=args.timeout, extra=extra,
+                    )  # fmt: skip
+                    row = sizing.markdown_row(r, args.limit_gib)
                     print(f"| {PAPER[name]['preset']} {row}", flush=True)
 
 

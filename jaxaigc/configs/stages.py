@@ -3,6 +3,7 @@ or read from, relative to the recipe's workdir (``"../clip"``: another recipe's 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import ml_collections
@@ -12,7 +13,8 @@ def stage_dir(config: ml_collections.ConfigDict, workdir: str | Path, stage: str
     """Where ``stage`` of the run in ``workdir`` lives (an absolute path in the config is kept)."""
     if stage not in config.stages:
         raise ValueError(f"the recipe has no stage {stage!r}; its stages: {list(config.stages)}")
-    return Path(workdir) / config.stages[stage]
+    # normpath, not resolve: "runs/dalle/../clip" must work before runs/dalle exists.
+    return Path(os.path.normpath(Path(workdir) / config.stages[stage]))
 
 
 def trained_run(config: ml_collections.ConfigDict, workdir: str | Path, stage: str) -> Path:

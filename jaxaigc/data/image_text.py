@@ -19,7 +19,8 @@ from PIL import Image, ImageEnhance, ImageFilter
 from jaxaigc.data import builders, shapes, wordnet
 
 # Captions of the Fashion-MNIST *training* images. Zero-shot evaluation uses other templates
-# (jaxaigc.zero_shot.DEFAULT_TEMPLATES), so no evaluation prompt is ever a training caption.
+# (jaxaigc.evaluate.zero_shot.DEFAULT_TEMPLATES), so no evaluation prompt is ever a training
+# caption.
 FASHION_TRAIN_TEMPLATES = (
     "{}",
     "a {}",

@@ -5,6 +5,7 @@ source (reshuffled every epoch), so it depends on the seed and ``s`` alone, neve
 processes. A process reads only the rows its devices hold (``select_rows``, from
 :func:`jaxaigc.parallel.process_rows`); random ops draw from the generator grain gives each
 position. The position is saved in those global terms, so any number of processes resumes it.
+:class:`ArrayRecords` is the source for arrays computed in memory (CLIP features, tokenised text).
 """
 
 from __future__ import annotations
@@ -19,6 +20,25 @@ import numpy as np
 
 class DataStateMismatch(ValueError):
     """A saved data position belongs to another global batch size, seed or dataset."""
+
+
+class ArrayRecords:
+    """Row ``i`` of each named array as one record: an in-memory random-access source."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], *, name: str):
+        lengths = {len(a) for a in arrays.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"{name}: arrays of different lengths {sorted(lengths)}")
+        self.arrays, self.name = arrays, name
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {key: value[index] for key, value in self.arrays.items()}
+
+    def __repr__(self) -> str:  # names the dataset in the saved data position
+        return f"ArrayRecords({self.name!r}, n={len(self)})"
 
 
 class BatchIterator:

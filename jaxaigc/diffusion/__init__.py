@@ -1,16 +1,7 @@
-"""Gaussian diffusion (DDPM, improved DDPM, DDIM) for the unCLIP prior and decoder: schedules and
-the process's maths in ``schedules``, sampling loops in ``samplers``; the training losses are in
-:mod:`jaxaigc.objectives.diffusion`."""
+"""Gaussian diffusion (DDPM, improved DDPM, DDIM) for the unCLIP prior and decoder: the schedules
+and the process's maths; the sampling loops are in :mod:`jaxaigc.sample.diffusion`, the training
+losses in :mod:`jaxaigc.objectives.diffusion`."""
 
-from jaxaigc.diffusion.samplers import (
-    classifier_free_guidance,
-    dynamic_threshold,
-    guided,
-    predict,
-    sample_ddim,
-    sample_ddpm,
-    static_clip,
-)
 from jaxaigc.diffusion.schedules import (
     PREDICTIONS,
     VARIANCES,
@@ -24,14 +15,7 @@ __all__ = [
     "PREDICTIONS",
     "VARIANCES",
     "Diffusion",
-    "classifier_free_guidance",
     "cosine_betas",
-    "dynamic_threshold",
-    "guided",
     "linear_betas",
-    "predict",
-    "sample_ddim",
-    "sample_ddpm",
     "spaced_timesteps",
-    "static_clip",
 ]

@@ -28,15 +28,14 @@ other inputs of those layers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxaigc.diffusion import VARIANCES, Diffusion, cosine_betas, sample_ddim, sample_ddpm
+from jaxaigc.diffusion import VARIANCES, Diffusion, cosine_betas
 from jaxaigc.diffusion.schedules import check_prediction
-from jaxaigc.models.prior import check_guidance, check_width, keep_conditioning
+from jaxaigc.models.prior import check_width, keep_conditioning
 from jaxaigc.nn import Transformer, dense, layer_norm, partitioned
 from jaxaigc.nn.transformer import check_remat_policy
 from jaxaigc.nn.unet import UNet, timestep_embedding
@@ -293,61 +292,3 @@ class Decoder(nn.Module):
         ).astype(tokens.dtype)
         keep_text = keep_conditioning(self, keep, text.shape[0], cfg.text_drop, train)
         return jnp.where(keep_text[:, None, None], tokens, null)
-
-
-@functools.cache
-def _model_fn(config: DecoderConfig):
-    """``fn(params, image_embedding, text, x, t, conditional=None)``, the conditioning tiled to
-    x's batch; cached per config so the sampler's compilation is reused."""
-    model = Decoder(config)
-
-    def fn(params, image_embedding, text, x, t, conditional=None):
-        reps = x.shape[0] // image_embedding.shape[0]
-
-        def tile(a):
-            return None if a is None else jnp.concatenate([a] * reps)
-
-        return model.apply(
-            {"params": params}, x, t, tile(image_embedding), tile(text), conditional=conditional
-        )
-
-    return fn
-
-
-def sample_decoder(
-    model: Decoder,
-    params,
-    diffusion: Diffusion,
-    image_embedding: jax.Array,
-    rng: jax.Array,
-    *,
-    text: jax.Array | None = None,
-    steps: int | None = None,
-    guidance_scale: float = 1.0,
-    method: str = "ddpm",
-    eta: float = 0.0,
-) -> jax.Array:
-    """Images for CLIP image embeddings [b, clip_dim] (and captions int [b, <= text_len]):
-    ancestral DDPM ("ddpm") or DDIM ("ddim", with ``eta``) over ``steps`` strided steps (None:
-    the whole process), x0 clipped to [-1, 1], classifier-free guidance at ``guidance_scale``.
-
-    Returns: float32 [b, image_size, image_size, in_channels] in [-1, 1].
-    """
-    cfg = model.config
-    # The unconditional half drops both, which training saw only if both were dropped.
-    for name in ("image_drop", "text_drop") if cfg.text_layers else ("image_drop",):
-        check_guidance(guidance_scale, getattr(cfg, name), name)
-    if method not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown method {method!r}; use 'ddpm' or 'ddim'")
-    fn = jax.tree_util.Partial(_model_fn(cfg), params, image_embedding, text)
-    shape = (image_embedding.shape[0], cfg.image_size, cfg.image_size, cfg.in_channels)
-    options = dict(
-        steps=steps,
-        prediction=cfg.prediction,
-        variance=cfg.variance,
-        guidance_scale=None if guidance_scale == 1 else guidance_scale,
-        clip_x0=True,
-    )
-    if method == "ddim":
-        return sample_ddim(diffusion, fn, shape, rng, eta=eta, **options)
-    return sample_ddpm(diffusion, fn, shape, rng, **options)

@@ -17,26 +17,26 @@ far below the unit-variance noise of the diffusion. Both z_t and z_i are multipl
 (default sqrt(embed_dim), lucidrains' choice; the paper used 17.2 for ViT-L/14, karlo
 standardises per dimension): the diffusion variable is x0 = scale * z_i, whose components have
 about unit variance. The model takes the raw z_t and scales it itself; ``objectives.unclip`` and
-:func:`sample_prior` convert z_i.
+:func:`jaxaigc.sample.diffusion.sample_prior` convert z_i.
 
 Guidance (Sec. 2.2: text conditioning dropped 10% of the time). ``conditional`` False, per
 example, replaces the caption tokens and z_t by learned null embeddings; in training
 (``train=True``) each example is also dropped with probability ``text_drop`` from the "dropout"
-rng. :func:`sample_prior` draws ``candidates`` (paper 2) embeddings per caption with strided DDIM
-(paper 64 steps of the 1000-step cosine process) and keeps the one with the higher z_i . z_t.
+rng. :func:`jaxaigc.sample.diffusion.sample_prior` draws ``candidates`` (paper 2) embeddings per
+caption with strided DDIM (paper 64 steps of the 1000-step cosine process) and keeps the one with
+the higher z_i . z_t.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaigc.diffusion import Diffusion, cosine_betas, sample_ddim
+from jaxaigc.diffusion import Diffusion, cosine_betas
 from jaxaigc.nn import (
     Transformer,
     causal_mask,
@@ -212,85 +212,3 @@ class Prior(nn.Module):
         h = layer_norm(dtype=dtype, name="ln_final")(h[:, -1])
         out = dense(cfg.embed_dim, ("embed", "mlp"), dtype=dtype, name="out_proj")(h)
         return out.astype(jnp.float32)
-
-
-@functools.cache
-def _model_fn(config: PriorConfig):
-    """``fn(params, text_tokens, text_embedding, text_mask, x, t, conditional=None)``; the
-    conditioning is tiled to x's batch (guidance runs cond and uncond as one batch). Cached per
-    config so that the sampler's jit sees the same function and reuses its compilation."""
-    model = Prior(config)
-
-    def fn(params, text_tokens, text_embedding, text_mask, x, t, conditional=None):
-        reps = x.shape[0] // text_embedding.shape[0]
-
-        def tile(a):
-            return None if a is None else jnp.concatenate([a] * reps)
-
-        return model.apply(
-            {"params": params}, x, t, tile(text_tokens), tile(text_embedding),
-            text_mask=tile(text_mask), conditional=conditional,
-        )  # fmt: skip
-
-    return fn
-
-
-def check_guidance(guidance_scale: float, drop: float, name: str) -> None:
-    """Guidance needs a model trained with conditioning dropout."""
-    if guidance_scale != 1 and drop == 0:
-        raise ValueError(
-            f"guidance_scale {guidance_scale} needs a model trained with conditioning dropout, "
-            f"but the config's {name} is 0; use guidance_scale=1"
-        )
-
-
-def sample_prior(
-    model: Prior,
-    params,
-    diffusion: Diffusion,
-    text_tokens: jax.Array,
-    text_embedding: jax.Array,
-    rng: jax.Array,
-    *,
-    text_mask: jax.Array | None = None,
-    steps: int | None = 64,
-    guidance_scale: float = 1.0,
-    candidates: int = 2,
-    eta: float = 0.0,
-) -> jax.Array:
-    """CLIP image embeddings for captions: ``candidates`` DDIM samples per caption, the one with
-    the highest dot product with its text embedding kept (paper: 2 candidates, 64 steps).
-
-    Args:
-      model, params: the trained prior.
-      diffusion: the process it was trained on (``steps`` respaces it; None runs it whole).
-      text_tokens [b, text_len, text_width], text_embedding [b, embed_dim], text_mask [b,
-        text_len]: as ``Prior``.
-      rng: key of the samples.
-      guidance_scale: classifier-free guidance (1: the conditional model).
-      candidates: samples drawn per caption.
-      eta: DDIM's noise (0: deterministic given x_T).
-
-    Returns:
-      float32 [b, embed_dim]: the chosen embeddings, unscaled (divided by ``scale``), not
-      renormalised.
-    """
-    cfg = model.config
-    check_guidance(guidance_scale, cfg.text_drop, "text_drop")
-    if candidates < 1:
-        raise ValueError(f"candidates must be at least 1, got {candidates}")
-    b = text_embedding.shape[0]
-
-    def tile(a):
-        return None if a is None else jnp.concatenate([a] * candidates)
-
-    fn = jax.tree_util.Partial(
-        _model_fn(cfg), params, tile(text_tokens), tile(text_embedding), tile(text_mask)
-    )
-    x = sample_ddim(
-        diffusion, fn, (candidates * b, cfg.embed_dim), rng, steps=steps, eta=eta,
-        prediction="x0", guidance_scale=None if guidance_scale == 1 else guidance_scale,
-    )  # fmt: skip
-    x = x.reshape(candidates, b, cfg.embed_dim) / cfg.embedding_scale
-    score = jnp.einsum("cbd,bd->cb", x, text_embedding.astype(jnp.float32))
-    return jnp.take_along_axis(x, jnp.argmax(score, axis=0)[None, :, None], axis=0)[0]

@@ -1,6 +1,7 @@
-"""The diffusion training objective: a timestep-weighted mean-squared error on the eps, x0 or v
+"""The diffusion training objectives: a timestep-weighted mean-squared error on the eps, x0 or v
 target (DDPM's L_simple, Ho et al. 2020 Eq. 14, for eps with unit weights; the unCLIP prior's
-||f(z_t, t) - z_0||^2 for x0; Salimans & Ho 2022 for v).
+||f(z_t, t) - z_0||^2 for x0; Salimans & Ho 2022 for v), and the variational bound's terms L_t
+that learned-range variances train on.
 
 Per example, with t ~ U{0, ..., T - 1}, eps ~ N(0, I), x_t = q_sample(x0, t, eps):
 
@@ -12,11 +13,22 @@ and by SNR_t + 1 for v); or any float array [T]. The three targets with the same
 space are the same loss: an x0 error d is an eps error of sqrt(SNR) d and a v error of
 sqrt(SNR + 1) d.
 
-Not here: improved DDPM's variational term L_vlb, which learned-range variances need to train.
+The variational bound (improved DDPM, Nichol & Dhariwal 2021, Eq. 4-6), which learned-range
+variances train on: L_vlb = L_0 + L_1 + ... + L_{T-1} (L_T has no parameters), estimated per
+example as T L_t at the drawn t, with
+
+    L_t = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))   t > 0; Eq. 6, ``normal_kl``
+    L_0 = -log p(x0 | x_1)                              8-bit data, bins of width 2 / 255; Eq. 5,
+                                                        ``discretized_gaussian_log_likelihood``
+
+in bits per dimension (:func:`vlb_terms`). The model's mean enters with a stopped gradient, so
+L_vlb trains only the variance; the hybrid loss L_simple + lambda L_vlb (Eq. 16, lambda = 0.001)
+is the decoder's (``objectives.unclip.decoder_loss_fn``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -181,3 +193,47 @@ def make_loss_fn(
         return loss, metrics
 
     return loss_fn
+
+
+def normal_kl(mean1, log_var1, mean2, log_var2) -> jax.Array:
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)), elementwise, in nats."""
+    return 0.5 * (
+        -1.0 + log_var2 - log_var1 + jnp.exp(log_var1 - log_var2)
+        + jnp.square(mean1 - mean2) * jnp.exp(-log_var2)
+    )  # fmt: skip
+
+
+def _approx_normal_cdf(x: jax.Array) -> jax.Array:
+    return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(
+    x: jax.Array, mean: jax.Array, log_scale: jax.Array
+) -> jax.Array:
+    """log P(x) of 8-bit data in [-1, 1] (bins of width 2 / 255, the end bins open) under
+    N(mean, e^(2 log_scale)); guided-diffusion's, with its tanh approximation of the CDF."""
+    centered = x - mean
+    inv_std = jnp.exp(-log_scale)
+    cdf_plus = _approx_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+    log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+    log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+    return jnp.where(
+        x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta)
+    )
+
+
+def vlb_terms(
+    diffusion: Diffusion, x0: jax.Array, xt: jax.Array, t: jax.Array, eps: jax.Array, frac
+) -> jax.Array:
+    """L_t in bits per dimension, per example [b]: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))
+    for t > 0, the decoder's negative log-likelihood of x0 at t = 0. ``eps`` enters with a stopped
+    gradient; ``frac`` [b, ...] is the model's variance interpolation in [-1, 1]."""
+    true_mean, _, true_log_var = diffusion.q_posterior(x0, xt, t)
+    x0_pred = diffusion.x0_from_eps(xt, t, jax.lax.stop_gradient(eps))
+    mean, _, _ = diffusion.q_posterior(x0_pred, xt, t)
+    log_var = diffusion.log_variance(t, xt.ndim, variance="learned_range", frac=frac)
+    kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
+    nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
+    return jnp.where(t == 0, nll, kl)

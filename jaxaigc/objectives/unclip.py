@@ -1,10 +1,9 @@
 """The unCLIP objectives (Ramesh et al. 2022) on top of :mod:`jaxaigc.objectives.diffusion`:
 
 - prior: ||f(z_i^(t), t, y) - z_i||^2 on the scaled CLIP image embedding (prediction "x0");
-- decoder: DDPM's L_simple on eps (or the MSE on v or x0), plus improved DDPM's variational
-  bound with weight lambda = 0.001 when the decoder learns its variances (Nichol & Dhariwal 2021,
-  Eq. 16: L_hybrid = L_simple + lambda L_vlb, L_vlb = T E_t[L_t]; the mean enters L_vlb with a
-  stopped gradient, so L_vlb trains only the variance).
+- decoder: DDPM's L_simple on eps (or the MSE on v or x0), plus improved DDPM's hybrid loss
+  L_simple + lambda T L_t with lambda = 0.001 when the decoder learns its variances (Nichol &
+  Dhariwal 2021, Eq. 16; the L_t terms are :func:`jaxaigc.objectives.diffusion.vlb_terms`).
 
 CLIP features come precomputed in the batch; nothing here runs CLIP. Conditioning dropout for
 guidance happens inside the models (``train=True``), driven by the loss's rng.
@@ -12,7 +11,6 @@ guidance happens inside the models (``train=True``), driven by the loss's rng.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -27,53 +25,10 @@ from jaxaigc.objectives.diffusion import (
     mean_flat,
     prediction_target,
     sample_timesteps,
+    vlb_terms,
 )
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-
-
-def normal_kl(mean1, log_var1, mean2, log_var2) -> jax.Array:
-    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)), elementwise, in nats."""
-    return 0.5 * (
-        -1.0 + log_var2 - log_var1 + jnp.exp(log_var1 - log_var2)
-        + jnp.square(mean1 - mean2) * jnp.exp(-log_var2)
-    )  # fmt: skip
-
-
-def _approx_normal_cdf(x: jax.Array) -> jax.Array:
-    return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def discretized_gaussian_log_likelihood(
-    x: jax.Array, mean: jax.Array, log_scale: jax.Array
-) -> jax.Array:
-    """log P(x) of 8-bit data in [-1, 1] (bins of width 2 / 255, the end bins open) under
-    N(mean, e^(2 log_scale)); guided-diffusion's, with its tanh approximation of the CDF."""
-    centered = x - mean
-    inv_std = jnp.exp(-log_scale)
-    cdf_plus = _approx_normal_cdf(inv_std * (centered + 1.0 / 255.0))
-    cdf_min = _approx_normal_cdf(inv_std * (centered - 1.0 / 255.0))
-    log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
-    log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
-    log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
-    return jnp.where(
-        x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta)
-    )
-
-
-def vlb_terms(
-    diffusion: Diffusion, x0: jax.Array, xt: jax.Array, t: jax.Array, eps: jax.Array, frac
-) -> jax.Array:
-    """L_t in bits per dimension, per example [b]: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))
-    for t > 0, the decoder's negative log-likelihood of x0 at t = 0. ``eps`` enters with a stopped
-    gradient; ``frac`` [b, ...] is the model's variance interpolation in [-1, 1]."""
-    true_mean, _, true_log_var = diffusion.q_posterior(x0, xt, t)
-    x0_pred = diffusion.x0_from_eps(xt, t, jax.lax.stop_gradient(eps))
-    mean, _, _ = diffusion.q_posterior(x0_pred, xt, t)
-    log_var = diffusion.log_variance(t, xt.ndim, variance="learned_range", frac=frac)
-    kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
-    nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
-    return jnp.where(t == 0, nll, kl)
 
 
 def _loss_and_metrics(losses, mse, t, num_timesteps, **extra):

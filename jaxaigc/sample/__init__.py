@@ -1,1 +1,2 @@
-"""Sampling from the generative models: autoregressive decoding with a KV cache."""
+"""Sampling from the generative models: autoregressive decoding with a KV cache (``decode``) and
+the diffusion samplers (``diffusion``)."""

@@ -14,8 +14,9 @@ Objectives with step-dependent schedules (the dVAE's beta and temperature) take 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -153,6 +154,63 @@ def make_train_step(
     return step
 
 
+class TrainStep:
+    """A train step jitted by :func:`jit_train_step`, used as the ``jax.jit`` function it holds.
+
+    Calling it, ``trace``, ``lower`` and ``eval_shape`` run under the step's mesh and partitioner
+    (``jax.set_mesh``, ``parallel.partitioner``), and so do the methods of the ``jax.stages``
+    objects they return (``Lowered.compile``: JAX hands the partitioner to XLA's compile options
+    too). So the program lowered and compiled on ``jax.ShapeDtypeStruct``s (sizing) is the one
+    training runs, and a call after ``lower(...).compile()`` reuses that compilation.
+    """
+
+    def __init__(self, jitted: Any, mesh: Mesh, rules: parallel.Rules):
+        self._jitted, self._mesh, self._rules = jitted, mesh, rules
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        with jax.set_mesh(self._mesh), parallel.partitioner(self._mesh, self._rules):
+            yield
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        return _run_in(self._context, self._jitted, state, batch)
+
+    def trace(self, state: Any, batch: Any) -> Any:
+        """``jax.stages.Traced`` of the step for these (possibly abstract) arguments."""
+        return _run_in(self._context, self._jitted.trace, state, batch)
+
+    def lower(self, state: Any, batch: Any) -> Any:
+        """``jax.stages.Lowered`` of the step for these (possibly abstract) arguments."""
+        return _run_in(self._context, self._jitted.lower, state, batch)
+
+    def eval_shape(self, state: Any, batch: Any) -> Any:
+        """The step's outputs as ``jax.ShapeDtypeStruct``s."""
+        return _run_in(self._context, self._jitted.eval_shape, state, batch)
+
+
+def _run_in(
+    context: Callable[[], contextlib.AbstractContextManager], fn: Callable, *args, **kwargs
+) -> Any:
+    """``fn(*args, **kwargs)`` under ``context()``; a ``Traced`` or ``Lowered`` result keeps
+    ``context`` for its own methods. A ``Compiled`` needs none: running it reads no partitioner."""
+    with context():
+        out = fn(*args, **kwargs)
+    if isinstance(out, jax.stages.Traced | jax.stages.Lowered):
+        return _InContext(out, context)
+    return out
+
+
+class _InContext:
+    """A ``jax.stages.Traced`` or ``Lowered`` whose methods run under ``context()``."""
+
+    def __init__(self, stage: Any, context: Callable[[], contextlib.AbstractContextManager]):
+        self._stage, self._context = stage, context
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._stage, name)
+        return functools.partial(_run_in, self._context, attr) if callable(attr) else attr
+
+
 def jit_train_step(
     step: StepFn,
     mesh: Mesh,
@@ -161,11 +219,12 @@ def jit_train_step(
     batch_example: Any,
     *,
     compiler_options: dict[str, str] | None = None,
-) -> StepFn:
+) -> TrainStep:
     """Jits ``step`` with the state's shardings in and out, the batch sharded over the batch axes
     and the old state donated (its buffers are reused for the new one), partitioned by
-    ``parallel.partitioner(mesh, rules)``. ``compiler_options``
-    default to ``compile_options.training_options(mesh)``; ``{}`` compiles with XLA's defaults."""
+    ``parallel.partitioner(mesh, rules)``; ``batch_example`` may be abstract (only ranks are
+    read). ``compiler_options`` default to ``compile_options.training_options(mesh)``; ``{}``
+    compiles with XLA's defaults. Returns a :class:`TrainStep`."""
     batch_shardings = jax.tree.map(lambda x: parallel.batch_sharding(mesh, x.ndim), batch_example)
 
     def train_step(state, batch):
@@ -181,9 +240,4 @@ def jit_train_step(
             compile_options.training_options(mesh) if compiler_options is None else compiler_options
         ),
     )
-
-    def run(state: TrainState, batch: Any):
-        with jax.set_mesh(mesh), parallel.partitioner(mesh, rules):
-            return jitted(state, batch)
-
-    return run
+    return TrainStep(jitted, mesh, rules)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxaigc import parallel
+from jaxaigc.configs import dvae as dvae_recipe
 from jaxaigc.data import image_tokens, shapes
 from jaxaigc.data.pipeline import BatchIterator
 from jaxaigc.data.tokenizers import BPETokenizer
@@ -187,7 +188,7 @@ def test_batch_iterator_shapes_and_exact_resume(pairs):
 
 
 def test_load_trained_reads_the_latest_checkpoint(mesh_2x2x2, tmp_path):
-    config = dvae_pipeline.get_config()
+    config = dvae_recipe.get_config()
     config.model.update(dict(n_hid=MODEL.n_hid, vocab_size=MODEL.vocab_size, n_init=MODEL.n_init))
     with pytest.raises(FileNotFoundError, match="no dVAE checkpoint"):
         dvae_pipeline.load_trained(tmp_path)

@@ -1,12 +1,12 @@
 """The global batch order: independent of how rows are split over processes, resumable in global
-terms, and the one-process order grain's DataLoader gave before."""
+terms, and the one-process order grain's DataLoader gave before; the in-memory array source."""
 
 import grain
 import numpy as np
 import pytest
 
 from jaxaigc.data.image_text import shapes_source
-from jaxaigc.data.pipeline import BatchIterator, DataStateMismatch
+from jaxaigc.data.pipeline import ArrayRecords, BatchIterator, DataStateMismatch
 from jaxaigc.data.preprocess import RandomCrop
 
 
@@ -97,3 +97,12 @@ def test_bad_rows_and_operations_are_refused(source):
         batches(source).select_rows([8])
     with pytest.raises(TypeError, match="not a grain Map or RandomMap"):
         BatchIterator(source, global_batch_size=8, seed=0, operations=[grain.transforms.Batch(2)])
+
+
+def test_array_records_are_rows_of_the_arrays():
+    source = ArrayRecords({"x": np.arange(6).reshape(3, 2), "y": np.arange(3)}, name="toy")
+    assert len(source) == 3 and repr(source) == "ArrayRecords('toy', n=3)"
+    np.testing.assert_array_equal(source[1]["x"], [2, 3])
+    assert source[1]["y"] == 1
+    with pytest.raises(ValueError, match=r"toy: arrays of different lengths \[2, 3\]"):
+        ArrayRecords({"x": np.zeros(3), "y": np.zeros(2)}, name="toy")

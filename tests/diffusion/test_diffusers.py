@@ -7,13 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxaigc.diffusion import (
-    Diffusion,
-    cosine_betas,
-    dynamic_threshold,
-    linear_betas,
-    sample_ddim,
-)
+from jaxaigc.diffusion import Diffusion, cosine_betas, linear_betas
+from jaxaigc.sample.diffusion import dynamic_threshold, sample_ddim
 
 torch = pytest.importorskip("torch", reason="torch (the `reference` extra) is not installed")
 diffusers = pytest.importorskip(

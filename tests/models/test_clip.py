@@ -1,3 +1,4 @@
+import functools
 import importlib.util
 import math
 from pathlib import Path
@@ -6,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxaigc import parallel
@@ -15,11 +17,13 @@ from jaxaigc.convert.clip import (
     load_clip,
     openai_constructor_args,
 )
-from jaxaigc.models.clip import CLIP, PRESETS, CLIPConfig
+from jaxaigc.models.clip import CLIP, PRESETS, CLIPConfig, clamp_logit_scale
 from jaxaigc.nn.resnet import blur_pool
+from jaxaigc.objectives.contrastive import clip_loss_fn
+from jaxaigc.train import sizing
+from jaxaigc.train.state import create_sharded_state
+from jaxaigc.train.step import make_train_step
 from tests.helpers import assert_trees_equal, max_relative_difference
-
-REPO = Path(__file__).resolve().parents[2]
 
 # Parameter counts of OpenAI's clip/model.py CLIP for each preset (sum of numel over
 # model.parameters(), built on torch's meta device: see test_openai_parameter_counts).
@@ -449,21 +453,33 @@ def test_openai_parameter_counts(openai):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ViT-B/32", "RN50"])
 def test_full_size_train_step_compiles_sharded(devices, name):
-    spec = importlib.util.spec_from_file_location(
-        "clip_sizing", REPO / "experiments" / "bench" / "clip_sizing.py"
-    )
-    sizing = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sizing)
     mesh = parallel.make_mesh({"fsdp": 8}, devices=devices)
     rules = parallel.make_rules({"conv_in": "fsdp"})
     config = CLIPConfig.from_name(name, dtype="bfloat16", remat_policy="full", scan_layers=True)
-    result = sizing.size_model(config, mesh, rules, global_batch=16)
+    model = CLIP(config)
+    r = config.image_resolution
+
+    def init(rng):
+        return model.init(rng, jnp.zeros((1, r, r, 3)), jnp.zeros((1, 1), jnp.int32))
+
+    tx = optax.adamw(5e-4, weight_decay=0.2)
+    step = make_train_step(
+        clip_loss_fn(model),
+        tx,
+        rng=jax.random.key(1),
+        has_model_state=True,
+        constrain_params=clamp_logit_scale,
+    )
+    example = {"image": ((r, r, 3), jnp.float32), "tokens": ((config.context_length,), jnp.int32)}
+    result = sizing.size_train_step(step, init, tx, example, mesh, rules, global_batch=16)
     assert result["params"] == OPENAI_PARAMS[name] - key_bias_count(config)
     # Parameters (4 bytes each) and both Adam moments (8 more) are split 8 ways, not replicated.
     images = 16 * 224 * 224 * 3 * 4
-    state_bytes = result["train_step_memory"].argument_size_in_bytes - images
-    assert state_bytes < 1.1 * 12 * result["params"] / 8
-    for fn in ("encode_image", "encode_text"):
-        assert (
-            result[f"{fn}_memory"].argument_size_in_bytes - images < 1.1 * 4 * result["params"] / 8
-        )
+    assert result["argument"] - images < 1.1 * 12 * result["params"] / 8
+    _, _, state = create_sharded_state(init, tx, jax.random.key(0), mesh, rules, materialize=False)
+    variables = {"params": state.params, **state.model_state}
+    batch = sizing.abstract_batch(example, 16, mesh)
+    for method, inputs in (("encode_image", batch["image"]), ("encode_text", batch["tokens"])):
+        encode = functools.partial(model.apply, method=method)
+        figures = sizing.size_inference(encode, (variables, inputs), mesh, rules)
+        assert figures["argument"] - images < 1.1 * 4 * result["params"] / 8

@@ -9,8 +9,9 @@ import optax
 import pytest
 
 from jaxaigc import parallel
-from jaxaigc.models.prior import PRESETS, Prior, PriorConfig, sample_prior
+from jaxaigc.models.prior import PRESETS, Prior, PriorConfig
 from jaxaigc.objectives.unclip import prior_loss_fn
+from jaxaigc.sample.diffusion import sample_prior
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import jit_train_step, make_train_step
 from tests.helpers import (

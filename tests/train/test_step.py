@@ -1,6 +1,11 @@
-"""The jitted train step's XLA:CPU options change speed, not results."""
+"""The jitted train step: its XLA:CPU options change speed, not results, and what it lowers on
+abstract shapes is what it runs."""
+
+import contextlib
+import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -8,6 +13,8 @@ import pytest
 from jaxaigc import parallel
 from jaxaigc.compile_options import training_options
 from jaxaigc.models.clip import CLIP, CLIPConfig, clamp_logit_scale
+from jaxaigc.models.gpt import GPT, GPTConfig
+from jaxaigc.objectives.autoregressive import lm_loss_fn
 from jaxaigc.objectives.contrastive import clip_loss_fn
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import jit_train_step, make_train_step
@@ -79,3 +86,71 @@ def test_cpu_training_options_reach_the_compiler():
     tuned_hlo = tuned.lower(variables).compile().as_text()
     default_hlo = default.lower(variables).compile().as_text()
     assert tuned_hlo.count("ynn_fusion") != default_hlo.count("ynn_fusion")
+
+
+@contextlib.contextmanager
+def compile_log():
+    """JAX's compile log while the block runs: lowering logs "Compiling jit(...)", compiling
+    "Finished XLA compilation of jit(...)"."""
+    messages = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Record()
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            yield messages
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+
+
+def test_lowered_on_abstract_shapes_is_the_program_run(mesh_2x2x2):
+    """``jit_train_step`` lowers and compiles on ``jax.ShapeDtypeStruct``s, as sizing does, under
+    its partitioner, with the state sharded and donated; calling it on arrays then runs that
+    compilation: no second trace or compile."""
+    model = GPT(GPTConfig(vocab_size=32, context_length=8, width=32, layers=1, heads=2))
+    # Convolution input channels on fsdp: parallel.partitioner picks GSPMD, a non-default.
+    rules = parallel.make_rules({"conv_in": "fsdp"})
+    tx = optax.adam(1e-3)
+    step = make_train_step(lm_loss_fn(model), tx, rng=jax.random.key(1))
+    state, shardings, abstract_state = create_sharded_state(
+        lambda key: model.init(key, jnp.zeros((1, 8), jnp.int32)),
+        tx,
+        jax.random.key(0),
+        mesh_2x2x2,
+        rules,
+    )
+    tokens = np.random.default_rng(0).integers(0, 32, (8, 9)).astype(np.int32)
+    batch = parallel.shard_batch({"tokens": tokens}, mesh_2x2x2)
+    abstract_batch = {
+        "tokens": jax.ShapeDtypeStruct(
+            tokens.shape, tokens.dtype, sharding=batch["tokens"].sharding
+        )
+    }
+    run = jit_train_step(step, mesh_2x2x2, rules, shardings, abstract_batch)
+
+    with compile_log() as log:
+        lowered = run.lower(abstract_state, abstract_batch)
+        compiled = lowered.compile()
+    assert any("Finished XLA compilation of jit(train_step)" in m for m in log), log
+    text = lowered.as_text()
+    assert "tf.aliasing_output" in text  # the old state's buffers are donated
+    assert "mhlo.sharding" in text and "sdy.sharding" not in text  # GSPMD, as partitioner chose
+    assert jax.tree.map(lambda x: x.shape, run.eval_shape(abstract_state, abstract_batch)[1]) == (
+        jax.tree.map(lambda x: x.shape, compiled.out_info[1])
+    )
+
+    with compile_log() as log:
+        new_state, metrics = run(state, batch)
+        jax.block_until_ready(metrics)
+    assert not [m for m in log if "jit(train_step)" in m], log
+    assert int(new_state.step) == 1 and np.isfinite(float(metrics["train/loss"]))
+    head = shardings.params["head"]["kernel"]
+    assert head.spec == jax.sharding.PartitionSpec(
+        "fsdp", "tensor"
+    )  # a sharded state was sized and is trained
+    assert new_state.params["head"]["kernel"].sharding == head
+    assert compiled.memory_analysis().alias_size_in_bytes > 0

@@ -1,0 +1,135 @@
+"""A small CLIP (Radford et al. 2021) trained contrastively on the embedded image-caption data:
+shapes scenes, Noto emoji and the same names in other styles, captioned Fashion-MNIST."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxaigc.configs import fields
+from jaxaigc.data import builders, image_text, wordnet
+from jaxaigc.data.pipeline import BatchIterator
+from jaxaigc.data.preprocess import clip_ops
+from jaxaigc.data.tokenizers import ClipTokenizer
+from jaxaigc.models.clip import CLIP, CLIPConfig, clamp_logit_scale
+from jaxaigc.objectives.contrastive import clip_loss_fn
+from jaxaigc.train import checkpoint, loop
+
+
+def _init_fn(model: CLIP):
+    cfg = model.config
+
+    def init(rng: jax.Array):
+        images = jnp.zeros((1, cfg.image_resolution, cfg.image_resolution, 3), jnp.float32)
+        return model.init(rng, images, jnp.zeros((1, cfg.context_length), jnp.int32))
+
+    return init
+
+
+def training_source(config: ml_collections.ConfigDict) -> image_text.Concatenate:
+    """The training mix: image-caption records at any size (the transforms resize them)."""
+    data, resolution = config.data, config.model.image_resolution
+    mark = image_text.Augmentable if data.augment.enabled else (lambda source: source)
+    sources = []
+    if data.shapes:
+        sources.append(
+            image_text.shapes_source(data.shapes, resolution, seed=config.seed, split="train")
+        )
+    for name, repeats in (
+        ("emoji", data.emoji_repeats),
+        ("symbola", data.symbola_repeats),
+        ("emojione", data.emojione_repeats),
+    ):
+        if repeats:
+            source = builders.load(
+                name, split="train", data_dir=data.data_dir, resolution=32, in_memory=True
+            )
+            sources.extend([mark(source)] * repeats)
+    if data.fashion_mnist:
+        fashion = builders.load("fashion_mnist", split="train", data_dir=data.data_dir)
+        sources.append(
+            mark(image_text.CaptionedFashionMnist(fashion, image_text.FASHION_TRAIN_TEMPLATES))
+        )
+    if not sources:
+        raise ValueError("config.data selects no training data")
+    return image_text.Concatenate(sources)
+
+
+def build(
+    config: ml_collections.ConfigDict,
+) -> tuple[CLIP, loop.Task, BatchIterator, ClipTokenizer]:
+    """The model, the task for :func:`jaxaigc.train.loop.train`, the batches and the tokenizer."""
+    model = CLIP(fields.to_dataclass(CLIPConfig, config.model))
+    cfg = model.config
+    if config.loss == "sigmoid" and cfg.logit_bias_init is None:
+        raise ValueError("the sigmoid loss needs a logit bias: set config.model.logit_bias_init")
+    tokenizer = ClipTokenizer()
+    if cfg.vocab_size != tokenizer.vocab_size:
+        raise ValueError(
+            f"the CLIP tokenizer has {tokenizer.vocab_size} tokens; config.model.vocab_size is "
+            f"{cfg.vocab_size}"
+        )
+
+    augment = config.data.augment
+    ops = [
+        image_text.CaptionTrueAugment(
+            crop_scale=augment.crop_scale,
+            shrink=augment.shrink,
+            flip=augment.flip,
+            greyscale=augment.greyscale,
+            style=augment.style,
+            word_dropout=augment.word_dropout,
+            gloss=augment.gloss,
+        ),
+        image_text.Tokenize(tokenizer.encode, cfg.context_length),
+        *clip_ops(cfg.image_resolution, train=False),
+    ]
+    source = training_source(config)
+    if config.data.text_pairs:
+        distinct = {id(s): s for s in source.sources}.values()  # emoji sources repeat
+        captions = {s[i]["caption"] for s in distinct for i in range(len(s))}
+        words = {w for caption in captions for w in caption.lower().split()}
+        pairs = wordnet.kinds_of(words, depth=config.data.text_pairs_depth)
+        ops.insert(2, image_text.TextPairs(pairs, tokenizer.encode, cfg.context_length))
+    batches = BatchIterator(
+        source,
+        global_batch_size=config.train.batch_size,
+        seed=config.seed,
+        operations=ops,
+    )
+    task = loop.Task(
+        init=_init_fn(model),
+        loss_fn=clip_loss_fn(model, loss=config.loss, text_pairs=config.data.text_pairs),
+        has_model_state=True,
+        constrain_params=clamp_logit_scale,
+    )
+    return model, task, batches, tokenizer
+
+
+def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    _, task, batches, _ = build(config)
+    loop.train(task, batches, config, workdir)
+
+
+def load_trained(
+    workdir: str | Path, *, step: int | None = None, device: jax.Device | None = None
+) -> tuple[CLIP, dict, int]:
+    """The CLIP trained in ``workdir`` by :func:`train`: ``(model, variables, step)`` with the EMA
+    weights and statistics when the run kept them."""
+
+    def model_of(run_config: dict) -> CLIP:
+        return CLIP(fields.to_dataclass(CLIPConfig, run_config["model"]))
+
+    try:
+        run_config, variables, step = checkpoint.load_trained(
+            workdir, lambda run_config: _init_fn(model_of(run_config)), step=step, device=device
+        )
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"no CLIP checkpoint in {Path(workdir).absolute() / 'checkpoints'}; train one with "
+            f"`jaxaigc train clip --workdir {workdir}`"
+        ) from error
+    return model_of(run_config), variables, step

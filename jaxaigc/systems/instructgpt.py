@@ -1,0 +1,435 @@
+"""InstructGPT end to end on the synthetic instruction tasks (Ouyang et al. 2022): a byte-level GPT
+pretrained on the corpus -> SFT on demonstrations -> a reward model on K-way comparisons -> PPO
+and PPO-ptx (and, with ``gold_reward_run``, PPO against the gold scorer) on RL prompts.
+
+Each stage is a :func:`jaxaigc.train.loop.train` run in its directory of ``config.stages``
+(checkpointed, resumable) and starts from the previous stage's parameters; each PPO stage also
+writes ``gold.jsonl``, the gold-score curve of its greedy responses (the evaluation:
+:mod:`jaxaigc.evaluate.instructgpt`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxaigc.configs import fields
+from jaxaigc.configs.stages import stage_dir
+from jaxaigc.data import instructions
+from jaxaigc.data.pipeline import ArrayRecords, BatchIterator
+from jaxaigc.data.text import pack
+from jaxaigc.models.gpt import GPT, GPTConfig
+from jaxaigc.objectives.autoregressive import lm_loss_fn
+from jaxaigc.objectives.ppo import PPOConfig
+from jaxaigc.objectives.reward import (
+    center_rewards,
+    encode_comparison,
+    pack_comparisons,
+    reward_loss_fn,
+    sequence_scores,
+)
+from jaxaigc.objectives.sft import encode_example, left_pad, sft_loss_fn
+from jaxaigc.pipelines.instructgpt import (
+    EOS,
+    PAD,
+    PPO_STAGES,
+    VOCAB,
+    generate_responses,
+    load_policy_params,
+    policy_config,
+    prompt_bytes,
+    response_bytes,
+    response_text,
+)
+from jaxaigc.train import checkpoint, loop
+from jaxaigc.train.ppo import load_params, make_ppo_task
+
+SECTIONS = ("pretrain", "sft", "rm", "ppo")  # the config sections of the stages' schedules
+
+
+def stage_config(config: ml_collections.ConfigDict, section: str) -> ml_collections.ConfigDict:
+    """``config`` with the steps, batch size and learning rate of ``config[section]`` in
+    ``train`` / ``optim``."""
+    if section not in SECTIONS:
+        raise ValueError(f"unknown stage {section!r}; use one of {SECTIONS}")
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.train.steps, out.train.batch_size = config[section].steps, config[section].batch_size
+    out.optim.peak_lr = config[section].peak_lr
+    return out
+
+
+def reward_config(config: ml_collections.ConfigDict) -> GPTConfig:
+    policy = policy_config(config)
+    extra = config.rm.extra_layers
+    if extra < 0 or (extra and policy.scan_layers):
+        raise ValueError(f"rm.extra_layers={extra}: must be >= 0, and 0 with scan_layers")
+    return policy.replace(head="scalar", layers=policy.layers + extra)
+
+
+def ppo_config(config: ml_collections.ConfigDict) -> PPOConfig:
+    return fields.to_dataclass(PPOConfig, config.ppo.algorithm)
+
+
+def ppo_stages(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The PPO stages the run trains: ppo and ppo_ptx, and ppo_gold with ``gold_reward_run``."""
+    return PPO_STAGES if config.gold_reward_run else PPO_STAGES[:2]
+
+
+def ppo_stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    """The config a PPO stage trains with: its ``gamma_ptx`` and what scores its rollouts."""
+    if stage not in PPO_STAGES:
+        raise ValueError(f"unknown PPO stage {stage!r}; use one of {PPO_STAGES}")
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.ppo.algorithm.gamma_ptx = config.ptx_gamma if stage == "ppo_ptx" else 0.0
+    out.ppo.reward = "gold" if stage == "ppo_gold" else "model"
+    return stage_config(out, "ppo")
+
+
+def _lines(texts: Sequence[str], length: int) -> dict[str, np.ndarray]:
+    """Texts as separate right-padded lines ``text + "\\n"`` of ``length + 1`` bytes, with the
+    weights of their real targets (pads after the newline are not predicted)."""
+    tokens = np.full((len(texts), length + 1), PAD, np.int32)
+    for row, text in enumerate(texts):
+        ids = response_bytes(text)[:length] + [EOS]
+        tokens[row, : len(ids)] = ids
+    weights = (np.arange(length)[None] < (tokens != PAD).sum(1)[:, None] - 1).astype(np.float32)
+    return {"tokens": tokens, "weights": weights}
+
+
+def corpus_lines(config: ml_collections.ConfigDict, n: int, *, seed: int) -> dict[str, np.ndarray]:
+    texts, _ = instructions.pretraining_corpus(n, seed=seed, source=config.data.corpus_source)
+    return _lines(texts, config.model.context_length - 1)
+
+
+def _iterator(arrays: dict[str, np.ndarray], config, stage: str) -> BatchIterator:
+    source = ArrayRecords(arrays, name=f"instructgpt-{stage}")
+    return BatchIterator(source, global_batch_size=config[stage].batch_size, seed=config.seed)
+
+
+def _init(model: GPT, length: int, params=None, name: str = "model"):
+    def init(rng: jax.Array):
+        boxed = model.init(rng, jnp.zeros((1, length), jnp.int32))
+        return {"params": load_params(boxed["params"], params, name)}
+
+    return init
+
+
+def build_pretrain(config) -> tuple[loop.Task, BatchIterator]:
+    """The byte LM on corpus lines."""
+    model = GPT(policy_config(config))
+    arrays = corpus_lines(config, config.data.corpus, seed=config.data.seed)
+    length = config.model.context_length
+    if config.data.pack:
+        tokens = arrays["tokens"]
+        arrays = pack({"tokens": tokens}, (tokens != PAD).sum(1), length=length)
+        segments = arrays["segments"]
+        # A target counts inside its own line: not the next line's first byte, not a pad.
+        same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+        arrays["weights"] = same.astype(np.float32)
+    task = loop.Task(init=_init(model, length), loss_fn=lm_loss_fn(model))
+    return task, _iterator(arrays, config, "pretrain")
+
+
+def _fitted_length(config, pairs: Sequence[tuple[list[int], list[int]]]) -> int:
+    """The sequence length that holds every (prompt, response) pair and its EOS, rounded up to
+    a multiple of 8 and at most the context: pads past the longest row only cost compute."""
+    longest = max(len(prompt) + len(response) + 1 for prompt, response in pairs)
+    return min(config.model.context_length, -(-longest // 8) * 8)
+
+
+def _truncated(config, response: str) -> list[int]:
+    return response_bytes(response)[: config.data.response_length - 1]
+
+
+def sft_arrays(config, examples: Sequence[instructions.Example]) -> dict[str, np.ndarray]:
+    """Demonstrations as right-padded rows: ``tokens`` [n, t] and ``response_mask`` [n, t]."""
+    pairs = [(prompt_bytes(e.prompt), _truncated(config, e.response)) for e in examples]
+    length = _fitted_length(config, pairs)
+    rows = [
+        encode_example(p, r, length=length, eos_id=EOS, pad_id=PAD, vocab_size=VOCAB)
+        for p, r in pairs
+    ]
+    tokens, mask = (np.stack(x) for x in zip(*rows, strict=True))
+    return {"tokens": tokens, "response_mask": mask}
+
+
+def build_sft(config, pretrained_params) -> tuple[loop.Task, BatchIterator]:
+    """Fine-tuning of the pretrained LM on demonstrations (response tokens only)."""
+    model = GPT(policy_config(config))
+    demos = instructions.demonstrations(config.data.demonstrations, seed=config.data.seed)
+    task = loop.Task(
+        init=_init(model, config.model.context_length, pretrained_params, "pretrained"),
+        loss_fn=sft_loss_fn(model),
+    )
+    arrays = sft_arrays(config, demos)
+    if config.data.sft_corpus:
+        # Pretraining lines replayed beside the demonstrations, every byte after the first a
+        # target, so that SFT does not forget the corpus that PPO-ptx's term measures.
+        corpus = corpus_lines(config, config.data.sft_corpus, seed=config.data.seed)
+        widen = ((0, 0), (0, corpus["tokens"].shape[1] - arrays["tokens"].shape[1]))
+        corpus_mask = np.pad(corpus["weights"].astype(bool), ((0, 0), (1, 0)))
+        arrays = {
+            "tokens": np.concatenate(
+                [np.pad(arrays["tokens"], widen, constant_values=PAD), corpus["tokens"]]
+            ),
+            "response_mask": np.concatenate([np.pad(arrays["response_mask"], widen), corpus_mask]),
+        }
+    if config.data.pack:
+        lengths = _last(arrays["response_mask"]) + 1  # through the EOS
+        arrays = pack(arrays, lengths, length=config.model.context_length)
+    return task, _iterator(arrays, config, "sft")
+
+
+def _comparison_bytes(config, comparison: instructions.Comparison):
+    """The prompt's bytes and each response's, cut to the response length."""
+    return prompt_bytes(comparison.prompt), [_truncated(config, r) for r in comparison.responses]
+
+
+def comparison_arrays(config, comparisons) -> dict[str, np.ndarray]:
+    """One comparison per row (:func:`~jaxaigc.objectives.reward.encode_comparison`)."""
+    encoded = [_comparison_bytes(config, c) for c in comparisons]
+    length = _fitted_length(config, [(p, r) for p, responses in encoded for r in responses])
+    rows = [
+        encode_comparison(
+            prompt,
+            responses,
+            c.ranking,
+            max_k=config.data.max_k,
+            length=length,
+            eos_id=EOS,
+            pad_id=PAD,
+            vocab_size=VOCAB,
+        )
+        for c, (prompt, responses) in zip(comparisons, encoded, strict=True)
+    ]
+    return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+
+
+def sft_comparisons(
+    config, sft_params, n: int, *, seed: int, split: str = "train"
+) -> list[instructions.Comparison]:
+    """``n`` prompts, each with K (4 to ``max_k``) responses the SFT policy samples at
+    temperature 1, ranked by the labeller."""
+    prompts = instructions.make_prompts(n, seed=seed, split=split)
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(4, config.data.max_k + 1, n)
+    flat = [p for p, k in zip(prompts, sizes, strict=True) for _ in range(k)]
+    samples = iter(generate_responses(config, sft_params, flat, temperature=1.0, seed=seed))
+    temperature = config.data.labeller_temperature
+    return [
+        instructions.rank(p, [next(samples) for _ in range(k)], temperature=temperature, rng=rng)
+        for p, k in zip(prompts, sizes, strict=True)
+    ]
+
+
+def build_rm(config, sft_params) -> tuple[loop.Task, BatchIterator]:
+    """The reward model: the SFT transformer with a scalar head in place of the unembedding,
+    trained on synthetic comparisons (and ``data.sft_comparisons`` rankings of SFT samples)."""
+    model = GPT(reward_config(config))
+    comparisons = instructions.comparisons(
+        config.data.comparisons,
+        seed=config.data.seed,
+        k=(4, config.data.max_k),
+        temperature=config.data.labeller_temperature,
+    )
+    if config.data.sft_comparisons:
+        comparisons += sft_comparisons(
+            config, sft_params, config.data.sft_comparisons, seed=config.data.seed + 3
+        )
+
+    def init(rng: jax.Array):
+        boxed = model.init(rng, jnp.zeros((1, config.model.context_length), jnp.int32))["params"]
+        fresh = nn.meta.unbox(boxed)
+        trunk = {k: v for k, v in sft_params.items() if k != "head"}
+        trunk["score"] = fresh["score"]  # a fresh head
+        # The SFT blocks at the bottom, rm.extra_layers fresh ones above them.
+        trunk["transformer"] = {**fresh["transformer"], **sft_params["transformer"]}
+        return {"params": load_params(boxed, trunk, "SFT")}
+
+    task = loop.Task(init=init, loss_fn=reward_loss_fn(model))
+    if config.data.pack:
+        arrays = pack_comparisons(
+            [(*_comparison_bytes(config, c), c.ranking) for c in comparisons],
+            length=config.data.comparison_row,
+            context_length=config.model.context_length,
+            eos_id=EOS,
+            pad_id=PAD,
+            vocab_size=VOCAB,
+        )
+    else:
+        arrays = comparison_arrays(config, comparisons)
+    return task, _iterator(arrays, config, "rm")
+
+
+def reward_scores(config, rm_params, tokens: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
+    """Scores [n] of right-padded sequences at their EOS, in batches of 64."""
+    model = GPT(reward_config(config))
+    valid = np.arange(tokens.shape[1])[None] <= _last(response_mask)[:, None]
+    score = jax.jit(lambda p, t, v, m: sequence_scores(model, p, t, v, m))
+    batches = [
+        score(rm_params, tokens[i : i + 64], valid[i : i + 64], response_mask[i : i + 64])
+        for i in range(0, len(tokens), 64)
+    ]
+    return np.concatenate([np.asarray(b) for b in batches])
+
+
+def centred_reward_params(config, rm_params, n: int = 256):
+    """The reward model with its bias set so that ``n`` demonstrations score mean 0."""
+    demos = instructions.demonstrations(n, seed=config.data.seed + 1)
+    arrays = sft_arrays(config, demos)
+    scores = reward_scores(config, rm_params, arrays["tokens"], arrays["response_mask"])
+    return center_rewards(rm_params, jnp.asarray(scores))
+
+
+def _last(mask: np.ndarray) -> np.ndarray:
+    return mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+
+
+def gold_scores(prompts: Sequence[instructions.Prompt], responses: Sequence[str]) -> np.ndarray:
+    """The gold score (0-1) of each response to its prompt."""
+    return np.array([instructions.score(p, r) for p, r in zip(prompts, responses, strict=True)])
+
+
+def gold_reward(prompts: Sequence[instructions.Prompt], *, scale: float):
+    """A PPO ``reward_fn``: ``scale`` times the gold score of each response to one of
+    ``prompts``, each prompt found by its bytes."""
+    by_bytes = {tuple(prompt_bytes(p)): p for p in prompts}
+
+    def reward(prompt, prompt_valid, response, mask) -> np.ndarray:
+        scores = []
+        for row, valid, tokens, drawn in zip(prompt, prompt_valid, response, mask, strict=True):
+            prompt_of_row = by_bytes[tuple(row[valid].tolist())]
+            scores.append(scale * instructions.score(prompt_of_row, response_text(tokens, drawn)))
+        return np.asarray(scores, np.float32)
+
+    return reward
+
+
+def build_ppo(config, sft_params, rm_params) -> tuple[loop.Task, BatchIterator]:
+    """PPO (``gamma_ptx`` 0) or PPO-ptx from the SFT policy and the centred reward model, whose
+    score of the rollouts the gold scorer replaces with ``ppo.reward="gold"``."""
+    if config.ppo.reward not in ("model", "gold"):
+        raise ValueError(f"ppo.reward must be 'model' or 'gold'; got {config.ppo.reward!r}")
+    prompts = instructions.rl_prompts(config.data.rl_prompts, seed=config.data.seed)
+    prompt, valid = left_pad(
+        [prompt_bytes(p) for p in prompts],
+        length=config.data.prompt_length,
+        pad_id=PAD,
+        vocab_size=VOCAB,
+    )
+    corpus = corpus_lines(config, len(prompts), seed=config.data.seed + 1)
+    arrays = {
+        "prompt": prompt,
+        "prompt_valid": valid,
+        "ptx": corpus["tokens"],
+        "ptx_weights": corpus["weights"],
+    }
+    gold = config.ppo.reward == "gold"
+    task = make_ppo_task(
+        policy_config(config),
+        reward_config(config),
+        ppo_config(config),
+        policy_params=sft_params,
+        reward_params=rm_params,
+        reward_fn=gold_reward(prompts, scale=config.ppo.gold_scale) if gold else None,
+    )
+    return task, _iterator(arrays, config, "ppo")
+
+
+def evaluation_prompts(config) -> dict[str, list[instructions.Prompt]]:
+    """The held-out prompts every policy is judged on: new prompts of the training templates
+    and prompts of the held-out template."""
+    seed = config.data.seed + 11
+    return {
+        "train_templates": instructions.make_prompts(config.eval.prompts, seed=seed),
+        "held_out_template": instructions.make_prompts(
+            config.eval.prompts, seed=seed, split="held_out"
+        ),
+    }
+
+
+def _gold_hook(config, path: Path, prompts):
+    """A loop hook appending ``{"step", "gold"}`` to ``path`` every ``curve_every`` PPO
+    iterations and at the last: the mean gold score of greedy responses to ``prompts``. A file so
+    that a resumed run keeps the points before its restart."""
+
+    def hook(step: int, state, metrics) -> None:
+        del metrics
+        if step % config.eval.curve_every and step != config.ppo.steps:
+            return
+        policy = multihost_utils.process_allgather(state.params["policy"], tiled=True)
+        gold = gold_scores(prompts, generate_responses(config, policy, prompts)).mean()
+        if jax.process_index() == 0:
+            with path.open("a") as f:
+                f.write(json.dumps({"step": step, "gold": float(gold)}) + "\n")
+
+    return hook
+
+
+def read_gold_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """The gold curve a PPO stage wrote to ``gold.jsonl`` by step; a step evaluated again after
+    a restart keeps its last value."""
+    path = run_dir / "gold.jsonl"
+    if not path.exists():
+        return []
+    points = dict((r["step"], r["gold"]) for r in map(json.loads, path.read_text().splitlines()))
+    return sorted(points.items())
+
+
+def _train_stage(config, build, run_dir: Path, *inputs, hooks=()):
+    """Trains a stage (``config``: its :func:`stage_config`) in ``run_dir`` and returns its
+    parameters; exits if it stopped early (SIGTERM: saved; rerunning resumes it) rather than
+    starting the next stage."""
+    task, batches = build(config, *inputs)
+    state = loop.train(task, batches, config, run_dir, hooks=hooks)
+    if int(state.step) < config.train.steps * task.updates_per_step:
+        sys.exit(f"stage {run_dir.name} stopped at update {int(state.step)}; rerun to resume")
+    # Each process hands on the whole parameters (a run of several processes shards them).
+    return multihost_utils.process_allgather(state.params, tiled=True)
+
+
+def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Trains every stage in order, each resuming from its checkpoints."""
+
+    def run_dir(stage: str) -> Path:
+        return stage_dir(config, workdir, stage)
+
+    pretrained = _train_stage(stage_config(config, "pretrain"), build_pretrain, run_dir("pretrain"))
+    sft = _train_stage(stage_config(config, "sft"), build_sft, run_dir("sft"), pretrained)
+    rm = _train_stage(stage_config(config, "rm"), build_rm, run_dir("rm"), sft)
+    rm = centred_reward_params(config, rm)
+    curve_prompts = evaluation_prompts(config)["train_templates"][: config.eval.curve_prompts]
+    for stage in ppo_stages(config):
+        stage_cfg = ppo_stage_config(config, stage)
+        hook = _gold_hook(stage_cfg, run_dir(stage) / "gold.jsonl", curve_prompts)
+        _train_stage(stage_cfg, build_ppo, run_dir(stage), sft, rm, hooks=[hook])
+
+
+def load_reward_model(config: ml_collections.ConfigDict, workdir: Path):
+    """The reward model trained in ``workdir``, centred as PPO used it."""
+
+    def init_fn(run_config: dict):
+        model = GPT(reward_config(ml_collections.ConfigDict(run_config)))
+        length = run_config["model"]["context_length"]
+        return lambda rng: model.init(rng, jnp.zeros((1, length), jnp.int32))
+
+    _, variables, _ = checkpoint.load_trained(stage_dir(config, workdir, "rm"), init_fn)
+    return centred_reward_params(config, variables["params"])
+
+
+def load_policies(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """The policy parameters of every trained stage: pretrained, sft and the PPO stages."""
+    names = {"pretrained": "pretrain", "sft": "sft", **{s: s for s in ppo_stages(config)}}
+    return {
+        name: load_policy_params(stage_dir(config, workdir, stage), ppo=stage in PPO_STAGES)
+        for name, stage in names.items()
+    }

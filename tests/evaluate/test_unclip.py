@@ -1,0 +1,77 @@
+"""unCLIP's evaluation: the sampler list it sweeps, and the quick recipe trained on a quick CLIP run
+then evaluated from its checkpoints alone (every figure with its baseline, the grid written)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxaigc.configs import clip as clip_config
+from jaxaigc.configs import unclip as unclip_config
+from jaxaigc.data.tokenizers import ClipTokenizer
+from jaxaigc.evaluate import unclip as evaluator
+from jaxaigc.evaluate.report import write_report
+from jaxaigc.systems import clip, unclip
+from jaxaigc.train.metrics import read_metrics
+
+
+def test_samplers_parse_and_bad_ones_are_named():
+    assert evaluator.parse_samplers("ddim:25:3,ddpm:100:1") == [
+        ("ddim", 25, 3.0),
+        ("ddpm", 100, 1.0),
+    ]
+    assert evaluator.parse_samplers("") == []
+    with pytest.raises(ValueError, match="sampler 'plms:10:1' is not method:steps:guidance"):
+        evaluator.parse_samplers("ddim:10:1,plms:10:1")
+    config = evaluator.with_sampler(unclip_config.get_config(), ("ddpm", 100, 1.0))
+    assert (config.sample.decoder_method, config.sample.decoder_steps) == ("ddpm", 100)
+    assert unclip_config.get_config().sample.decoder_method == "ddim"  # a copy
+
+
+def test_the_recipe_leaves_the_clip_fields_to_the_clip():
+    for quick in (False, True):
+        config = unclip_config.get_config(quick=quick)
+        assert list(config.stages) == ["clip", "prior", "decoder", "dalle"]
+        for section, names in unclip_config.CLIP_FIELDS.items():
+            assert all(config[section].model[name] is None for name in names), (section, quick)
+        assert (
+            config.prior.model.text_len <= clip_config.get_config(quick=quick).model.context_length
+        )
+
+
+@pytest.mark.slow
+def test_the_quick_recipe_trains_and_evaluates_from_its_checkpoints(tmp_path):
+    try:
+        ClipTokenizer()
+    except FileNotFoundError as error:
+        pytest.skip(f"no CLIP vocabulary: {error}")
+    clip.train(clip_config.get_config(quick=True), tmp_path / "clip")
+    workdir = tmp_path / "unclip"
+    unclip.train(unclip_config.get_config(quick=True), workdir)
+    for stage in ("prior", "decoder"):
+        losses = [r["train/loss"] for r in read_metrics(workdir / stage) if "train/loss" in r]
+        assert losses[-1] < losses[0], (stage, losses)
+
+    # A config as saved before training (the CLIP fields unset); every path of the evaluator: a
+    # sweep (the configured sampler, so nothing recompiles) and the nearest training scene.
+    config = unclip_config.get_config(quick=True)
+    config.eval.update(dict(sweep="ddim:8:3", nearest_training_scene=True))
+    report = evaluator.evaluate(workdir, config)
+    figures = {f["name"]: f for f in report["figures"]}
+    assert len(figures) >= 7 and all(f["baseline"] is not None for f in figures.values())
+    prior = figures["prior cos(predicted z_i, z_i), best of 2"]
+    assert prior["baseline_name"] == "text baseline cos(z_t, z_i)"
+    assert -1 <= prior["value"] <= 1
+    assert "judge on the training scene nearest by z_i" in figures
+    assert not any(name.startswith("DALL-E") for name in figures)  # no ../dalle run
+    (image,) = report["images"]
+    assert image["key"] == "text_to_image" and (workdir / image["path"]).is_file()
+    assert report["test_scenes"] == config.eval.scenes
+    assert set(report["pipeline"]) == {"all", "seen", "held_out"}
+    assert report["pipeline"]["all"]["samples"] == config.eval.scenes
+    assert list(report["sweep"]) == ["ddim:8:3"]
+    # The sweep's sampler is the configured one, on the first sweep_scenes scenes.
+    assert report["sweep"]["ddim:8:3"]["samples"] == config.eval.sweep_scenes
+    written = write_report(workdir, {"system": "unclip", **report})
+    assert json.loads(written["json"].read_text())["figures"] == report["figures"]
+    assert np.isfinite(report["prior"]["final"]["loss"])
