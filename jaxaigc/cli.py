@@ -2,7 +2,7 @@
 
     jaxaigc demo [--quick] [--stages lm,clip] [--workdir runs/demo] [--clip.train.steps=400]
     jaxaigc train RECIPE --workdir DIR [--quick] [--config.train.steps=100 ...]
-    jaxaigc eval WORKDIR
+    jaxaigc eval WORKDIR [--config.stages.clip=OTHER_CLIP ...]
     jaxaigc generate WORKDIR "a red circle" ... [--n 16] [--seed 0] [--out grid.png]
     jaxaigc zero-shot CLIP IMAGE ... --labels cat,dog [--templates "a photo of a {}."]
     jaxaigc respond WORKDIR "prompt" ... [--temperature 0] [--max-tokens 64]
@@ -73,11 +73,14 @@ def apply_overrides(
             raise UsageError(f"unexpected argument {arg!r}; overrides look like --{name}.a.b=1")
     argv = ["jaxaigc", *overrides]
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_dict(name, config, flag_values=flag_values, sys_argv=argv)
     try:
+        config_flags.DEFINE_config_dict(name, config, flag_values=flag_values, sys_argv=argv)
         flag_values(argv)
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as error:
-        raise UsageError(f"bad override: {error}") from error
+        cause = error
+        while isinstance(cause, BaseException) and cause.args:  # ConfigDict nests its KeyError
+            cause = cause.args[0]
+        raise UsageError(f"bad override in {overrides}: {cause}".replace("\n", "; ")) from error
     return flag_values[name].value
 
 
@@ -105,6 +108,16 @@ def _existing_dir(path: str, what: str) -> Path:
     if not Path(path).is_dir():
         raise UsageError(f"{what} {path!r} is not a directory")
     return Path(path)
+
+
+def _recipe_of(workdir: str) -> str:
+    from jaxaigc.configs.saved import load_run
+
+    _existing_dir(workdir, "run directory")
+    try:
+        return load_run(workdir)[0]
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from error
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
@@ -150,11 +163,14 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> None:
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     from jaxaigc import run
+    from jaxaigc.configs.saved import load_run
 
-    workdir = _existing_dir(args.workdir, "run directory")
-    run.load_run(workdir)  # a clear error for a directory that holds no run
+    _recipe_of(args.workdir)
+    workdir = Path(args.workdir)
+    _, saved = load_run(workdir)
+    config = apply_overrides(saved, "config", extra) if extra else None
     _join(args)
-    _print_report(run.evaluate_run(workdir), workdir)
+    _print_report(run.evaluate_run(workdir, config=config), workdir)
 
 
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> None:
@@ -163,9 +179,10 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> None:
 
     if args.n < 1:
         raise UsageError(f"--n={args.n}: needs at least 1")
-    pipe = pipelines.load(_existing_dir(args.workdir, "run directory"))
-    if not isinstance(pipe, pipelines.TextToImage):
-        raise UsageError(f"{args.workdir} is a {pipe.recipe} run; generate takes dalle or unclip")
+    recipe = _recipe_of(args.workdir)
+    if recipe not in ("dalle", "unclip"):
+        raise UsageError(f"{args.workdir} is a {recipe} run; generate takes a dalle or unclip run")
+    pipe = pipelines.load(args.workdir)
     out = Path(args.out or Path(args.workdir) / "generated.png")
     result = pipe(args.captions, n=args.n, seed=args.seed)
     write_grid(out, result.images, captions=args.captions, scale=args.scale)
@@ -183,7 +200,9 @@ def cmd_zero_shot(args: argparse.Namespace, extra: list[str]) -> None:
     missing = [path for path in args.images if not Path(path).is_file()]
     if missing:
         raise UsageError(f"no such image file(s): {missing}")
-    clip = pipelines.load_clip(_existing_dir(args.clip, "CLIP run or converted checkpoint"))
+    if _recipe_of(args.clip) != "clip":
+        raise UsageError(f"{args.clip} is not a CLIP run or converted CLIP checkpoint")
+    clip = pipelines.load_clip(args.clip)
     images = pipelines.read_images(args.images, size=clip.image_size)
     templates = tuple(args.templates) if args.templates else None
     probs = clip.classify(images, labels, templates=templates)
@@ -197,7 +216,9 @@ def cmd_respond(args: argparse.Namespace, extra: list[str]) -> None:
 
     if args.max_tokens < 1 or args.temperature < 0:
         raise UsageError("--max-tokens must be >= 1 and --temperature >= 0")
-    policy = pipelines.load_policy(_existing_dir(args.workdir, "run directory"), args.policy)
+    if _recipe_of(args.workdir) != "instructgpt":
+        raise UsageError(f"{args.workdir} is not an instructgpt run")
+    policy = pipelines.load_policy(args.workdir, args.policy)
     responses = policy.respond(
         args.prompts, temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed
     )
@@ -250,8 +271,12 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="re-evaluate a run from its checkpoints, rewrite its report")
     p.add_argument("workdir")
+    p.epilog = (
+        "--config.a.b=value changes this evaluation, e.g. --config.stages.clip=DIR reranks a "
+        "DALL-E run with another CLIP; the report records the config it was evaluated with."
+    )
     _add_distributed(p)
-    p.set_defaults(run=cmd_eval)
+    p.set_defaults(run=cmd_eval, extra=True)
 
     p = sub.add_parser("generate", help="images from captions with a DALL-E or unCLIP run")
     p.add_argument("workdir")

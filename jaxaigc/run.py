@@ -9,7 +9,6 @@ A run directory keeps ``recipe.json`` (the recipe's name and its whole config), 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from jaxaigc.configs import dvae as dvae_config
 from jaxaigc.configs import instructgpt as instructgpt_config
 from jaxaigc.configs import lm as lm_config
 from jaxaigc.configs import unclip as unclip_config
+from jaxaigc.configs.saved import load_run, save_run
 from jaxaigc.evaluate import clip as clip_eval
 from jaxaigc.evaluate import dalle as dalle_eval
 from jaxaigc.evaluate import dvae as dvae_eval
@@ -52,7 +52,6 @@ RECIPES: dict[str, Recipe] = {
         instructgpt_config.get_config, instructgpt.train, instructgpt_eval.evaluate
     ),
 }
-RUN_FILE = "recipe.json"
 
 
 def check_recipe(recipe: str) -> None:
@@ -73,31 +72,25 @@ def train_and_evaluate(recipe: str, config: ml_collections.ConfigDict, workdir: 
     workdir = Path(workdir)
     start = time.perf_counter()
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        record = {"recipe": recipe, "config": config.to_dict()}
-        (workdir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        save_run(workdir, recipe, config.to_dict())
     RECIPES[recipe].train(config, workdir)
     return evaluate_run(workdir, seconds=time.perf_counter() - start)
 
 
-def load_run(workdir: str | Path) -> tuple[str, ml_collections.ConfigDict]:
-    """The recipe and config a run directory was trained with."""
-    path = Path(workdir) / RUN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist: {workdir} is not a run directory (train one with "
-            "`jaxaigc train RECIPE --workdir DIR`)"
-        )
-    record = json.loads(path.read_text())
-    return record["recipe"], ml_collections.ConfigDict(record["config"], sort_keys=False)
-
-
-def evaluate_run(workdir: str | Path, *, seconds: float | None = None) -> dict:
-    """Evaluates the run in ``workdir`` from its checkpoints and saved config, rewrites its
-    report (on process 0; every process evaluates) and returns it."""
+def evaluate_run(
+    workdir: str | Path,
+    *,
+    config: ml_collections.ConfigDict | None = None,
+    seconds: float | None = None,
+) -> dict:
+    """Evaluates the run in ``workdir`` from its checkpoints, rewrites its report (on process 0;
+    every process evaluates) and returns it. ``config`` replaces the saved one for this
+    evaluation (another reranking CLIP, more candidates); the report then records it."""
     workdir = Path(workdir)
-    recipe, config = load_run(workdir)
-    report = {"system": recipe, **RECIPES[recipe].evaluate(workdir, config)}
+    recipe, saved = load_run(workdir)
+    report = {"system": recipe, **RECIPES[recipe].evaluate(workdir, config or saved)}
+    if config is not None and config.to_dict() != saved.to_dict():
+        report["evaluated_with_config"] = config.to_dict()
     if seconds is not None:
         report["seconds"] = seconds
     if jax.process_index() == 0:

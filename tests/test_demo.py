@@ -1,42 +1,114 @@
-"""The demo's stages fit each other: what one stage trains is what the next one reads. (A CLIP
-text-width change once broke the unclip stage, and only a whole ``make demo`` showed it.)"""
+"""``jaxaigc demo --quick`` end to end, then every subcommand that reads a run on its stages, and
+the README's Python examples on them: the report holds every stage's figures and pictures."""
 
+import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxaigc.cli import DEMO_STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 
-# In a fresh interpreter: the demo defines absl flags when imported.
-CHECK = """
-import sys
-sys.argv = ["demo"]
-sys.path.insert(0, "experiments")
-import demo
-from jaxaigc.data import image_tokens
-from jaxaigc.pipelines import clip, dalle, dvae, unclip
 
-clip_model = clip.model_config(demo.clip_config())
-dvae_config = demo.dvae_config()
-dvae_model = dvae.DVAEConfig(**dvae_config.model.to_dict())
-dalle_config = demo.dalle_config()
-dalle_model = dalle.model_config(dalle_config)
-assert dalle_model.image_vocab == dvae_model.vocab_size, (dalle_model.image_vocab, dvae_model)
-assert dalle_config.data.resolution == dvae_config.data.resolution
-image_tokens.check_grid(
-    dvae_model, resolution=dalle_config.data.resolution, image_side=dalle_model.image_side
-)
-unclip_config = demo.unclip_config()
-assert unclip_config.prior.model.text_len <= clip_model.context_length
-for section, fields in unclip.CLIP_FIELDS.items():
-    for field in fields:  # left to the clip stage's CLIP, whatever its size
-        assert unclip_config[section].model[field] is None, (section, field)
-print("fit")
-"""
+def jaxaigc(*args, cwd=ROOT, timeout=900) -> subprocess.CompletedProcess:
+    """The command as a user runs it: one CPU device, as ``make demo``."""
+    env = {**os.environ, "XLA_FLAGS": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "jaxaigc", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env,
+    )  # fmt: skip
 
 
-def test_the_demo_stages_fit_each_other():
-    result = subprocess.run(
-        [sys.executable, "-c", CHECK], capture_output=True, text=True, cwd=ROOT, timeout=300
+def succeeded(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("demo")
+    succeeded(jaxaigc("demo", "--quick", "--workdir", workdir, timeout=2400))
+    return workdir
+
+
+@pytest.mark.slow
+def test_the_report_holds_every_stage(demo):
+    page = (demo / "report.html").read_text()
+    for stage in DEMO_STAGES:
+        report = json.loads((demo / stage / "report.json").read_text())
+        assert report["system"] == stage and report["figures"], stage
+        for figure in report["figures"]:
+            assert figure["name"] in page or figure["name"].replace("&", "&amp;") in page
+        for image in report["images"]:
+            assert (demo / stage / image["path"]).stat().st_size > 0, image
+            assert f"{stage}/{image['path']}" in page
+        for kind in ("md", "html"):
+            assert (demo / stage / f"report.{kind}").is_file()
+    assert "DALL-E and unCLIP on the same captions" in page
+
+
+@pytest.mark.slow
+def test_eval_rewrites_the_report_with_the_same_figures(demo):
+    before = json.loads((demo / "lm" / "report.json").read_text())
+    succeeded(jaxaigc("eval", demo / "lm"))
+    after = json.loads((demo / "lm" / "report.json").read_text())
+    assert after["figures"] == before["figures"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["dalle", "unclip"])
+def test_generate_writes_a_grid_best_first(demo, tmp_path, stage):
+    out = tmp_path / f"{stage}.png"
+    stdout = succeeded(
+        jaxaigc("generate", demo / stage, "a small red circle", "a large blue square",
+                "--n", 3, "--out", out)
+    )  # fmt: skip
+    assert stdout.strip().endswith(str(out)) and Image.open(out).size[0] > 0
+    scores = [json.loads(s) for s in re.findall(r"best first: (\[.*\])", stdout)]
+    assert len(scores) == 2 and all(s == sorted(s, reverse=True) for s in scores)
+
+
+@pytest.mark.slow
+def test_zero_shot_prints_a_distribution(demo, tmp_path):
+    paths = []
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        image = np.zeros((48, 48, 3), np.uint8)
+        image[12:36, 12:36] = colour
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    stdout = succeeded(
+        jaxaigc("zero-shot", demo / "clip", *paths, "--labels", "red square,blue square,cat")
     )
-    assert result.stdout.strip().endswith("fit"), result.stderr[-3000:]
+    for path in paths:
+        line = next(line for line in stdout.splitlines() if line.startswith(str(path)))
+        shares = [float(p) for p in re.findall(r"(\d+\.\d)%", line)]
+        assert len(shares) == 3 and 99.0 <= sum(shares) <= 100.1, line
+
+
+@pytest.mark.slow
+def test_respond_answers_each_prompt(demo):
+    stdout = succeeded(
+        jaxaigc("respond", demo / "instructgpt", "Reverse the word: cat", "--max-tokens", 8)
+    )
+    assert "Reverse the word: cat\n-> " in stdout
+
+
+@pytest.mark.slow
+def test_readme_python_examples_run_as_written(demo, tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "demo").symlink_to(demo)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 3
+    for block in blocks:
+        result = subprocess.run(
+            [sys.executable, "-c", block], capture_output=True, text=True, cwd=tmp_path,
+            timeout=600, env={**os.environ, "XLA_FLAGS": ""},
+        )  # fmt: skip
+        assert result.returncode == 0, block + result.stderr[-3000:]

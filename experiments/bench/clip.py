@@ -29,15 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
-from timing import (
+
+from jaxaigc import parallel
+from jaxaigc.benchmark import (
     add_allocator_flag,
     huge_page_megabytes,
     matmul_ceiling,
     median_times,
     use_retaining_malloc,
 )
-
-from jaxaigc import parallel
 from jaxaigc.compile_options import jit_inference
 from jaxaigc.convert.clip import clip_from_torch, openai_constructor_args
 from jaxaigc.models.clip import CLIP, CLIPConfig, clamp_logit_scale

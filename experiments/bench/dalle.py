@@ -42,8 +42,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import add_allocator_flag, matmul_ceiling, median_times, use_retaining_malloc
 
+from jaxaigc.benchmark import add_allocator_flag, matmul_ceiling, median_times, use_retaining_malloc
 from jaxaigc.compile_options import CPU_TRAINING_OPTIONS
 from jaxaigc.models.dalle import DALLE, DALLEConfig
 from jaxaigc.nn.attention import MultiHeadAttention

@@ -15,14 +15,14 @@ import os
 
 import jax
 import numpy as np
-from timing import (
+
+from jaxaigc.benchmark import (
     add_allocator_flag,
     huge_page_megabytes,
     matmul_ceiling,
     median_times,
     use_retaining_malloc,
 )
-
 from jaxaigc.compile_options import jit_inference
 from jaxaigc.convert.dvae import dvae_from_torch
 from jaxaigc.models.dvae import decode, encode

@@ -12,9 +12,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import matmul_ceiling
 
 from jaxaigc import parallel
+from jaxaigc.benchmark import matmul_ceiling
 from jaxaigc.models.gpt import GPT, GPTConfig
 from jaxaigc.objectives.autoregressive import lm_loss_fn
 from jaxaigc.train.optim import make_optimizer

@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import add_allocator_flag, matmul_ceiling, median_times, use_retaining_malloc
 
+from jaxaigc.benchmark import add_allocator_flag, matmul_ceiling, median_times, use_retaining_malloc
 from jaxaigc.models.gpt import GPT
 from jaxaigc.objectives.ppo import ppo_loss_fn
 from jaxaigc.sample.decode import generate, token_logprobs

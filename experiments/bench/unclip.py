@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
-from timing import add_allocator_flag, matmul_ceiling, median_times, use_retaining_malloc
 
 from jaxaigc import parallel
+from jaxaigc.benchmark import add_allocator_flag, matmul_ceiling, median_times, use_retaining_malloc
 from jaxaigc.compile_options import jit_inference
 from jaxaigc.models.decoder import Decoder, DecoderConfig
 from jaxaigc.models.prior import Prior, PriorConfig

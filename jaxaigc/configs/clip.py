@@ -67,5 +67,6 @@ def get_config(*, quick: bool = False) -> ml_collections.ConfigDict:
     if quick:
         config.data.update(dict(shapes=2_000, emoji_repeats=1, symbola_repeats=1))
         config.train.update(dict(batch_size=32, steps=60, log_every=10, checkpoint_every=60))
-        config.eval.update(dict(fashion_mnist=500, shapes=200, shape_scenes=400))
+        # Batches of 32, fewer rows than any evaluated set has: one compiled shape per encoder.
+        config.eval.update(dict(fashion_mnist=500, shapes=200, shape_scenes=400, batch_size=32))
     return config

@@ -7,14 +7,13 @@ recipes' ``config.stages`` read it as they read a run of their own.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from jaxaigc.configs import fields
+from jaxaigc.configs import fields, saved
 from jaxaigc.convert.clip import load_clip
 from jaxaigc.convert.dvae import load_dvae_pickle
 from jaxaigc.convert.gpt2 import gpt2_from_torch
@@ -34,7 +33,7 @@ def _read_state_dict(path: Path) -> Mapping[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def save_run(dest: str | Path, kind: str, model: Any, variables: dict, *, source: str) -> Path:
+def write_run(dest: str | Path, kind: str, model: Any, variables: dict, *, source: str) -> Path:
     """Writes ``variables`` of ``model`` (a model config dataclass) as a run directory."""
     dest = Path(dest)
     config = default_train_config()
@@ -51,8 +50,7 @@ def save_run(dest: str | Path, kind: str, model: Any, variables: dict, *, source
         checkpointer.wait()
     finally:
         checkpointer.close()
-    record = {"recipe": kind, "config": config_json, "converted_from": source}
-    (dest / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
+    saved.save_run(dest, kind, config_json, converted_from=source)
     return dest
 
 
@@ -76,4 +74,4 @@ def convert(kind: str, src: str | Path, dest: str | Path, *, trust_pickle: bool 
         model, variables = gpt2_from_torch(_read_state_dict(src))
     else:
         raise ValueError(f"unknown kind {kind!r}; known: {', '.join(KINDS)}")
-    return save_run(dest, kind, model, variables, source=str(src))
+    return write_run(dest, kind, model, variables, source=str(src))

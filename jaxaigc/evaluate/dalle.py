@@ -25,6 +25,7 @@ from jaxaigc.evaluate import judge
 from jaxaigc.evaluate.grids import write_grid
 from jaxaigc.models.dalle import DALLEConfig
 from jaxaigc.pipelines import dalle
+from jaxaigc.pipelines.clip import ClipFeatures, load_clip
 from jaxaigc.train.metrics import read_metrics
 
 GRID = "samples.png"
@@ -35,7 +36,7 @@ def judge_samples(
     params,
     pairs: image_tokens.TokenPairs,
     dvae: tuple,
-    reranker: dalle.Reranker,
+    reranker: ClipFeatures,
     config: ml_collections.ConfigDict,
 ) -> tuple[dict, np.ndarray, list[str]]:
     """The judged figures of ``config.sample.candidates`` samples for each of the first
@@ -106,7 +107,8 @@ def evaluate(workdir: Path, config: ml_collections.ConfigDict) -> dict:
     """Judged text -> image figures of the run in ``workdir``, reranked by its ``clip`` stage."""
     workdir = Path(workdir)
     model, params, pairs, dvae, _ = dalle.load_trained(workdir)
-    reranker = dalle.load_reranker(stages.trained_run(config, workdir, "clip"))
+    # One call per sample batch, as the candidates are scored when generating.
+    reranker = load_clip(stages.trained_run(config, workdir, "clip"), batch_size=None)
     scores, images, grid_captions = judge_samples(
         model.config, params, pairs, dvae, reranker, config
     )

@@ -252,10 +252,10 @@ def evaluate(workdir: Path, config: ml_collections.ConfigDict) -> dict:
     """The report of the unCLIP run in ``workdir`` (schema: :mod:`jaxaigc.evaluate.report`), from
     the prior's and the decoder's checkpoints and the ``clip`` stage's run; writes the grid."""
     workdir = Path(workdir)
-    clip = unclip.load_clip(trained_run(config, workdir, "clip"))
+    clip = unclip.clip_features(config, workdir)
     test = encode_scenes(
         clip, config.eval.scenes, split="test", seed=config.eval.seed,
-        text_len=config.prior.model.text_len, batch=config.data.encode_batch,
+        text_len=config.prior.model.text_len,
     )  # fmt: skip
     dirs = {name: stage_dir(config, workdir, name) for name in ("prior", "decoder")}
     prior, decoder = (unclip.load_stage(dirs[name], name)[:2] for name in dirs)

@@ -1,1 +1,68 @@
-"""End-to-end pipelines: model + objective + data assembled from one run config."""
+"""Inference with one shape for every system: a run directory (trained, or converted from
+OpenAI's or Hugging Face's weights) loads into an object you call.
+
+- text -> image (DALL-E, unCLIP): ``load(workdir)(captions, n=16, seed=0)`` -> :class:`Generated`;
+- CLIP: ``load_clip(workdir).classify(images, labels)``, ``.scores``, ``.encode_images``, ...;
+- InstructGPT: ``load_policy(workdir, "ppo_ptx").respond(prompts)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from jaxaigc.configs.saved import load_run
+from jaxaigc.pipelines.clip import ClipFeatures, load_clip
+from jaxaigc.pipelines.dalle import DalleTextToImage
+from jaxaigc.pipelines.instructgpt import Policy, load_policy
+from jaxaigc.pipelines.text_to_image import Generated, TextToImage
+from jaxaigc.pipelines.unclip import UnclipTextToImage
+
+__all__ = [
+    "ClipFeatures",
+    "Generated",
+    "Policy",
+    "TextToImage",
+    "load",
+    "load_clip",
+    "load_policy",
+    "read_images",
+]
+
+
+def load(workdir: str | Path) -> TextToImage | ClipFeatures | Policy:
+    """The inference object of the run in ``workdir``, as its recipe says: a DALL-E or unCLIP
+    :class:`TextToImage`, a CLIP's :class:`ClipFeatures`, an InstructGPT :class:`Policy`."""
+    recipe, _ = load_run(workdir)
+    loaders = {
+        "dalle": DalleTextToImage,
+        "unclip": UnclipTextToImage,
+        "clip": load_clip,
+        "instructgpt": load_policy,
+    }
+    if recipe not in loaders:
+        raise ValueError(
+            f"{workdir} is a {recipe!r} run, which has no inference object; these do: "
+            f"{', '.join(loaders)}"
+        )
+    return loaders[recipe](workdir)
+
+
+def read_images(paths: Sequence[str | Path], *, size: int) -> np.ndarray:
+    """Image files -> uint8 [n, size, size, 3]: RGB, the shorter side resized to ``size`` with
+    bicubic filtering, then centre-cropped (CLIP's preprocessing)."""
+    images = []
+    for path in paths:
+        try:
+            image = Image.open(path).convert("RGB")
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"{path} is not an image PIL can read: {error}") from error
+        scale = size / min(image.size)
+        w, h = (max(size, round(side * scale)) for side in image.size)
+        image = image.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        images.append(np.asarray(image.crop((left, top, left + size, top + size))))
+    return np.stack(images)

@@ -19,16 +19,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxaigc.compile_options import jit_inference
 from jaxaigc.configs import fields, stages
 from jaxaigc.data import image_tokens
-from jaxaigc.data.preprocess import CLIP_MEAN, CLIP_STD
-from jaxaigc.data.tokenizers import ClipTokenizer
-from jaxaigc.models.clip import CLIP
 from jaxaigc.models.dalle import DALLE, DALLEConfig
 from jaxaigc.pipelines import dvae as dvae_pipeline
+from jaxaigc.pipelines.clip import ClipFeatures, load_clip
+from jaxaigc.pipelines.text_to_image import Generated, TextToImage
 from jaxaigc.sample.decode import sample_image_tokens
-from jaxaigc.systems import clip as clip_system
 from jaxaigc.train import checkpoint
 
 
@@ -95,35 +92,6 @@ def load_trained(
     return model, variables["params"], pairs, dvae, config
 
 
-class Reranker:
-    """CLIP's cosine similarity between images and captions (Radford et al. 2021), as DALL-E
-    reranks its samples."""
-
-    def __init__(self, model: CLIP, variables: dict):
-        self.config = model.config
-        self.tokenizer = ClipTokenizer()
-        self._images = jit_inference(lambda x: model.apply(variables, x, method="encode_image"))
-        self._texts = jit_inference(lambda t: model.apply(variables, t, method="encode_text"))
-
-    def scores(self, images: np.ndarray, captions: Sequence[str]) -> np.ndarray:
-        """images uint8 [b, n, r, r, 3] of captions [b] -> cosine similarities float32 [b, n]."""
-        b, n, r = images.shape[:3]
-        if r != self.config.image_resolution:
-            raise ValueError(
-                f"images are {r} px; the reranking CLIP takes {self.config.image_resolution} px"
-            )
-        # clip_ops at the native resolution: the resize and the centre crop are identities.
-        x = (images.reshape(b * n, r, r, 3).astype(np.float32) / 255 - CLIP_MEAN) / CLIP_STD
-        tokens = self.tokenizer.encode(
-            list(captions), context_length=self.config.context_length, truncate=True
-        )
-        image = np.asarray(self._images(x.astype(np.float32))).reshape(b, n, -1)
-        text = np.asarray(self._texts(tokens))
-        image = image / np.linalg.norm(image, axis=-1, keepdims=True)
-        text = text / np.linalg.norm(text, axis=-1, keepdims=True)
-        return np.einsum("bnd,bd->bn", image, text)
-
-
 def generate(
     model: DALLEConfig,
     params,
@@ -131,7 +99,7 @@ def generate(
     captions: Sequence[str],
     *,
     dvae: tuple,
-    reranker: Reranker | None,
+    reranker: ClipFeatures | None,
     candidates: int,
     rng: jax.Array,
     temperature: float = 1.0,
@@ -179,7 +147,30 @@ def generate(
     return {"images": take(images), "scores": take(scores), "tokens": take(tokens)}
 
 
-def load_reranker(workdir: str | Path) -> Reranker:
-    """The CLIP trained in ``workdir`` (:func:`jaxaigc.systems.clip.load_trained`)."""
-    model, variables, _ = clip_system.load_trained(workdir)
-    return Reranker(model, variables)
+class DalleTextToImage(TextToImage):
+    """DALL-E's text -> image: N samples per caption, decoded by the dVAE and reranked by CLIP."""
+
+    recipe = "dalle"
+
+    def __init__(self, workdir: str | Path):
+        self.model, self.params, pairs, self.dvae, config = load_trained(workdir)
+        self.tokenizer, self.text_len = pairs.tokenizer, config.data.text_len
+        self.clip = load_clip(stages.trained_run(config, workdir, "clip"))
+        self.sample = config.sample
+
+    def generate(self, captions: list[str], *, n: int, seed: int) -> Generated:
+        text = self.tokenizer.encode(captions, length=self.text_len, eos=True)
+        out = generate(
+            self.model.config,
+            self.params,
+            text,
+            captions,
+            dvae=self.dvae,
+            reranker=self.clip,
+            candidates=n,
+            rng=jax.random.key(seed),
+            temperature=self.sample.temperature,
+            top_k=self.sample.top_k,
+            top_p=self.sample.top_p,
+        )
+        return Generated(out["images"], out["scores"])

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from jaxaigc.configs import fields
+from jaxaigc.configs.saved import load_run
 from jaxaigc.configs.stages import stage_dir
 from jaxaigc.data import instructions
 from jaxaigc.data.text import decode_bytes, encode_bytes
@@ -59,9 +60,16 @@ def generate_responses(
     *,
     temperature: float = 0.0,
     seed: int = 0,
+    max_tokens: int | None = None,
 ) -> list[str]:
-    """The policy's responses (greedy by default) to ``prompts``, up to EOS, in batches of 64
-    (batch i draws with the key ``seed + i``)."""
+    """The policy's responses (greedy by default) to ``prompts``, up to EOS or ``max_tokens``
+    bytes (at most the recipe's ``response_length``, which the context leaves after the
+    prompt), in batches of 64 (batch i draws with the key ``seed + i``)."""
+    steps = config.data.response_length
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        steps = min(steps, max_tokens)
     tokens, valid = left_pad(
         [prompt_bytes(p) for p in prompts],
         length=config.data.prompt_length,
@@ -75,7 +83,7 @@ def generate_responses(
             params,
             tokens[i : i + 64],
             valid=valid[i : i + 64],
-            steps=config.data.response_length,
+            steps=steps,
             rng=jax.random.key(seed + i),
             temperature=temperature,
             eos_id=EOS,
@@ -105,14 +113,35 @@ def load_policy_params(run_dir: str | Path, *, ppo: bool) -> Any:
     return variables["params"]["policy"] if ppo else variables["params"]
 
 
-def load_policy(
-    workdir: str | Path, *, stage: str = "ppo"
-) -> tuple[ml_collections.ConfigDict, Any]:
-    """The recipe config of the InstructGPT run in ``workdir`` and the policy parameters of its
-    ``stage`` (one of :data:`POLICY_STAGES`)."""
-    # jaxaigc.run imports this module (through the recipes' systems): imported when called.
-    from jaxaigc.run import load_run
+class Policy:
+    """An InstructGPT policy read from its run: ``respond(prompts)`` answers instructions."""
 
+    def __init__(self, config: ml_collections.ConfigDict, params: Any, stage: str):
+        self.config, self.params, self.stage = config, params, stage
+
+    def respond(
+        self,
+        prompts: Sequence[str],
+        *,
+        temperature: float = 0.0,
+        max_tokens: int | None = None,
+        seed: int = 0,
+    ) -> list[str]:
+        """Responses to ``prompts`` (e.g. ``"Reverse the word dog."``), greedy at temperature
+        0, each up to its end of line or ``max_tokens`` bytes."""
+        return generate_responses(
+            self.config,
+            self.params,
+            prompts,
+            temperature=temperature,
+            seed=seed,
+            max_tokens=max_tokens,
+        )
+
+
+def load_policy(workdir: str | Path, stage: str = "ppo_ptx") -> Policy:
+    """The policy of ``stage`` (one of :data:`POLICY_STAGES`) of the InstructGPT run in
+    ``workdir``."""
     recipe, config = load_run(workdir)
     if recipe != "instructgpt":
         raise ValueError(f"{workdir} holds a {recipe!r} run, not an instructgpt one")
@@ -124,19 +153,4 @@ def load_policy(
             f"{run_dir} holds no checkpoints of the {stage} stage: train it with "
             f"`jaxaigc train instructgpt --workdir {workdir}`"
         )
-    return config, load_policy_params(run_dir, ppo=stage in PPO_STAGES)
-
-
-def respond(
-    workdir: str | Path,
-    prompts: Sequence[str],
-    *,
-    stage: str = "ppo",
-    temperature: float = 0.0,
-    seed: int = 0,
-) -> list[str]:
-    """The responses (greedy by default) of the policy of ``stage`` trained in ``workdir`` (an
-    instructgpt run directory) to the instructions ``prompts``, e.g. ``"Reverse the word
-    dog."``."""
-    config, params = load_policy(workdir, stage=stage)
-    return generate_responses(config, params, prompts, temperature=temperature, seed=seed)
+    return Policy(config, load_policy_params(run_dir, ppo=stage in PPO_STAGES), stage)

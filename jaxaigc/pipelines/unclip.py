@@ -2,14 +2,11 @@
 text features -> CLIP image embedding) and diffusion decoder (image embedding -> pixels) read back,
 and the text -> image pipeline that chains them (training: :mod:`jaxaigc.systems.unclip`).
 
-Both stages read CLIP features (:class:`ClipEncoder`) of a trained CLIP run
-(:func:`jaxaigc.systems.clip.load_trained`): the image embedding z_i, the text embedding z_t
-and the caption's per-token features. The per-token features are the CLIP text transformer's
-final LayerNorm outputs [b, text_len, transformer_width], the tokens that CLIP's text projection
-reads its pooled EOT token from. ``CLIP.encode_text`` returns only the pooled projection, so they
-are read with Flax's ``capture_intermediates`` during that same call (one pass gives both,
-without re-implementing the text tower here). The causal text transformer makes tokens after EOT
-padding; ``text_mask`` marks SOT..EOT.
+Both stages read the features of a trained CLIP run (:class:`jaxaigc.pipelines.clip.ClipFeatures`):
+the image embedding z_i, the text embedding z_t and the caption's per-token features, the CLIP
+text transformer's final LayerNorm outputs [b, text_len, transformer_width] (the tokens its text
+projection reads the pooled EOT token from; ``text_mask`` marks SOT..EOT, the causal text
+transformer makes the tokens after EOT padding).
 
 Generation (Sec. 2): caption -> CLIP (z_t, token features) -> prior (``prior_candidates`` DDIM
 samples, the one with the higher z_i . z_t kept; paper 2) -> renormalised z_i -> decoder (DDIM)
@@ -26,85 +23,32 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from jaxaigc.compile_options import jit_inference
 from jaxaigc.configs import fields
-from jaxaigc.data.preprocess import CLIP_MEAN, CLIP_STD
-from jaxaigc.data.tokenizers import ClipTokenizer
-from jaxaigc.models.clip import CLIP
+from jaxaigc.configs.saved import load_run
+from jaxaigc.configs.stages import stage_dir, trained_run
 from jaxaigc.models.decoder import Decoder, DecoderConfig
 from jaxaigc.models.prior import Prior, PriorConfig
+from jaxaigc.pipelines.clip import ClipFeatures, load_clip
+from jaxaigc.pipelines.text_to_image import Generated, TextToImage
 from jaxaigc.sample.diffusion import check_guidance, sample_decoder, sample_prior
-from jaxaigc.systems import clip as clip_system
 from jaxaigc.train import checkpoint
-
-
-class ClipEncoder:
-    """A trained CLIP's features for the prior and the decoder, jitted once each."""
-
-    def __init__(self, model: CLIP, variables: dict, tokenizer: ClipTokenizer | None = None):
-        self.model, self.config = model, model.config
-        self.tokenizer = tokenizer or ClipTokenizer()
-        is_final_norm = lambda module, method: module.name == "ln_final"  # noqa: E731
-
-        def text(tokens):
-            pooled, state = model.apply(
-                variables, tokens, method="encode_text", capture_intermediates=is_final_norm,
-                mutable=["intermediates"],
-            )  # fmt: skip
-            features = state["intermediates"]["ln_final"]["__call__"][0]  # (b, n, width)
-            return _normalise(pooled), features.astype(jnp.float32)
-
-        self._text = jit_inference(text)
-        self._image = jit_inference(
-            lambda x: _normalise(model.apply(variables, x, method="encode_image"))
-        )
-
-    def encode_text(self, captions: Sequence[str], *, text_len: int) -> dict[str, np.ndarray]:
-        """``tokens`` int32 [b, text_len] (truncated captions keep their EOT), ``text_embedding``
-        float32 [b, embed_dim] (unit norm), ``text_tokens`` float32 [b, text_len,
-        transformer_width] and ``text_mask`` bool [b, text_len] (SOT..EOT)."""
-        if not 1 <= text_len <= self.config.context_length:
-            raise ValueError(
-                f"text_len {text_len} is outside [1, {self.config.context_length}], the CLIP "
-                "context length"
-            )
-        tokens = self.tokenizer.encode(list(captions), context_length=text_len, truncate=True)
-        tokens = np.asarray(tokens, np.int32)
-        embedding, features = self._text(tokens)
-        # Causal attention: positions up to the end-of-text token (the largest id) read the caption.
-        mask = np.arange(text_len) <= np.argmax(tokens, axis=-1)[:, None]
-        return {
-            "tokens": tokens,
-            "text_embedding": np.asarray(embedding),
-            "text_tokens": np.asarray(features),
-            "text_mask": mask,
-        }
-
-    def encode_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [b, r, r, 3] at CLIP's resolution -> unit-norm z_i float32 [b, embed_dim]."""
-        r = self.config.image_resolution
-        if images.shape[1:] != (r, r, 3):
-            raise ValueError(f"images have shape {images.shape[1:]}; this CLIP takes {(r, r, 3)}")
-        # clip_ops at the native resolution: the resize and the centre crop are identities.
-        x = (images.astype(np.float32) / 255 - CLIP_MEAN) / CLIP_STD
-        return np.asarray(self._image(x.astype(np.float32)))
 
 
 def _normalise(x: jax.Array) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def load_clip(workdir: str | Path) -> ClipEncoder:
-    """The CLIP trained in ``workdir`` (:func:`jaxaigc.systems.clip.load_trained`)."""
-    model, variables, _ = clip_system.load_trained(workdir)
-    return ClipEncoder(model, variables)
-
-
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
     """float in [-1, 1] -> uint8."""
     return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def clip_features(config: ml_collections.ConfigDict, workdir: str | Path) -> ClipFeatures:
+    """The CLIP of the ``clip`` stage, encoding ``config.data.encode_batch`` inputs per call."""
+    return load_clip(trained_run(config, workdir, "clip"), batch_size=config.data.encode_batch)
 
 
 def prior_init(model: Prior):
@@ -209,7 +153,7 @@ def generate(
     *,
     prior: tuple[Prior, Any],
     decoder: tuple[Decoder, Any],
-    clip: ClipEncoder,
+    clip: ClipFeatures,
     rng: jax.Array,
     prior_steps: int | None = 64,
     decoder_steps: int | None = 50,
@@ -244,7 +188,7 @@ def generate(
         check_guidance(decoder_guidance, getattr(decoder_cfg, name), name)
     if candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
-    text = clip.encode_text(captions, text_len=prior_model.config.text_len)
+    text = clip.text_features(captions, length=prior_model.config.text_len)
     prior_rng, decoder_rng = jax.random.split(rng)
     z = sample_prior(
         prior_model, prior_params, prior_model.config.diffusion(), text["text_tokens"],
@@ -267,3 +211,39 @@ def generate(
         "image_embedding": z,
         "text_embedding": text["text_embedding"],
     }
+
+
+class UnclipTextToImage(TextToImage):
+    """unCLIP's text -> image: per caption one prior sample (best of the run's
+    ``prior_candidates``), decoded N times with the run's sampler, in CLIP's order."""
+
+    recipe = "unclip"
+
+    def __init__(self, workdir: str | Path):
+        _, config = load_run(workdir)
+        self.clip = clip_features(config, workdir)
+        self.prior, self.decoder = (
+            load_stage(stage_dir(config, workdir, name), name)[:2] for name in ("prior", "decoder")
+        )
+        self.sample = config.sample
+
+    def generate(self, captions: list[str], *, n: int, seed: int) -> Generated:
+        sc = self.sample
+        images = generate(
+            captions,
+            prior=self.prior,
+            decoder=self.decoder,
+            clip=self.clip,
+            rng=jax.random.key(seed),
+            prior_steps=sc.prior_steps,
+            decoder_steps=sc.decoder_steps,
+            prior_guidance=sc.prior_guidance,
+            decoder_guidance=sc.decoder_guidance,
+            candidates=n,
+            prior_candidates=sc.prior_candidates,
+            decoder_method=sc.decoder_method,
+        )["images"]
+        scores = self.clip.scores(images, captions)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        ranked = np.take_along_axis(images, order[:, :, None, None, None], axis=1)
+        return Generated(ranked, np.take_along_axis(scores, order, axis=1))

@@ -3,7 +3,7 @@ diffusion decoder, both on the CLIP features of the ``clip`` stage's run.
 
 The features are computed once (:func:`encode_scenes`) and kept in memory: per scene the image
 embedding z_i, the text embedding z_t and the caption's per-token features
-(:class:`jaxaigc.pipelines.unclip.ClipEncoder`). The prior learns z_t and the caption tokens ->
+(:class:`jaxaigc.pipelines.clip.ClipFeatures`). The prior learns z_t and the caption tokens ->
 z_i; the decoder learns z_i -> the scene in [-1, 1].
 """
 
@@ -16,14 +16,15 @@ import ml_collections
 import numpy as np
 
 from jaxaigc.configs import fields
-from jaxaigc.configs.stages import stage_dir, trained_run
+from jaxaigc.configs.stages import stage_dir
 from jaxaigc.configs.unclip import TEXT_LEN
 from jaxaigc.data import shapes
 from jaxaigc.data.pipeline import ArrayRecords, BatchIterator
 from jaxaigc.models.decoder import Decoder, DecoderConfig
 from jaxaigc.models.prior import Prior, PriorConfig
 from jaxaigc.objectives.unclip import decoder_loss_fn, prior_loss_fn
-from jaxaigc.pipelines.unclip import ClipEncoder, decoder_init, load_clip, prior_init
+from jaxaigc.pipelines.clip import ClipFeatures, load_clip
+from jaxaigc.pipelines.unclip import clip_features, decoder_init, prior_init
 from jaxaigc.train import loop
 
 
@@ -58,28 +59,21 @@ class SceneFeatures:
 
 
 def encode_scenes(
-    clip: ClipEncoder, n: int, *, split: str, seed: int, text_len: int = TEXT_LEN, batch: int = 500
+    clip: ClipFeatures, n: int, *, split: str, seed: int, text_len: int = TEXT_LEN
 ) -> SceneFeatures:
     """``n`` shapes scenes of ``split`` at CLIP's resolution with their CLIP features."""
-    images, captions, scenes = shapes.generate(
-        n, clip.config.image_resolution, seed=seed, split=split
-    )
-    parts = []
-    for start in range(0, n, batch):
-        text = clip.encode_text(captions[start : start + batch], text_len=text_len)
-        text["image_embedding"] = clip.encode_images(images[start : start + batch])
-        parts.append(text)
-    arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    images, captions, scenes = shapes.generate(n, clip.image_size, seed=seed, split=split)
+    arrays = clip.text_features(captions, length=text_len)
+    arrays["image_embedding"] = clip.encode_images(images)
     return SceneFeatures(images=images, captions=captions, scenes=scenes, **arrays)
 
 
-def training_scenes(config: ml_collections.ConfigDict, clip: ClipEncoder) -> SceneFeatures:
+def training_scenes(config: ml_collections.ConfigDict, clip: ClipFeatures) -> SceneFeatures:
     """The ``config.data`` training scenes with the features of ``clip``."""
     data = config.data
     return encode_scenes(
-        clip, data.scenes, split="train", seed=data.seed, batch=data.encode_batch,
-        text_len=config.prior.model.text_len,
-    )  # fmt: skip
+        clip, data.scenes, split="train", seed=data.seed, text_len=config.prior.model.text_len
+    )
 
 
 def to_signed_range(images: np.ndarray) -> np.ndarray:
@@ -92,8 +86,10 @@ def _features(config, clip, features) -> SceneFeatures:
     if features is not None:
         return features
     if clip is None:
-        raise ValueError("give clip (a ClipEncoder or the CLIP run's workdir) or features")
-    return training_scenes(config, clip if isinstance(clip, ClipEncoder) else load_clip(clip))
+        raise ValueError("give clip (a ClipFeatures or the CLIP run's workdir) or features")
+    if not isinstance(clip, ClipFeatures):
+        clip = load_clip(clip, batch_size=config.data.encode_batch)
+    return training_scenes(config, clip)
 
 
 def _fit_fields(checks, model: ml_collections.ConfigDict, section: str) -> None:
@@ -110,7 +106,7 @@ def _fit_fields(checks, model: ml_collections.ConfigDict, section: str) -> None:
 
 def build_prior(
     config: ml_collections.ConfigDict,
-    clip: ClipEncoder | str | Path | None,
+    clip: ClipFeatures | str | Path | None,
     *,
     features: SceneFeatures | None = None,
 ) -> tuple[Prior, loop.Task, BatchIterator]:
@@ -144,7 +140,7 @@ def build_prior(
 
 def build_decoder(
     config: ml_collections.ConfigDict,
-    clip: ClipEncoder | str | Path | None,
+    clip: ClipFeatures | str | Path | None,
     *,
     features: SceneFeatures | None = None,
 ) -> tuple[Decoder, loop.Task, BatchIterator]:
@@ -187,7 +183,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     of the CLIP run the ``clip`` stage names."""
     # The stages' paths go through the workdir ("<workdir>/../clip"), so it must exist.
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    clip = load_clip(trained_run(config, workdir, "clip"))
+    clip = clip_features(config, workdir)
     features = training_scenes(config, clip)
     for name, build in (("prior", build_prior), ("decoder", build_decoder)):
         _, task, batches = build(config, clip, features=features)

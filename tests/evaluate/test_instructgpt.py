@@ -1,15 +1,14 @@
 """InstructGPT's quick recipe end to end: every stage trains, checkpoints and hands its
 parameters on; the evaluation, from the checkpoints alone, holds every figure and its curves."""
 
-import json
-
 import numpy as np
 import pytest
 
 from jaxaigc.configs.instructgpt import get_config
+from jaxaigc.configs.saved import save_run
 from jaxaigc.evaluate import instructgpt as evaluation
 from jaxaigc.evaluate.report import write_report
-from jaxaigc.pipelines.instructgpt import respond
+from jaxaigc.pipelines.instructgpt import load_policy
 from jaxaigc.systems import instructgpt as ig
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "ppo_gold")
@@ -72,13 +71,11 @@ def test_quick_recipe_trains_and_evaluates(run):
 @pytest.mark.slow
 def test_respond_reads_the_trained_run(run):
     config, workdir, report = run
-    jaxaigc_run = pytest.importorskip("jaxaigc.run")  # imports once every recipe has its modules
-    record = {"recipe": "instructgpt", "config": config.to_dict()}
-    (workdir / jaxaigc_run.RUN_FILE).write_text(json.dumps(record))
+    save_run(workdir, "instructgpt", config.to_dict())
     # The evaluation's prompts in the same batch: the same greedy responses.
     prompts = [p.text for p in ig.evaluation_prompts(config)["train_templates"]]
     examples = report["examples"]["sft/train_templates"]
-    responses = respond(workdir, prompts, stage="sft")
+    responses = load_policy(workdir, "sft").respond(prompts)
     assert responses[: len(examples)] == [e["response"] for e in examples]
     with pytest.raises(ValueError, match="stage 'rm' trains no policy"):
-        respond(workdir, prompts, stage="rm")
+        load_policy(workdir, "rm")

@@ -1,13 +1,16 @@
 """unCLIP's evaluation: the sampler list it sweeps, and the quick recipe trained on a quick CLIP run
-then evaluated from its checkpoints alone (every figure with its baseline, the grid written)."""
+then evaluated from its checkpoints alone (every figure with its baseline, the grid written) and
+loaded as the run's text -> image pipeline."""
 
 import json
 
 import numpy as np
 import pytest
 
+from jaxaigc import pipelines
 from jaxaigc.configs import clip as clip_config
 from jaxaigc.configs import unclip as unclip_config
+from jaxaigc.configs.saved import save_run
 from jaxaigc.data.tokenizers import ClipTokenizer
 from jaxaigc.evaluate import unclip as evaluator
 from jaxaigc.evaluate.report import write_report
@@ -75,3 +78,9 @@ def test_the_quick_recipe_trains_and_evaluates_from_its_checkpoints(tmp_path):
     written = write_report(workdir, {"system": "unclip", **report})
     assert json.loads(written["json"].read_text())["figures"] == report["figures"]
     assert np.isfinite(report["prior"]["final"]["loss"])
+
+    # The run's inference object: its samples in CLIP's order.
+    save_run(workdir, "unclip", config.to_dict())
+    out = pipelines.load(workdir)(["a small red circle", "a large blue square"], n=2, seed=0)
+    assert out.images.shape == (2, 2, 32, 32, 3) and out.images.dtype == np.uint8
+    assert np.all(np.diff(out.scores, axis=1) <= 0)

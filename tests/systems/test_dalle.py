@@ -18,6 +18,7 @@ from jaxaigc.data.tokenizers import ClipTokenizer
 from jaxaigc.models.clip import CLIP, CLIPConfig
 from jaxaigc.models.dvae import DVAEConfig, init_train_variables
 from jaxaigc.pipelines import dalle as dalle_pipeline
+from jaxaigc.pipelines.clip import ClipFeatures
 from jaxaigc.systems import dalle
 from jaxaigc.train.checkpoint import Checkpointer
 from jaxaigc.train.loop import train
@@ -81,7 +82,7 @@ def test_loss_falls_and_generation_is_reranked(dvae_workdir, tmp_path):
     clip = CLIP(clip_config)
     example = (jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 24), jnp.int32))
     clip_shapes = nn.meta.unbox(jax.eval_shape(clip.init, jax.random.key(0), *example))
-    reranker = dalle_pipeline.Reranker(clip, _random(clip_shapes, 1, 0.05))
+    reranker = ClipFeatures(clip, _random(clip_shapes, 1, 0.05), batch_size=None)
     test = pairs.splits["test"]
     captions = [str(test[i]["caption"]) for i in range(3)]
     text = np.stack([test[i]["text"] for i in range(3)])

@@ -13,6 +13,7 @@ from jaxaigc.configs import unclip as unclip_config
 from jaxaigc.data.tokenizers import ClipTokenizer
 from jaxaigc.models.clip import CLIP, CLIPConfig
 from jaxaigc.pipelines import unclip
+from jaxaigc.pipelines.clip import ClipFeatures
 from jaxaigc.systems import unclip as system
 from jaxaigc.train.loop import train
 from jaxaigc.train.metrics import read_metrics
@@ -36,7 +37,7 @@ def clip():
     model = CLIP(CLIPConfig.from_name("tiny-vit", context_length=TEXT_LEN))
     example = (jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, TEXT_LEN), jnp.int32))
     shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *example))
-    return unclip.ClipEncoder(model, _random(shapes, 0, 0.05), tokenizer)
+    return ClipFeatures(model, _random(shapes, 0, 0.05), tokenizer=tokenizer, batch_size=5)
 
 
 def _config():
@@ -52,15 +53,15 @@ def _config():
 
 
 def test_clip_features_line_up(clip):
-    features = system.encode_scenes(clip, 8, split="test", seed=0, batch=5)
+    features = system.encode_scenes(clip, 8, split="test", seed=0)
     assert features.text_tokens.shape == (8, TEXT_LEN, 128)
     assert features.text_embedding.shape == features.image_embedding.shape == (8, 64)
     np.testing.assert_allclose(np.linalg.norm(features.image_embedding, axis=-1), 1, rtol=1e-5)
     # The mask covers SOT..EOT: one position more than the caption's BPE tokens.
     lengths = [len(clip.tokenizer.tokenize(c)) + 2 for c in features.captions]
     np.testing.assert_array_equal(features.text_mask.sum(-1), lengths)
-    # The pooled embedding is CLIP's own encode_text, unchanged by capturing the token features.
-    direct = clip.encode_text(features.captions[:3], text_len=TEXT_LEN)["text_embedding"]
+    # The pooled embedding is CLIP's own encode_text, whatever the batches (5 + 3 padded; 3).
+    direct = clip.encode_text(features.captions[:3], length=TEXT_LEN)
     np.testing.assert_allclose(direct, features.text_embedding[:3], rtol=1e-5, atol=1e-6)
 
 
@@ -122,7 +123,7 @@ def test_the_clip_sizes_the_stages(clip):
     narrow = CLIP(config.replace(transformer_width=64, embed_dim=32))
     example = (jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, TEXT_LEN), jnp.int32))
     shapes = nn.meta.unbox(jax.eval_shape(narrow.init, jax.random.key(0), *example))
-    narrow = unclip.ClipEncoder(narrow, _random(shapes, 0, 0.05), clip.tokenizer)
+    narrow = ClipFeatures(narrow, _random(shapes, 0, 0.05), tokenizer=clip.tokenizer)
     for encoder, width, dim in ((clip, 128, 64), (narrow, 64, 32)):
         features = system.encode_scenes(encoder, 8, split="train", seed=0)
         config = _config()

@@ -18,6 +18,7 @@ from jaxaigc.compile_options import apply_in_batches, jit_inference
 from jaxaigc.data.preprocess import CLIP_MEAN, CLIP_STD
 from jaxaigc.data.tokenizers import ClipTokenizer
 from jaxaigc.models.clip import CLIP
+from jaxaigc.systems.clip import load_trained
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -35,11 +36,11 @@ class ClipFeatures:
         variables: dict,
         *,
         tokenizer: ClipTokenizer | None = None,
-        batch_size: int = 256,
+        batch_size: int | None = 256,
     ):
         self.model, self.config = model, model.config
         self.tokenizer = tokenizer or ClipTokenizer()
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # inputs per call; None: all in one call
         self._image = jit_inference(
             lambda x: _unit(model.apply(variables, x, method="encode_image"))
         )
@@ -77,19 +78,19 @@ class ClipFeatures:
             )
         # clip_ops at the native resolution: the resize and the centre crop are identities.
         x = ((images.astype(np.float32) / 255 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
-        return apply_in_batches(self._image, x, self.batch_size)
+        return apply_in_batches(self._image, x, self.batch_size or len(x))
 
     def encode_text(self, captions: Sequence[str], *, length: int | None = None) -> np.ndarray:
         """Captions -> unit-norm embeddings float32 [b, d]."""
         tokens = self.tokenize(captions, length=length)
-        return apply_in_batches(lambda t: self._text(t)[0], tokens, self.batch_size)
+        return apply_in_batches(lambda t: self._text(t)[0], tokens, self.batch_size or len(tokens))
 
     def text_features(self, captions: Sequence[str], *, length: int) -> dict[str, np.ndarray]:
         """What unCLIP conditions on: ``tokens`` int32 [b, length], ``text_embedding`` float32
         [b, d] (unit norm), ``text_tokens`` float32 [b, length, width] and ``text_mask`` bool
         [b, length] (SOT..EOT)."""
         tokens = self.tokenize(captions, length=length)
-        pooled, per_token = apply_in_batches(self._text, tokens, self.batch_size)
+        pooled, per_token = apply_in_batches(self._text, tokens, self.batch_size or len(tokens))
         # Causal attention: positions up to the end-of-text token (the largest id) read the caption.
         mask = np.arange(length) <= np.argmax(tokens, axis=-1)[:, None]
         return {
@@ -133,10 +134,8 @@ class ClipFeatures:
         return (probs / probs.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def load_clip(path: str | Path) -> ClipFeatures:
+def load_clip(path: str | Path, *, batch_size: int | None = 256) -> ClipFeatures:
     """The CLIP of a run directory: one trained by ``jaxaigc train clip`` or written by
     ``jaxaigc convert clip`` (the EMA weights when the run kept them)."""
-    from jaxaigc.systems.clip import load_trained
-
-    model, variables = load_trained(path)[:2]
-    return ClipFeatures(model, variables)
+    model, variables, _ = load_trained(path)
+    return ClipFeatures(model, variables, batch_size=batch_size)

@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks (imported from the scripts beside this file)."""
+"""Timing helpers for the benchmarks (`jaxaigc bench NAME`): medians of timed calls, the matmul
+ceiling they are measured against, and the allocator settings they run under."""
 
 import os
 import statistics
