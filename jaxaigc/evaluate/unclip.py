@@ -31,6 +31,7 @@ from jaxaigc.evaluate import dalle as dalle_eval
 from jaxaigc.evaluate import judge
 from jaxaigc.evaluate.grids import write_grid
 from jaxaigc.pipelines import dalle, unclip
+from jaxaigc.pipelines.clip import load_clip
 from jaxaigc.sample.diffusion import sample_prior
 from jaxaigc.systems.unclip import SceneFeatures, encode_scenes, training_scenes
 from jaxaigc.train.metrics import read_metrics
@@ -234,7 +235,8 @@ def evaluate_dalle(dalle_dir: Path, test: SceneFeatures) -> dict:
             f"to at most {len(split)}"
         )
     run_config.eval.captions = len(test)
-    reranker = dalle.load_reranker(trained_run(run_config, dalle_dir, "clip"))
+    # As DALL-E's own evaluation reranks (jaxaigc.evaluate.dalle.evaluate).
+    reranker = load_clip(trained_run(run_config, dalle_dir, "clip"), batch_size=None)
     report, _, _ = dalle_eval.judge_samples(model.config, params, pairs, dvae, reranker, run_config)
     return report
 

@@ -52,7 +52,8 @@ def clip_features(config: ml_collections.ConfigDict, workdir: str | Path) -> Cli
 
 
 def prior_init(model: Prior):
-    """``init(rng)``: the prior's variables, from one example of zeros."""
+    """``init(rng)``: the prior's variables, from one example of zeros (traced for the shapes a
+    checkpoint is read into; :mod:`jaxaigc.systems.unclip` trains from it)."""
     cfg = model.config
 
     def init(rng: jax.Array):
@@ -66,7 +67,7 @@ def prior_init(model: Prior):
 
 
 def decoder_init(model: Decoder):
-    """``init(rng)``: the decoder's variables, from one example of zeros."""
+    """``init(rng)``: the decoder's variables, from one example of zeros (as :func:`prior_init`)."""
     cfg = model.config
 
     def init(rng: jax.Array):
