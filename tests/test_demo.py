@@ -113,3 +113,50 @@ def test_readme_python_examples_run_as_written(demo, tmp_path):
             timeout=600, env={**os.environ, "XLA_FLAGS": ""},
         )  # fmt: skip
         assert result.returncode == 0, block + result.stderr[-3000:]
+
+
+def stage_report(demo: Path, stage: str) -> tuple[dict, object]:
+    from jaxaigc import run
+
+    return json.loads((demo / stage / "report.json").read_text()), run.get_config(stage, quick=True)
+
+
+@pytest.mark.slow
+def test_the_clip_stage_reports_every_measure_beside_chance(demo):
+    from jaxaigc.evaluate import clip as clip_eval
+
+    report, config = stage_report(demo, "clip")
+    assert report["final_loss"]["loss"] < report["first_logged_loss"]["loss"]
+    assert report["final_loss"]["step"] == config.train.steps
+    figures = report["figures"]
+    # top-5 and top-1 of each classified set, R@1 and R@5 both ways of each retrieved one, loss
+    assert len(figures) == 2 * len(clip_eval.CLASSIFIED) + 4 * len(clip_eval.RETRIEVED) + 1
+    assert figures[0]["name"].startswith("held-out Noto emoji (zero-shot): top-5")
+    for figure in figures[:-1]:
+        assert 0 <= figure["value"] <= 1 and figure["baseline_name"] == "chance", figure
+        assert 0 < figure["baseline"] <= 1 and figure["unit"] == "%", figure
+    fashion = report["fashion_mnist"]
+    assert fashion["n"] == config.eval.fashion_mnist and fashion["kind"] == "zero-shot"
+    assert fashion["chance_top1"] == pytest.approx(0.1)
+    assert report["shapes_test"]["n"] == config.eval.shapes
+    held_out = report["noto_held_out_names"]
+    assert held_out["chance_top5"] == pytest.approx(5 * held_out["chance_top1"])
+    assert len(report["held_out_examples"]) == config.eval.examples
+
+
+@pytest.mark.slow
+def test_the_dalle_stage_judges_its_reranked_samples(demo):
+    report, config = stage_report(demo, "dalle")
+    assert report["final"]["loss"] < report["first_logged"]["loss"]
+    assert report["final"]["step"] == config.train.steps
+    assert report["candidates"] == config.sample.candidates
+    assert report["all"]["captions"] == config.eval.captions
+    assert report["seen"]["captions"] + report["held_out"]["captions"] == config.eval.captions
+    for group in ("all", "seen", "held_out"):
+        r = report[group]
+        assert r["single_sample_accuracy"] <= r["any_of_n_accuracy"]
+        assert r["best_of_n_accuracy"] <= r["any_of_n_accuracy"]
+    assert len(report["figures"]) == 7
+    for figure in report["figures"]:
+        assert figure["baseline"] is not None and figure["baseline_name"], figure
+    assert [image["key"] for image in report["images"]][0] == "text_to_image"

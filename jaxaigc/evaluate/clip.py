@@ -41,10 +41,11 @@ EMOJI_TEMPLATES = ("{}",)
 SHAPE_TEMPLATES = ("a small {}", "a large {}")
 GUESSES = 3  # names shown under each example emoji
 # Report key -> what its images are, and what its classes are called.
+# The headline first (the demo's summary shows each stage's first figure).
 CLASSIFIED = {
+    "noto_held_out_names": ("held-out Noto emoji (zero-shot)", "names"),
     "fashion_mnist": ("Fashion-MNIST test", "classes"),
     "noto_trained_images": ("Noto emoji trained on (memorisation, not transfer)", "names"),
-    "noto_held_out_names": ("held-out Noto emoji (zero-shot)", "names"),
     "noto_held_out_names_of_trained_words": (
         "held-out Noto emoji named only with words of trained names",
         "names",
@@ -280,7 +281,7 @@ def _figures(results: dict) -> list[dict]:
         if key == "fashion_mnist":
             images = f"{images}, {r['kind']}"
         classes = round(1 / r["chance_top1"])
-        for k in (1, 5):
+        for k in (5, 1):
             figures.append(
                 {
                     "name": f"{images}: top-{k} of {classes:,} {kind} (n={r['n']:,})",
