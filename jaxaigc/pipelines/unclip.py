@@ -102,20 +102,17 @@ def load_stage(
         raise ValueError(f"unknown unCLIP stage {stage!r}; use one of {list(_STAGES)}")
     module, config_class, init = _STAGES[stage]
 
-    def model_of(run_config: dict):
-        return module(fields.to_dataclass(config_class, run_config["model"]))
-
     directory = Path(directory)
-    try:
-        run_config, variables, step = checkpoint.load_trained(
-            directory, lambda c: init(model_of(c)), step=step, device=device
-        )
-    except FileNotFoundError as error:
-        raise FileNotFoundError(
-            f"no unCLIP {stage} checkpoint in {directory.absolute() / 'checkpoints'}; train one "
-            f"with `jaxaigc train unclip --workdir {directory.parent}`"
-        ) from error
-    return model_of(run_config), variables["params"], step
+    model, variables, step = checkpoint.load_model(
+        directory,
+        lambda run_config: module(fields.to_dataclass(config_class, run_config["model"])),
+        init,
+        what=f"unCLIP {stage}",
+        train_command=f"jaxaigc train unclip --workdir {directory.parent}",
+        step=step,
+        device=device,
+    )
+    return model, variables["params"], step
 
 
 def load_trained(

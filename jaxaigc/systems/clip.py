@@ -120,16 +120,12 @@ def load_trained(
     """The CLIP trained in ``workdir`` by :func:`train`: ``(model, variables, step)`` with the EMA
     weights and statistics when the run kept them."""
 
-    def model_of(run_config: dict) -> CLIP:
-        return CLIP(fields.to_dataclass(CLIPConfig, run_config["model"]))
-
-    try:
-        run_config, variables, step = checkpoint.load_trained(
-            workdir, lambda run_config: _init_fn(model_of(run_config)), step=step, device=device
-        )
-    except FileNotFoundError as error:
-        raise FileNotFoundError(
-            f"no CLIP checkpoint in {Path(workdir).absolute() / 'checkpoints'}; train one with "
-            f"`jaxaigc train clip --workdir {workdir}`"
-        ) from error
-    return model_of(run_config), variables, step
+    return checkpoint.load_model(
+        workdir,
+        lambda run_config: CLIP(fields.to_dataclass(CLIPConfig, run_config["model"])),
+        _init_fn,
+        what="CLIP",
+        train_command=f"jaxaigc train clip --workdir {workdir}",
+        step=step,
+        device=device,
+    )

@@ -186,3 +186,34 @@ def load_trained(
     if ema:
         params, model_state = (state.get(key, {}) for key in ("ema_params", "ema_model_state"))
     return config, {"params": params, **model_state}, step
+
+
+def load_model(
+    workdir: str | Path,
+    model_of: Callable[[dict], Any],
+    init_of: Callable[[Any], Callable[[jax.Array], Any]],
+    *,
+    what: str,
+    train_command: str,
+    step: int | None = None,
+    device: jax.Device | None = None,
+) -> tuple[Any, dict, int]:
+    """:func:`load_trained` with the model rebuilt from the saved run config.
+
+    Args:
+      model_of: ``model_of(run_config) -> model``; init_of: ``init_of(model) -> init(rng)``.
+      what, train_command: name the missing checkpoint and the command that trains it.
+
+    Returns:
+      ``(model, {"params": ..., **model_state}, step)``.
+    """
+    try:
+        run_config, variables, step = load_trained(
+            workdir, lambda config: init_of(model_of(config)), step=step, device=device
+        )
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"no {what} checkpoint in {Path(workdir).absolute() / 'checkpoints'}; train one with "
+            f"`{train_command}`"
+        ) from error
+    return model_of(run_config), variables, step
