@@ -216,10 +216,14 @@ def cmd_respond(args: argparse.Namespace, extra: list[str]) -> None:
 
     if args.max_tokens < 1 or args.temperature < 0:
         raise UsageError("--max-tokens must be >= 1 and --temperature >= 0")
-    if _recipe_of(args.workdir) != "instructgpt":
-        raise UsageError(f"{args.workdir} is not an instructgpt run")
-    policy = pipelines.load_policy(args.workdir, args.policy)
-    responses = policy.respond(
+    recipe = _recipe_of(args.workdir)
+    if recipe == "instructgpt":
+        model = pipelines.load_policy(args.workdir, args.policy)
+    elif recipe == "gpt2":
+        model = pipelines.load_language_model(args.workdir)
+    else:
+        raise UsageError(f"{args.workdir} is a {recipe} run, not an instructgpt or converted gpt2")
+    responses = model.respond(
         args.prompts, temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed
     )
     for prompt, response in zip(args.prompts, responses, strict=True):
@@ -233,7 +237,10 @@ def cmd_convert(args: argparse.Namespace, extra: list[str]) -> None:
         raise UsageError(f"no such checkpoint file: {args.src}")
     if Path(args.dest).exists() and any(Path(args.dest).iterdir()):
         raise UsageError(f"{args.dest} exists and is not empty; choose a new directory")
-    print(convert(args.kind, args.src, args.dest, trust_pickle=args.trust_pickle))
+    try:
+        print(convert(args.kind, args.src, args.dest, trust_pickle=args.trust_pickle))
+    except (FileNotFoundError, ValueError) as error:  # a file it needs beside it; a mismatch
+        raise UsageError(str(error)) from error
 
 
 def cmd_bench(args: argparse.Namespace, extra: list[str]) -> None:
@@ -295,10 +302,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3)
     p.set_defaults(run=cmd_zero_shot)
 
-    p = sub.add_parser("respond", help="answers from an InstructGPT run's policy")
+    p = sub.add_parser(
+        "respond", help="answers from an InstructGPT run's policy, or a converted GPT-2's text"
+    )
     p.add_argument("workdir")
     p.add_argument("prompts", nargs="+")
-    p.add_argument("--policy", default="ppo_ptx", help="sft, ppo or ppo_ptx")
+    p.add_argument("--policy", default="ppo_ptx", help="instructgpt: sft, ppo or ppo_ptx")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -306,7 +315,11 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="a PyTorch checkpoint file -> a checkpoint jaxaigc loads")
     p.add_argument("kind", choices=("clip", "dvae", "gpt2"))
-    p.add_argument("src", help="OpenAI CLIP .pt, DALL-E encoder.pkl, or GPT-2 pytorch_model.bin")
+    p.add_argument(
+        "src",
+        help="OpenAI CLIP .pt, DALL-E encoder.pkl, or a Hugging Face GPT-2 folder's "
+        "pytorch_model.bin / model.safetensors (its tokenizer files beside it)",
+    )
     p.add_argument("dest", help="a new directory")
     p.add_argument(
         "--trust-pickle",

@@ -10,6 +10,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxaigc import parallel  # noqa: E402
+from tests.helpers import jaxaigc, succeeded  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +28,12 @@ def mesh_2x2x2(devices):
 @pytest.fixture(scope="session")
 def mesh_1(devices):
     return parallel.make_mesh({"data": 1}, devices=devices[:1])
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """``jaxaigc demo --quick``'s workdir: every stage trained at a few steps and evaluated. Its
+    readers are marked ``tests.helpers.QUICK_DEMO``; one that changes a run works on a copy."""
+    workdir = tmp_path_factory.mktemp("quick_demo")
+    succeeded(jaxaigc("demo", "--quick", "--workdir", workdir, timeout=2400))
+    return workdir

@@ -1,10 +1,35 @@
-"""Small comparisons shared by the tests."""
+"""Small comparisons and the command runner shared by the tests."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from jaxaigc import parallel
+
+ROOT = Path(__file__).resolve().parents[1]
+# The tests that read the quick demo's runs (the session fixture ``quick_demo``): one xdist worker
+# runs them all (``--dist loadgroup``), so the demo trains once.
+QUICK_DEMO = pytest.mark.xdist_group("quick_demo")
+
+
+def jaxaigc(*args, cwd=ROOT, timeout=900) -> subprocess.CompletedProcess:
+    """The command as a user runs it: one CPU device, as ``make demo``."""
+    env = {**os.environ, "XLA_FLAGS": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "jaxaigc", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+def succeeded(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def max_relative_difference(a, b) -> float:

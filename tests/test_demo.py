@@ -14,32 +14,16 @@ import pytest
 from PIL import Image
 
 from jaxaigc.cli import DEMO_STAGES
+from tests.helpers import QUICK_DEMO, ROOT, jaxaigc, succeeded
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def jaxaigc(*args, cwd=ROOT, timeout=900) -> subprocess.CompletedProcess:
-    """The command as a user runs it: one CPU device, as ``make demo``."""
-    env = {**os.environ, "XLA_FLAGS": ""}
-    return subprocess.run(
-        [sys.executable, "-m", "jaxaigc", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env,
-    )  # fmt: skip
+pytestmark = [pytest.mark.slow, QUICK_DEMO]
 
 
-def succeeded(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+@pytest.fixture
+def demo(quick_demo) -> Path:
+    return quick_demo
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("demo")
-    succeeded(jaxaigc("demo", "--quick", "--workdir", workdir, timeout=2400))
-    return workdir
-
-
-@pytest.mark.slow
 def test_the_report_holds_every_stage(demo):
     page = (demo / "report.html").read_text()
     for stage in DEMO_STAGES:
@@ -55,7 +39,6 @@ def test_the_report_holds_every_stage(demo):
     assert "DALL-E and unCLIP on the same captions" in page
 
 
-@pytest.mark.slow
 def test_eval_rewrites_the_report_with_the_same_figures(demo):
     before = json.loads((demo / "lm" / "report.json").read_text())
     succeeded(jaxaigc("eval", demo / "lm"))
@@ -63,7 +46,6 @@ def test_eval_rewrites_the_report_with_the_same_figures(demo):
     assert after["figures"] == before["figures"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["dalle", "unclip"])
 def test_generate_writes_a_grid_best_first(demo, tmp_path, stage):
     out = tmp_path / f"{stage}.png"
@@ -76,7 +58,6 @@ def test_generate_writes_a_grid_best_first(demo, tmp_path, stage):
     assert len(scores) == 2 and all(s == sorted(s, reverse=True) for s in scores)
 
 
-@pytest.mark.slow
 def test_zero_shot_prints_a_distribution(demo, tmp_path):
     paths = []
     for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
@@ -93,7 +74,6 @@ def test_zero_shot_prints_a_distribution(demo, tmp_path):
         assert len(shares) == 3 and 99.0 <= sum(shares) <= 100.1, line
 
 
-@pytest.mark.slow
 def test_respond_answers_each_prompt(demo):
     stdout = succeeded(
         jaxaigc("respond", demo / "instructgpt", "Reverse the word: cat", "--max-tokens", 8)
@@ -101,7 +81,6 @@ def test_respond_answers_each_prompt(demo):
     assert "Reverse the word: cat\n-> " in stdout
 
 
-@pytest.mark.slow
 def test_readme_python_examples_run_as_written(demo, tmp_path):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "demo").symlink_to(demo)
@@ -121,7 +100,6 @@ def stage_report(demo: Path, stage: str) -> tuple[dict, object]:
     return json.loads((demo / stage / "report.json").read_text()), run.get_config(stage, quick=True)
 
 
-@pytest.mark.slow
 def test_the_clip_stage_reports_every_measure_beside_chance(demo):
     from jaxaigc.evaluate import clip as clip_eval
 
@@ -144,7 +122,6 @@ def test_the_clip_stage_reports_every_measure_beside_chance(demo):
     assert len(report["held_out_examples"]) == config.eval.examples
 
 
-@pytest.mark.slow
 def test_the_dalle_stage_judges_its_reranked_samples(demo):
     report, config = stage_report(demo, "dalle")
     assert report["final"]["loss"] < report["first_logged"]["loss"]

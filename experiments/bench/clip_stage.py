@@ -22,7 +22,7 @@ MEASURE = """
 import json, sys, tempfile, time
 from jaxaigc.configs import clip as clip_config
 from jaxaigc.evaluate import clip as clip_eval
-from jaxaigc.systems.clip import load_trained
+from jaxaigc.pipelines.clip import load_clip
 from jaxaigc.systems import clip
 from jaxaigc.train.loop import train
 from jaxaigc.train.metrics import read_metrics
@@ -30,7 +30,7 @@ from jaxaigc.train.metrics import read_metrics
 trained, steps = sys.argv[1], int(sys.argv[2])
 config = clip_config.get_config()
 config.train.update(dict(steps=steps, log_every=50, checkpoint_every=10 * steps))
-_, task, batches, tokenizer = clip.build(config)
+_, task, batches, _ = clip.build(config)
 for _ in range(3):
     next(batches)
 start = time.perf_counter()
@@ -40,9 +40,9 @@ batch_ms = (time.perf_counter() - start) / 30 * 1e3
 workdir = tempfile.mkdtemp()
 train(task, batches, config, workdir)
 rates = [r["train/steps_per_sec"] for r in read_metrics(workdir) if "train/steps_per_sec" in r]
-model, variables, _ = load_trained(trained)
+features = load_clip(trained, batch_size=config.eval.batch_size)
 start = time.perf_counter()
-clip_eval.transfer(model, variables, tokenizer, config)
+clip_eval.transfer(features, config)
 evaluate_s = time.perf_counter() - start
 print(json.dumps(dict(batch_ms=batch_ms, steps_per_sec=sum(rates[1:]) / len(rates[1:]),
                       evaluate_s=evaluate_s)))

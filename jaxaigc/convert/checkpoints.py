@@ -7,6 +7,7 @@ recipes' ``config.stages`` read it as they read a run of their own.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from jaxaigc.configs import fields, saved
 from jaxaigc.convert.clip import load_clip
 from jaxaigc.convert.dvae import load_dvae_pickle
 from jaxaigc.convert.gpt2 import gpt2_from_torch
+from jaxaigc.data.tokenizers import Gpt2Tokenizer
 from jaxaigc.train.checkpoint import Checkpointer
 from jaxaigc.train.loop import default_train_config
 
@@ -31,6 +33,19 @@ def _read_state_dict(path: Path) -> Mapping[str, Any]:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _gpt2_heads(config_file: Path) -> int | None:
+    """The head count of a Hugging Face ``config.json`` (None without one: GPT-2's 64-wide heads),
+    after checking the rest of the architecture is the one :mod:`jaxaigc.convert.gpt2` maps."""
+    if not config_file.is_file():
+        return None
+    hf = json.loads(config_file.read_text())
+    expected = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
+    for key, value in expected.items():
+        if hf.get(key, value) != value:
+            raise ValueError(f"{config_file}: {key}={hf[key]!r}; only {value!r} converts")
+    return hf.get("n_head")
 
 
 def write_run(dest: str | Path, kind: str, model: Any, variables: dict, *, source: str) -> Path:
@@ -61,7 +76,8 @@ def convert(kind: str, src: str | Path, dest: str | Path, *, trust_pickle: bool 
       kind: ``"clip"`` (an OpenAI ``.pt`` or ``.safetensors``), ``"dvae"`` (OpenAI's
         ``encoder.pkl``, with ``decoder.pkl`` beside it; pickles run code, hence
         ``trust_pickle``) or ``"gpt2"`` (a Hugging Face ``pytorch_model.bin`` or
-        ``model.safetensors``).
+        ``model.safetensors``, with the tokenizer's ``tokenizer.json`` or ``vocab.json`` and
+        ``merges.txt`` beside it, saved into ``dest`` as ``tokenizer.json``).
     """
     src = Path(src)
     if kind == "clip":
@@ -71,7 +87,13 @@ def convert(kind: str, src: str | Path, dest: str | Path, *, trust_pickle: bool 
             src, src.with_name("decoder.pkl"), trust_pickle=trust_pickle
         )
     elif kind == "gpt2":
-        model, variables = gpt2_from_torch(_read_state_dict(src))
+        tokenizer = Gpt2Tokenizer.from_folder(src.parent)  # before writing anything
+        model, variables = gpt2_from_torch(
+            _read_state_dict(src), num_heads=_gpt2_heads(src.parent / "config.json")
+        )
     else:
         raise ValueError(f"unknown kind {kind!r}; known: {', '.join(KINDS)}")
-    return write_run(dest, kind, model, variables, source=str(src))
+    write_run(dest, kind, model, variables, source=str(src))
+    if kind == "gpt2":
+        tokenizer.save(dest)
+    return Path(dest)

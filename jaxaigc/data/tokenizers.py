@@ -244,3 +244,54 @@ class BPETokenizer:
         EOS, without pad, BOS or other special tokens."""
         rows = [row[: row.index(self.eos_id)] if self.eos_id in row else row for row in _rows(ids)]
         return [self._tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+
+
+GPT2_EOS = "<|endoftext|>"
+GPT2_FILES = ("vocab.json", "merges.txt")
+
+
+class Gpt2Tokenizer:
+    """GPT-2's byte-level BPE (Radford et al. 2019) from the files a Hugging Face GPT-2 folder
+    holds: ``tokenizer.json``, or ``vocab.json`` with ``merges.txt``. ``<|endoftext|>`` is EOS
+    (and the padding: padded positions are masked)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        eos = tokenizer.token_to_id(GPT2_EOS)
+        if eos is None:
+            raise ValueError(f"the GPT-2 vocabulary has no {GPT2_EOS} token")
+        self.eos_id = self.pad_id = eos
+        self._tokenizer = tokenizer
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> Gpt2Tokenizer:
+        folder = Path(folder)
+        if (folder / "tokenizer.json").is_file():
+            return cls(Tokenizer.from_file(str(folder / "tokenizer.json")))
+        vocab, merges = (folder / name for name in GPT2_FILES)
+        if not (vocab.is_file() and merges.is_file()):
+            raise FileNotFoundError(
+                f"no GPT-2 tokenizer in {folder}: it needs tokenizer.json, or vocab.json and "
+                "merges.txt (a Hugging Face GPT-2 folder has them)"
+            )
+        tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.add_special_tokens([GPT2_EOS])
+        return cls(tokenizer)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def save(self, folder: str | Path) -> None:
+        """Writes ``folder/tokenizer.json`` (HF ``tokenizers`` JSON), which
+        :meth:`from_folder` reads."""
+        self._tokenizer.save(str(Path(folder) / "tokenizer.json"))
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids`` up to the first EOS."""
+        ids = list(ids)
+        return self._tokenizer.decode(ids[: ids.index(self.eos_id)] if self.eos_id in ids else ids)

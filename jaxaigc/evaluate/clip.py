@@ -25,15 +25,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxaigc.compile_options import apply_in_batches, jit_inference
 from jaxaigc.data import builders, image_text, shapes
 from jaxaigc.data.preprocess import clip_ops
-from jaxaigc.data.tokenizers import ClipTokenizer
 from jaxaigc.evaluate import zero_shot
 from jaxaigc.evaluate.grids import write_grid
-from jaxaigc.models.clip import CLIP
-from jaxaigc.objectives.contrastive import l2_normalize
-from jaxaigc.systems.clip import load_trained
+from jaxaigc.pipelines.clip import ClipFeatures, load_clip
 from jaxaigc.train.metrics import read_metrics
 
 # The emoji training captions are the bare names; the shapes captions name a size.
@@ -78,8 +74,7 @@ def evaluate(workdir: Path, config: ml_collections.ConfigDict) -> dict:
     as figures beside their chance levels, and a grid of held-out emoji with the model's
     guesses (written on process 0)."""
     workdir = Path(workdir)
-    model, variables, _ = load_trained(workdir)
-    results, examples = transfer(model, variables, ClipTokenizer(), config)
+    results, examples = transfer(load_clip(workdir, batch_size=config.eval.batch_size), config)
     losses = [(r["step"], r["train/loss"]) for r in read_metrics(workdir) if "train/loss" in r]
     (first_step, first), (final_step, final) = losses[0], losses[-1]
     grid = "held_out_emoji.png"
@@ -115,33 +110,20 @@ def evaluate(workdir: Path, config: ml_collections.ConfigDict) -> dict:
     }
 
 
-def transfer(
-    model: CLIP, variables: dict, tokenizer: ClipTokenizer, config: ml_collections.ConfigDict
-) -> tuple[dict, dict]:
-    """Zero-shot accuracies and retrieval recalls, each with its chance level.
+def transfer(features: ClipFeatures, config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+    """Zero-shot accuracies and retrieval recalls of a CLIP, each with its chance level.
 
     Returns:
       ``(results, examples)``: results per image set (the report's keys, see the module
       docstring); examples: the first ``config.eval.examples`` held-out Noto emoji as
       ``{"images": uint8 [n, 32, 32, 3], "names": [n], "guesses": [n][GUESSES]}``.
     """
-    cfg, ev = model.config, config.eval
+    cfg, ev = features.config, config.eval
     ops = clip_ops(cfg.image_resolution, train=False)
-    encode_image = jit_inference(lambda x: model.apply(variables, x, method="encode_image"))
-    encode_text = jit_inference(lambda t: model.apply(variables, t, method="encode_text"))
-
-    def embed(fn, array):
-        return apply_in_batches(fn, array, ev.batch_size)
-
-    def tokenize(texts):
-        return tokenizer.encode(texts, context_length=cfg.context_length, truncate=True)
 
     def accuracy(images, names, labels, templates) -> tuple[dict, np.ndarray]:
-        """Top-1 / top-5 with their chance levels, and the logits [n, len(names)]."""
-        weights = zero_shot.class_weights(
-            encode_text, tokenize, names, templates, batch_size=ev.batch_size
-        )
-        logits = np.asarray(l2_normalize(embed(encode_image, images)) @ weights)
+        """Top-1 / top-5 with their chance levels, and the cosines [n, len(names)]."""
+        logits = features.encode_pixels(images) @ features.class_embeddings(names, templates).T
         top = zero_shot.topk_accuracy(logits, np.asarray(labels))
         return {**top, "chance_top1": 1 / len(names), "chance_top5": min(1, 5 / len(names))}, logits
 
@@ -245,9 +227,9 @@ def transfer(
     }
     for key, source in pairs.items():
         images = _images(source, ops, range(len(source)))
-        texts = tokenize([source[i]["caption"] for i in range(len(source))])
+        captions = [source[i]["caption"] for i in range(len(source))]
         recall = zero_shot.retrieval_recall(
-            embed(encode_image, images), embed(encode_text, texts), ks=(1, 5)
+            features.encode_pixels(images), features.encode_text(captions), ks=(1, 5)
         )
         results[key] = {
             **recall,

@@ -1,18 +1,15 @@
-"""Zero-shot evaluation of contrastive models (Radford et al. 2021, section 3.1.4).
-
-A class is represented by the mean of its normalised prompt embeddings over a template ensemble
-("a photo of a {}."), renormalised; an image is assigned the class whose weight it is most
-similar to. Retrieval scores image<->text pairs by cosine similarity.
+"""Zero-shot measures of contrastive models (Radford et al. 2021, section 3.1.4): top-k accuracy
+of class scores, and image<->text retrieval recall by cosine similarity. The class embeddings
+(prompt ensembling) are :meth:`jaxaigc.pipelines.clip.ClipFeatures.class_embeddings`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-from jaxaigc.compile_options import apply_in_batches
 from jaxaigc.objectives.contrastive import l2_normalize
 
 DEFAULT_TEMPLATES = (
@@ -23,27 +20,6 @@ DEFAULT_TEMPLATES = (
 )
 
 
-def class_weights(
-    encode_text: Callable[[np.ndarray], jax.Array],
-    tokenize: Callable[[list[str]], np.ndarray],
-    class_names: Sequence[str],
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
-    *,
-    batch_size: int = 1024,
-) -> jax.Array:
-    """Normalised class embeddings [d, num_classes] from a prompt-template ensemble.
-
-    Args: encode_text maps token ids [n, t] to embeddings [n, d], called on ``batch_size``
-    prompts at a time; tokenize maps strings to ids.
-    """
-    if not class_names or not templates:
-        raise ValueError("zero-shot classification needs at least one class name and template")
-    prompts = [t.format(name) for name in class_names for t in templates]
-    embeddings = apply_in_batches(encode_text, np.asarray(tokenize(prompts)), batch_size)
-    embeddings = l2_normalize(embeddings.reshape(len(class_names), len(templates), -1))
-    return l2_normalize(embeddings.mean(1)).T
-
-
 def topk_accuracy(
     logits: jax.Array, labels: jax.Array, ks: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
@@ -52,13 +28,6 @@ def topk_accuracy(
     ranked = np.argsort(-logits, axis=1, kind="stable")
     hits = ranked == labels[:, None]
     return {f"top{k}": float(hits[:, :k].any(1).mean()) for k in ks}
-
-
-def classify(
-    image_embeddings: jax.Array, weights: jax.Array, labels: jax.Array, ks: Sequence[int] = (1, 5)
-) -> dict[str, float]:
-    """Top-k accuracy of images [n, d] against class weights [d, c] with integer labels [n]."""
-    return topk_accuracy(l2_normalize(image_embeddings) @ weights, labels, ks)
 
 
 def retrieval_recall(

@@ -3,7 +3,8 @@ OpenAI's or Hugging Face's weights) loads into an object you call.
 
 - text -> image (DALL-E, unCLIP): ``load(workdir)(captions, n=16, seed=0)`` -> :class:`Generated`;
 - CLIP: ``load_clip(workdir).classify(images, labels)``, ``.scores``, ``.encode_images``, ...;
-- InstructGPT: ``load_policy(workdir, "ppo_ptx").respond(prompts)``.
+- InstructGPT: ``load_policy(workdir, "ppo_ptx").respond(prompts)``; a converted GPT-2:
+  ``load(workdir).respond(prompts)`` continues them.
 """
 
 from __future__ import annotations
@@ -18,30 +19,35 @@ from jaxaigc.configs.saved import load_run
 from jaxaigc.pipelines.clip import ClipFeatures, load_clip
 from jaxaigc.pipelines.dalle import DalleTextToImage
 from jaxaigc.pipelines.instructgpt import Policy, load_policy
+from jaxaigc.pipelines.language_model import LanguageModel, load_language_model
 from jaxaigc.pipelines.text_to_image import Generated, TextToImage
 from jaxaigc.pipelines.unclip import UnclipTextToImage
 
 __all__ = [
     "ClipFeatures",
     "Generated",
+    "LanguageModel",
     "Policy",
     "TextToImage",
     "load",
     "load_clip",
+    "load_language_model",
     "load_policy",
     "read_images",
 ]
 
 
-def load(workdir: str | Path) -> TextToImage | ClipFeatures | Policy:
+def load(workdir: str | Path) -> TextToImage | ClipFeatures | Policy | LanguageModel:
     """The inference object of the run in ``workdir``, as its recipe says: a DALL-E or unCLIP
-    :class:`TextToImage`, a CLIP's :class:`ClipFeatures`, an InstructGPT :class:`Policy`."""
+    :class:`TextToImage`, a CLIP's :class:`ClipFeatures`, an InstructGPT :class:`Policy`, a
+    converted GPT-2's :class:`LanguageModel`."""
     recipe, _ = load_run(workdir)
     loaders = {
         "dalle": DalleTextToImage,
         "unclip": UnclipTextToImage,
         "clip": load_clip,
         "instructgpt": load_policy,
+        "gpt2": load_language_model,
     }
     if recipe not in loaders:
         raise ValueError(

@@ -77,8 +77,13 @@ class ClipFeatures:
                 f"{images.dtype}{list(images.shape)}"
             )
         # clip_ops at the native resolution: the resize and the centre crop are identities.
-        x = ((images.astype(np.float32) / 255 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
-        return apply_in_batches(self._image, x, self.batch_size or len(x))
+        return self.encode_pixels((images.astype(np.float32) / 255 - CLIP_MEAN) / CLIP_STD)
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Images already through CLIP's preprocessing (:func:`jaxaigc.data.preprocess.clip_ops`),
+        float [b, r, r, 3] -> unit-norm embeddings float32 [b, d]."""
+        pixels = np.asarray(pixels, np.float32)
+        return apply_in_batches(self._image, pixels, self.batch_size or len(pixels))
 
     def encode_text(self, captions: Sequence[str], *, length: int | None = None) -> np.ndarray:
         """Captions -> unit-norm embeddings float32 [b, d]."""
@@ -112,6 +117,21 @@ class ClipFeatures:
         image = self.encode_images(images.reshape(b * n, *images.shape[2:])).reshape(b, n, -1)
         return np.einsum("bnd,bd->bn", image, self.encode_text(captions))
 
+    def class_embeddings(
+        self, labels: Sequence[str], templates: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """Unit-norm class embeddings float32 [len(labels), d]: the normalised mean of each
+        label's prompt embeddings (CLIP's prompt ensembling, Radford et al. 2021, 3.1.4)."""
+        templates = tuple(templates or DEFAULT_TEMPLATES)
+        if not labels or any("{}" not in t for t in templates):
+            raise ValueError(
+                f"zero-shot classes need at least one label and a {{}} in every template; got "
+                f"{len(labels)} labels and templates {templates}"
+            )
+        prompts = [t.format(label) for label in labels for t in templates]
+        text = self.encode_text(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
+        return text / np.linalg.norm(text, axis=-1, keepdims=True)
+
     def classify(
         self,
         images: np.ndarray,
@@ -119,15 +139,9 @@ class ClipFeatures:
         *,
         templates: Sequence[str] | None = None,
     ) -> np.ndarray:
-        """Zero-shot probabilities float32 [b, len(labels)]: each label's class embedding is the
-        normalised mean of its prompts' (CLIP's prompt ensembling), the logits CLIP's
-        ``exp(logit_scale) * cosine``."""
-        templates = tuple(templates or DEFAULT_TEMPLATES)
-        if any("{}" not in t for t in templates):
-            raise ValueError(f"every template needs a {{}} for the label: {templates}")
-        prompts = [t.format(label) for label in labels for t in templates]
-        text = self.encode_text(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
-        classes = text / np.linalg.norm(text, axis=-1, keepdims=True)
+        """Zero-shot probabilities float32 [b, len(labels)] of uint8 images, the logits CLIP's
+        ``exp(logit_scale) * cosine`` to :meth:`class_embeddings`."""
+        classes = self.class_embeddings(labels, templates)
         logits = self.logit_scale * self.encode_images(images) @ classes.T
         logits = logits - logits.max(axis=-1, keepdims=True)
         probs = np.exp(logits)

@@ -73,22 +73,17 @@ def load_trained(
     Returns:
       ``(model, params, pairs, dvae, run_config)``, ``dvae`` = ``(config, variables)``.
     """
-
-    def run_init_fn(config: dict):
-        return init_fn(DALLE(fields.to_dataclass(DALLEConfig, config["model"])))
-
-    try:
-        config, variables, _ = checkpoint.load_trained(
-            workdir, run_init_fn, step=step, device=device
-        )
-    except FileNotFoundError as error:
-        raise FileNotFoundError(
-            f"no DALL-E checkpoint in {Path(workdir).absolute() / 'checkpoints'}; train one with "
-            f"`jaxaigc train dalle --workdir {workdir}`"
-        ) from error
+    model, variables, _, config = checkpoint.load_model(
+        workdir,
+        lambda run_config: DALLE(fields.to_dataclass(DALLEConfig, run_config["model"])),
+        init_fn,
+        what="DALL-E",
+        train_command=f"jaxaigc train dalle --workdir {workdir}",
+        step=step,
+        device=device,
+    )
     config = ml_collections.ConfigDict(config)
     pairs, dvae = load_pairs(config, workdir)
-    model = DALLE(fields.to_dataclass(DALLEConfig, config.model))
     return model, variables["params"], pairs, dvae, config
 
 

@@ -26,19 +26,13 @@ def load_trained(
       :func:`jaxaigc.models.dvae.encode` and ``decode`` take, and the checkpoint's step.
     """
 
-    def init_fn(config: dict):
-        return functools.partial(
-            init_train_variables, fields.to_dataclass(DVAEConfig, config["model"])
-        )
-
-    try:
-        config, variables, step = checkpoint.load_trained(
-            workdir, init_fn, step=step, device=device
-        )
-    except FileNotFoundError as error:
-        raise FileNotFoundError(
-            f"no dVAE checkpoint in {Path(workdir).absolute() / 'checkpoints'}; train one with "
-            f"`jaxaigc train dvae --workdir {workdir}`"
-        ) from error
-    model = fields.to_dataclass(DVAEConfig, config["model"])
+    model, variables, step, _ = checkpoint.load_model(
+        workdir,
+        lambda run_config: fields.to_dataclass(DVAEConfig, run_config["model"]),
+        lambda model: functools.partial(init_train_variables, model),
+        what="dVAE",
+        train_command=f"jaxaigc train dvae --workdir {workdir}",
+        step=step,
+        device=device,
+    )
     return model, as_dvae_variables(variables["params"]), step

@@ -103,7 +103,7 @@ def load_stage(
     module, config_class, init = _STAGES[stage]
 
     directory = Path(directory)
-    model, variables, step = checkpoint.load_model(
+    model, variables, step, _ = checkpoint.load_model(
         directory,
         lambda run_config: module(fields.to_dataclass(config_class, run_config["model"])),
         init,

@@ -119,8 +119,7 @@ def load_trained(
 ) -> tuple[CLIP, dict, int]:
     """The CLIP trained in ``workdir`` by :func:`train`: ``(model, variables, step)`` with the EMA
     weights and statistics when the run kept them."""
-
-    return checkpoint.load_model(
+    model, variables, step, _ = checkpoint.load_model(
         workdir,
         lambda run_config: CLIP(fields.to_dataclass(CLIPConfig, run_config["model"])),
         _init_fn,
@@ -129,3 +128,4 @@ def load_trained(
         step=step,
         device=device,
     )
+    return model, variables, step

@@ -36,11 +36,14 @@ def build(config: ml_collections.ConfigDict) -> tuple[GPT, loop.Task, BatchItera
 def load_trained(workdir: str | Path) -> tuple[GPT, dict]:
     """The GPT trained in ``workdir`` and its evaluation parameters."""
 
-    def init_fn(run_config: dict):
-        return _init_fn(GPT(fields.to_dataclass(GPTConfig, run_config["model"])))
-
-    run_config, variables, _ = checkpoint.load_trained(workdir, init_fn)
-    return GPT(fields.to_dataclass(GPTConfig, run_config["model"])), variables["params"]
+    model, variables, _, _ = checkpoint.load_model(
+        workdir,
+        lambda run_config: GPT(fields.to_dataclass(GPTConfig, run_config["model"])),
+        _init_fn,
+        what="LM",
+        train_command=f"jaxaigc train lm --workdir {workdir}",
+    )
+    return model, variables["params"]
 
 
 def train(config: ml_collections.ConfigDict, workdir: Path) -> None:

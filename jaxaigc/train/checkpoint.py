@@ -13,7 +13,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -188,6 +188,15 @@ def load_trained(
     return config, {"params": params, **model_state}, step
 
 
+class TrainedModel(NamedTuple):
+    """A model read back from its run by :func:`load_model`."""
+
+    model: Any
+    variables: dict  # {"params": ..., **model_state}
+    step: int
+    run_config: dict  # the saved run config (JSON)
+
+
 def load_model(
     workdir: str | Path,
     model_of: Callable[[dict], Any],
@@ -197,15 +206,13 @@ def load_model(
     train_command: str,
     step: int | None = None,
     device: jax.Device | None = None,
-) -> tuple[Any, dict, int]:
-    """:func:`load_trained` with the model rebuilt from the saved run config.
+) -> TrainedModel:
+    """:func:`load_trained` with the model rebuilt from the saved run config, and a missing
+    checkpoint named with the command that trains it.
 
     Args:
       model_of: ``model_of(run_config) -> model``; init_of: ``init_of(model) -> init(rng)``.
       what, train_command: name the missing checkpoint and the command that trains it.
-
-    Returns:
-      ``(model, {"params": ..., **model_state}, step)``.
     """
     try:
         run_config, variables, step = load_trained(
@@ -216,4 +223,4 @@ def load_model(
             f"no {what} checkpoint in {Path(workdir).absolute() / 'checkpoints'}; train one with "
             f"`{train_command}`"
         ) from error
-    return model_of(run_config), variables, step
+    return TrainedModel(model_of(run_config), variables, step, run_config)

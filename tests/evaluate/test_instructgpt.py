@@ -1,5 +1,8 @@
-"""InstructGPT's quick recipe end to end: every stage trains, checkpoints and hands its
-parameters on; the evaluation, from the checkpoints alone, holds every figure and its curves."""
+"""InstructGPT's quick recipe end to end (the quick demo's run, with the gold-reward stage added):
+every stage trains, checkpoints and hands its parameters on; the evaluation, from the checkpoints
+alone, holds every figure and its curves."""
+
+import shutil
 
 import numpy as np
 import pytest
@@ -10,21 +13,26 @@ from jaxaigc.evaluate import instructgpt as evaluation
 from jaxaigc.evaluate.report import write_report
 from jaxaigc.pipelines.instructgpt import load_policy
 from jaxaigc.systems import instructgpt as ig
+from tests.helpers import QUICK_DEMO
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "ppo_gold")
 
 
+pytestmark = [pytest.mark.slow, QUICK_DEMO]
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """The quick recipe with the gold-reward stage, trained and evaluated once."""
-    workdir = tmp_path_factory.mktemp("instructgpt")
+def run(quick_demo, tmp_path_factory):
+    """A copy of the quick demo's run with the gold-reward stage trained beside (the other stages
+    resume as finished), evaluated once."""
+    workdir = tmp_path_factory.mktemp("instructgpt") / "run"
+    shutil.copytree(quick_demo / "instructgpt", workdir)
     config = get_config(quick=True)
     config.gold_reward_run = True
     ig.train(config, workdir)
     return config, workdir, evaluation.evaluate(workdir, config)
 
 
-@pytest.mark.slow
 def test_quick_recipe_trains_and_evaluates(run):
     config, workdir, report = run
     for stage in STAGES:
@@ -68,7 +76,6 @@ def test_quick_recipe_trains_and_evaluates(run):
     assert {s: ig.read_gold_curve(workdir / s) for s in ig.ppo_stages(config)} == before
 
 
-@pytest.mark.slow
 def test_respond_reads_the_trained_run(run):
     config, workdir, report = run
     save_run(workdir, "instructgpt", config.to_dict())

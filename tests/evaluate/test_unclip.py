@@ -1,8 +1,10 @@
-"""unCLIP's evaluation: the sampler list it sweeps, and the quick recipe trained on a quick CLIP run
-then evaluated from its checkpoints alone (every figure with its baseline, the grid written) and
-loaded as the run's text -> image pipeline."""
+"""unCLIP's evaluation: the sampler list it sweeps, and the quick demo's run (the quick recipe on
+the quick CLIP, the quick DALL-E beside) evaluated from its checkpoints alone with every option
+(every figure with its baseline, the grid written) and loaded as the run's text -> image
+pipeline."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,11 +13,10 @@ from jaxaigc import pipelines
 from jaxaigc.configs import clip as clip_config
 from jaxaigc.configs import unclip as unclip_config
 from jaxaigc.configs.saved import save_run
-from jaxaigc.data.tokenizers import ClipTokenizer
 from jaxaigc.evaluate import unclip as evaluator
 from jaxaigc.evaluate.report import write_report
-from jaxaigc.systems import clip, unclip
 from jaxaigc.train.metrics import read_metrics
+from tests.helpers import QUICK_DEMO
 
 
 def test_samplers_parse_and_bad_ones_are_named():
@@ -43,14 +44,10 @@ def test_the_recipe_leaves_the_clip_fields_to_the_clip():
 
 
 @pytest.mark.slow
-def test_the_quick_recipe_trains_and_evaluates_from_its_checkpoints(tmp_path):
-    try:
-        ClipTokenizer()
-    except FileNotFoundError as error:
-        pytest.skip(f"no CLIP vocabulary: {error}")
-    clip.train(clip_config.get_config(quick=True), tmp_path / "clip")
-    workdir = tmp_path / "unclip"
-    unclip.train(unclip_config.get_config(quick=True), workdir)
+@QUICK_DEMO
+def test_the_quick_recipe_trains_and_evaluates_from_its_checkpoints(quick_demo, tmp_path):
+    shutil.copytree(quick_demo, tmp_path / "demo")  # the evaluation rewrites the run's grid
+    workdir = tmp_path / "demo" / "unclip"
     for stage in ("prior", "decoder"):
         losses = [r["train/loss"] for r in read_metrics(workdir / stage) if "train/loss" in r]
         assert losses[-1] < losses[0], (stage, losses)
@@ -66,7 +63,7 @@ def test_the_quick_recipe_trains_and_evaluates_from_its_checkpoints(tmp_path):
     assert prior["baseline_name"] == "text baseline cos(z_t, z_i)"
     assert -1 <= prior["value"] <= 1
     assert "judge on the training scene nearest by z_i" in figures
-    assert not any(name.startswith("DALL-E") for name in figures)  # no ../dalle run
+    assert any(name.startswith("DALL-E") for name in figures)  # the ../dalle run beside
     (image,) = report["images"]
     assert image["key"] == "text_to_image" and (workdir / image["path"]).is_file()
     assert report["test_scenes"] == config.eval.scenes

@@ -1,8 +1,6 @@
 """Zero-shot classification and retrieval metrics on hand-made embeddings."""
 
-import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from jaxaigc.evaluate import zero_shot
 
@@ -12,26 +10,6 @@ def test_topk_accuracy_hand_case():
     labels = np.array([0, 1, 2])
     got = zero_shot.topk_accuracy(logits, labels, ks=(1, 2, 3))
     assert got == {"top1": 1 / 3, "top2": 2 / 3, "top3": 1.0}
-
-
-def test_class_weights_average_normalised_prompts():
-    names = ["cat", "dog"]
-    templates = ["a {}", "the {}"]
-    vectors = {"a cat": [2.0, 0.0], "the cat": [0.0, 1.0], "a dog": [0.0, 3.0], "the dog": [0, 3]}
-
-    def tokenize(texts):
-        return np.array([list(vectors).index(t) for t in texts])
-
-    def encode_text(ids):
-        return jnp.asarray([vectors[list(vectors)[i]] for i in ids], jnp.float32)
-
-    weights = zero_shot.class_weights(encode_text, tokenize, names, templates)
-    np.testing.assert_allclose(weights[:, 0], [2**-0.5, 2**-0.5], rtol=1e-6)
-    np.testing.assert_allclose(weights[:, 1], [0.0, 1.0], atol=1e-7)
-    images = jnp.asarray([[1.0, 1.0], [0.0, 5.0], [1.0, 0.1]])
-    assert zero_shot.classify(images, weights, np.array([0, 1, 1]), ks=(1,))["top1"] == 2 / 3
-    with pytest.raises(ValueError, match="at least one class"):
-        zero_shot.class_weights(encode_text, tokenize, [], templates)
 
 
 def test_retrieval_recall_perfect_and_shuffled():

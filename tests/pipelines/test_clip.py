@@ -58,6 +58,19 @@ def test_converted_features_are_the_models(converted):
     assert features["text_mask"][:, 0].all()
 
 
+def test_class_embeddings_average_the_normalised_prompts(converted):
+    clip = pipelines.load(converted[2])
+    templates = ("a {}", "a drawing of the {}")
+    prompts = clip.encode_text([t.format(label) for label in ("cat", "dog") for t in templates])
+    mean = prompts.reshape(2, 2, -1).mean(axis=1)
+    want = mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+    np.testing.assert_allclose(clip.class_embeddings(["cat", "dog"], templates), want, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one label"):
+        clip.class_embeddings([], templates)
+    with pytest.raises(ValueError, match="in every template"):
+        clip.class_embeddings(["cat"], ["a photo"])
+
+
 def test_zero_shot_command_on_the_converted_checkpoint(converted, tmp_path, capsys):
     _, _, run = converted
     path = tmp_path / "x.png"

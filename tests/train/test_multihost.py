@@ -122,13 +122,14 @@ def test_checkpoints_move_between_one_and_two_processes(one_process, tmp_path):
 def test_clip_run_evaluates_parameters_sharded_over_two_processes(tmp_path):
     """Each process evaluates the CLIP trained with fsdp over both processes: the checkpoint's
     shards load whole onto each process's own device."""
-    overrides = dict(
-        steps=2, log_every=1, checkpoint_every=2, fashion_mnist=50, shapes=50, shape_scenes=50
-    )
-    sections = dict(steps="train", log_every="train", checkpoint_every="train")
-    args = [f"--config.{sections.get(k, 'eval')}.{k}={v}" for k, v in overrides.items()]
-    args += ["--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=-1"]
-    command = [*LAUNCHER, "2", "--devices_per_process", "1", "--", "-m", "jaxaigc", "train", "clip"]
+    config = {
+        "train.steps": 2, "train.log_every": 1, "train.checkpoint_every": 2, "data.shapes": 200,
+        "eval.fashion_mnist": 50, "eval.shapes": 50, "eval.shape_scenes": 50,
+        "eval.batch_size": 256, "mesh.shape.data": 1, "mesh.shape.fsdp": -1,
+    }  # fmt: skip
+    args = [f"--config.{key}={value}" for key, value in config.items()]
+    command = [*LAUNCHER, "2", "--devices_per_process", "1", "--", "-m", "jaxaigc", "train"]
+    command += ["clip", "--quick"]
     result = subprocess.run(
         [sys.executable, *command, "--workdir", str(tmp_path), *args],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
