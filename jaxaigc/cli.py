@@ -7,6 +7,7 @@
     jaxaigc zero-shot CLIP IMAGE ... --labels cat,dog [--templates "a photo of a {}."]
     jaxaigc respond WORKDIR "prompt" ... [--temperature 0] [--max-tokens 64]
     jaxaigc convert {clip,dvae,gpt2} SRC DEST
+    jaxaigc plan RECIPE_OR_PRESET --devices N [--mesh fsdp=N] [--batch B] [--chip tpu-v5e]
     jaxaigc bench NAME [ARGS ...]
 
 Inputs (recipe names, paths, images, overrides) are checked before anything compiles. A run of
@@ -243,6 +244,39 @@ def cmd_convert(args: argparse.Namespace, extra: list[str]) -> None:
         raise UsageError(str(error)) from error
 
 
+def cmd_plan(args: argparse.Namespace, extra: list[str]) -> None:
+    import json
+
+    import jax
+
+    from jaxaigc import plan
+
+    if args.target not in plan.TARGETS:
+        raise UsageError(
+            f"unknown recipe or preset {args.target!r}; known: {', '.join(plan.TARGETS)}"
+        )
+    if args.chip is not None and args.chip not in plan.CHIPS:
+        raise UsageError(f"unknown chip {args.chip!r}; known: {', '.join(plan.CHIPS)}")
+    if args.devices < 1 or (args.batch is not None and args.batch < 1) or args.accum < 1:
+        raise UsageError("--devices, --batch and --accum must be positive")
+    try:
+        prepared = plan.prepare(
+            args.target,
+            devices=args.devices,
+            mesh=args.mesh,
+            batch=args.batch,
+            accum=args.accum,
+            chip=args.chip,
+        )
+    except ValueError as error:  # a mesh or a batch that does not divide
+        raise UsageError(str(error)) from error
+    # The pod's devices, emulated on this host's CPU: set before the backend starts.
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", args.devices)
+    result = plan.compile_plan(prepared)
+    print(json.dumps(result) if args.json else plan.format_plan(result))
+
+
 def cmd_bench(args: argparse.Namespace, extra: list[str]) -> None:
     names = sorted(p.stem for p in BENCH_DIR.glob("*.py")) if BENCH_DIR.is_dir() else []
     if not names:
@@ -327,6 +361,19 @@ def parser() -> argparse.ArgumentParser:
         help="dvae: allow unpickling OpenAI's encoder.pkl/decoder.pkl (runs the files' code)",
     )
     p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser(
+        "plan",
+        help="compile a recipe's or a preset's training step for N devices: FLOPs, memory, fit",
+    )
+    p.add_argument("target", help="a recipe (lm, clip, ..., unclip.prior) or a preset (ViT-B/16)")
+    p.add_argument("--devices", type=int, required=True, help="devices of the mesh (emulated)")
+    p.add_argument("--mesh", help="e.g. data=2,fsdp=4 (default: the recipe's; presets fsdp=N)")
+    p.add_argument("--batch", type=int, help="global batch (default: the paper's or recipe's)")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation microbatches")
+    p.add_argument("--chip", help="tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, h100 or h200")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    p.set_defaults(run=cmd_plan)
 
     p = sub.add_parser("bench", help="run a benchmark of experiments/bench/ with its arguments")
     p.add_argument("name")

@@ -12,7 +12,17 @@ import pytest
 from jaxaigc import cli
 
 ROOT = Path(__file__).parents[1]
-SUBCOMMANDS = ("demo", "train", "eval", "generate", "zero-shot", "respond", "convert", "bench")
+SUBCOMMANDS = (
+    "demo",
+    "train",
+    "eval",
+    "generate",
+    "zero-shot",
+    "respond",
+    "convert",
+    "plan",
+    "bench",
+)
 
 
 def jaxaigc(*args, timeout=300) -> subprocess.CompletedProcess:

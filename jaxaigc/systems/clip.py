@@ -58,14 +58,36 @@ def training_source(config: ml_collections.ConfigDict) -> image_text.Concatenate
     return image_text.Concatenate(sources)
 
 
+def make_task(config: ml_collections.ConfigDict) -> tuple[CLIP, loop.Task]:
+    """The model and the task :func:`jaxaigc.train.loop.train` trains (no data is read)."""
+    model = CLIP(fields.to_dataclass(CLIPConfig, config.model))
+    if config.loss == "sigmoid" and model.config.logit_bias_init is None:
+        raise ValueError("the sigmoid loss needs a logit bias: set config.model.logit_bias_init")
+    task = loop.Task(
+        init=_init_fn(model),
+        loss_fn=clip_loss_fn(model, loss=config.loss, text_pairs=config.data.text_pairs),
+        has_model_state=True,
+        constrain_params=clamp_logit_scale,
+    )
+    return model, task
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict:
+    """One training example's ``{name: (shape, dtype)}``: a preprocessed image and its caption's
+    tokens (with ``data.text_pairs``, two more token rows)."""
+    r, length = config.model.image_resolution, config.model.context_length
+    spec = {"image": ((r, r, 3), jnp.float32), "tokens": ((length,), jnp.int32)}
+    if config.data.text_pairs:
+        spec |= {"pair_a": ((length,), jnp.int32), "pair_b": ((length,), jnp.int32)}
+    return spec
+
+
 def build(
     config: ml_collections.ConfigDict,
 ) -> tuple[CLIP, loop.Task, BatchIterator, ClipTokenizer]:
     """The model, the task for :func:`jaxaigc.train.loop.train`, the batches and the tokenizer."""
-    model = CLIP(fields.to_dataclass(CLIPConfig, config.model))
+    model, task = make_task(config)
     cfg = model.config
-    if config.loss == "sigmoid" and cfg.logit_bias_init is None:
-        raise ValueError("the sigmoid loss needs a logit bias: set config.model.logit_bias_init")
     tokenizer = ClipTokenizer()
     if cfg.vocab_size != tokenizer.vocab_size:
         raise ValueError(
@@ -99,12 +121,6 @@ def build(
         global_batch_size=config.train.batch_size,
         seed=config.seed,
         operations=ops,
-    )
-    task = loop.Task(
-        init=_init_fn(model),
-        loss_fn=clip_loss_fn(model, loss=config.loss, text_pairs=config.data.text_pairs),
-        has_model_state=True,
-        constrain_params=clamp_logit_scale,
     )
     return model, task, batches, tokenizer
 

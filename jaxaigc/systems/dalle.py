@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 
 import grain
+import jax.numpy as jnp
 import ml_collections
 
 from jaxaigc.configs import fields, stages
@@ -49,12 +50,24 @@ def check_compatible(model: DALLEConfig, pairs: image_tokens.TokenPairs, dvae: D
             )
 
 
+def make_task(config: ml_collections.ConfigDict) -> tuple[DALLE, loop.Task]:
+    """The transformer and the task :func:`jaxaigc.train.loop.train` trains (no data read)."""
+    model = DALLE(fields.to_dataclass(DALLEConfig, config.model))
+    return model, loop.Task(init=init_fn(model), loss_fn=dalle_loss_fn(model))
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict:
+    """One training example's ``{name: (shape, dtype)}``: caption and image token ids."""
+    model = fields.to_dataclass(DALLEConfig, config.model)
+    return {"text": ((model.text_len,), jnp.int32), "image": ((model.image_len,), jnp.int32)}
+
+
 def build(
     config: ml_collections.ConfigDict, workdir: str | Path
 ) -> tuple[DALLE, loop.Task, BatchIterator, image_tokens.TokenPairs, tuple]:
     """The model, its task, the training batches, the cached pairs and the dVAE
     ``(config, variables)`` that made them (the ``dvae`` stage of the run in ``workdir``)."""
-    model = DALLE(fields.to_dataclass(DALLEConfig, config.model))
+    model, task = make_task(config)
     pairs, (dvae_config, dvae_variables) = load_pairs(config, workdir)
     check_compatible(model.config, pairs, dvae_config)
     batches = BatchIterator(
@@ -63,7 +76,6 @@ def build(
         seed=config.seed,
         operations=[TokensOnly()],
     )
-    task = loop.Task(init=init_fn(model), loss_fn=dalle_loss_fn(model))
     return model, task, batches, pairs, (dvae_config, dvae_variables)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from jaxaigc.configs import fields
@@ -47,21 +48,32 @@ def training_source(config: ml_collections.ConfigDict) -> image_text.Concatenate
     return image_text.Concatenate(sources)
 
 
-def build(config: ml_collections.ConfigDict) -> tuple[DVAEConfig, loop.Task, BatchIterator]:
-    """The model config, the task for :func:`jaxaigc.train.loop.train` and the batches."""
+def make_task(config: ml_collections.ConfigDict) -> tuple[DVAEConfig, loop.Task]:
+    """The model config and the task :func:`jaxaigc.train.loop.train` trains (no data read)."""
     model = fields.to_dataclass(DVAEConfig, config.model)
     objective = fields.to_dataclass(DVAEObjectiveConfig, config.objective)
 
     def init(rng: jax.Array) -> dict:
         return init_train_variables(model, rng)
 
+    return model, loop.Task(init=init, loss_fn=make_loss_fn(model, objective), pass_step=True)
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict:
+    """One training example's ``{name: (shape, dtype)}``: a uint8 image."""
+    side = config.data.resolution
+    return {"images": ((side, side, config.model.input_channels), jnp.uint8)}
+
+
+def build(config: ml_collections.ConfigDict) -> tuple[DVAEConfig, loop.Task, BatchIterator]:
+    """The model config, the task for :func:`jaxaigc.train.loop.train` and the batches."""
+    model, task = make_task(config)
     batches = BatchIterator(
         training_source(config),
         global_batch_size=config.train.batch_size,
         seed=config.seed,
         operations=[ImagesOnly()],
     )
-    task = loop.Task(init=init, loss_fn=make_loss_fn(model, objective), pass_step=True)
     return model, task, batches
 
 

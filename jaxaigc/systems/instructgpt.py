@@ -314,6 +314,31 @@ def gold_reward(prompts: Sequence[instructions.Prompt], *, scale: float):
     return reward
 
 
+def ppo_batch_spec(config: ml_collections.ConfigDict) -> dict:
+    """One PPO example's ``{name: (shape, dtype)}``: a left-padded prompt with its mask, and a
+    pretraining line with its target weights (the ptx term)."""
+    prompt, context = config.data.prompt_length, config.model.context_length
+    return {
+        "prompt": ((prompt,), jnp.int32),
+        "prompt_valid": ((prompt,), jnp.bool_),
+        "ptx": ((context,), jnp.int32),
+        "ptx_weights": ((context - 1,), jnp.float32),
+    }
+
+
+def ppo_task(config, sft_params=None, rm_params=None, *, reward_fn=None) -> loop.Task:
+    """The PPO iteration's task from the SFT policy and the centred reward model (None: freshly
+    initialised, to size the step); ``reward_fn`` replaces the reward model's score."""
+    return make_ppo_task(
+        policy_config(config),
+        reward_config(config),
+        ppo_config(config),
+        policy_params=sft_params,
+        reward_params=rm_params,
+        reward_fn=reward_fn,
+    )
+
+
 def build_ppo(config, sft_params, rm_params) -> tuple[loop.Task, BatchIterator]:
     """PPO (``gamma_ptx`` 0) or PPO-ptx from the SFT policy and the centred reward model, whose
     score of the rollouts the gold scorer replaces with ``ppo.reward="gold"``."""
@@ -334,14 +359,8 @@ def build_ppo(config, sft_params, rm_params) -> tuple[loop.Task, BatchIterator]:
         "ptx_weights": corpus["weights"],
     }
     gold = config.ppo.reward == "gold"
-    task = make_ppo_task(
-        policy_config(config),
-        reward_config(config),
-        ppo_config(config),
-        policy_params=sft_params,
-        reward_params=rm_params,
-        reward_fn=gold_reward(prompts, scale=config.ppo.gold_scale) if gold else None,
-    )
+    reward_fn = gold_reward(prompts, scale=config.ppo.gold_scale) if gold else None
+    task = ppo_task(config, sft_params, rm_params, reward_fn=reward_fn)
     return task, _iterator(arrays, config, "ppo")
 
 

@@ -23,14 +23,25 @@ def _init_fn(model: GPT):
     return init
 
 
+def make_task(config: ml_collections.ConfigDict) -> tuple[GPT, loop.Task]:
+    """The model and the task :func:`jaxaigc.train.loop.train` trains (no data is read)."""
+    model = GPT(fields.to_dataclass(GPTConfig, config.model))
+    return model, loop.Task(init=_init_fn(model), loss_fn=lm_loss_fn(model))
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict:
+    """One training example's ``{name: (shape, dtype)}``: a window of context + 1 bytes."""
+    return {"tokens": ((config.model.context_length + 1,), jnp.int32)}
+
+
 def build(config: ml_collections.ConfigDict) -> tuple[GPT, loop.Task, BatchIterator]:
     """The model, the task for :func:`jaxaigc.train.loop.train` and the training batches."""
-    model = GPT(fields.to_dataclass(GPTConfig, config.model))
+    model, task = make_task(config)
     length = config.model.context_length
     text = "\n".join(arithmetic_lines(config.data.lines, seed=config.data.seed)) + "\n"
     windows = TokenWindows(encode_bytes(text), length, stride=length // 2, name="arithmetic")
     batches = BatchIterator(windows, global_batch_size=config.train.batch_size, seed=config.seed)
-    return model, loop.Task(init=_init_fn(model), loss_fn=lm_loss_fn(model)), batches
+    return model, task, batches
 
 
 def load_trained(workdir: str | Path) -> tuple[GPT, dict]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -104,6 +105,45 @@ def _fit_fields(checks, model: ml_collections.ConfigDict, section: str) -> None:
             )
 
 
+def make_prior_task(config: ml_collections.ConfigDict) -> tuple[Prior, loop.Task]:
+    """The prior and its task (``config.prior``, its CLIP fields set); no data is read."""
+    model = Prior(fields.to_dataclass(PriorConfig, config.prior.model))
+    loss_fn = prior_loss_fn(model, model.config.diffusion())
+    return model, loop.Task(init=prior_init(model), loss_fn=loss_fn)
+
+
+def prior_batch_spec(config: ml_collections.ConfigDict) -> dict:
+    """One prior example's ``{name: (shape, dtype)}``: CLIP's per-token caption features, their
+    mask, and the caption's and the image's embeddings."""
+    m = config.prior.model
+    return {
+        "text_tokens": ((m.text_len, m.text_width), jnp.float32),
+        "text_mask": ((m.text_len,), jnp.bool_),
+        "text_embedding": ((m.embed_dim,), jnp.float32),
+        "image_embedding": ((m.embed_dim,), jnp.float32),
+    }
+
+
+def make_decoder_task(config: ml_collections.ConfigDict) -> tuple[Decoder, loop.Task]:
+    """The decoder and its task (``config.decoder``, its CLIP fields set); no data is read."""
+    model = Decoder(fields.to_dataclass(DecoderConfig, config.decoder.model))
+    loss_fn = decoder_loss_fn(model, model.config.diffusion(), **config.decoder.loss.to_dict())
+    return model, loop.Task(init=decoder_init(model), loss_fn=loss_fn)
+
+
+def decoder_batch_spec(config: ml_collections.ConfigDict) -> dict:
+    """One decoder example's ``{name: (shape, dtype)}``: an image in [-1, 1], its CLIP image
+    embedding and (with a caption encoder) the caption's CLIP tokens."""
+    m = config.decoder.model
+    spec = {
+        "image": ((m.image_size, m.image_size, 3), jnp.float32),
+        "image_embedding": ((m.clip_dim,), jnp.float32),
+    }
+    if m.text_layers:
+        spec["text_tokens"] = ((m.text_len,), jnp.int32)
+    return spec
+
+
 def build_prior(
     config: ml_collections.ConfigDict,
     clip: ClipFeatures | str | Path | None,
@@ -121,7 +161,7 @@ def build_prior(
         ("the encoded captions' length", features.text_tokens.shape[1], "text_len"),
     ]
     _fit_fields(checks, config.prior.model, "prior")
-    model = Prior(fields.to_dataclass(PriorConfig, config.prior.model))
+    model, task = make_prior_task(config)
     source = ArrayRecords(
         {
             "text_tokens": features.text_tokens,
@@ -134,8 +174,7 @@ def build_prior(
     batches = BatchIterator(
         source, global_batch_size=config.prior.train.batch_size, seed=config.prior.seed
     )
-    loss_fn = prior_loss_fn(model, model.config.diffusion())
-    return model, loop.Task(init=prior_init(model), loss_fn=loss_fn), batches
+    return model, task, batches
 
 
 def build_decoder(
@@ -155,7 +194,7 @@ def build_decoder(
         ("the scenes' side", features.images.shape[1], "image_size"),
     ]
     _fit_fields(checks, config.decoder.model, "decoder")
-    model = Decoder(fields.to_dataclass(DecoderConfig, config.decoder.model))
+    model, task = make_decoder_task(config)
     cfg = model.config
     arrays = {
         "image": to_signed_range(features.images),
@@ -174,8 +213,7 @@ def build_decoder(
     batches = BatchIterator(
         source, global_batch_size=config.decoder.train.batch_size, seed=config.decoder.seed
     )
-    loss_fn = decoder_loss_fn(model, cfg.diffusion(), **config.decoder.loss.to_dict())
-    return model, loop.Task(init=decoder_init(model), loss_fn=loss_fn), batches
+    return model, task, batches
 
 
 def train(config: ml_collections.ConfigDict, workdir: Path) -> None:

@@ -156,6 +156,50 @@ def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer) -> None:
     )
 
 
+def optimizer(task: Task, config: ml_collections.ConfigDict):
+    """``(tx, schedule)`` of ``config.optim``, the schedule spanning the run's updates."""
+    oc = config.optim
+    return make_optimizer(
+        peak_lr=oc.peak_lr,
+        total_steps=config.train.steps * task.updates_per_step,
+        warmup_steps=oc.warmup_steps,
+        end_lr_ratio=oc.end_lr_ratio,
+        b1=oc.b1,
+        b2=oc.b2,
+        eps=oc.eps,
+        weight_decay=oc.weight_decay,
+        clip_norm=oc.clip_norm,
+    )
+
+
+def step_function(
+    task: Task, config: ml_collections.ConfigDict, tx, schedule, rng: jax.Array
+) -> Callable:
+    """The un-jitted ``step(state, batch) -> (state, metrics)`` :func:`train` jits (and
+    :mod:`jaxaigc.plan` sizes): :func:`make_train_step` of the task's loss, or its own
+    ``make_step``."""
+    tc = config.train
+    use_ema = tc.ema_decay > 0
+    if task.make_step is None:
+        return make_train_step(
+            task.loss_fn,
+            tx,
+            rng=rng,
+            has_model_state=task.has_model_state,
+            accum_steps=tc.accum_steps,
+            ema_decay=tc.ema_decay if use_ema else None,
+            schedule=schedule,
+            pass_step=task.pass_step,
+            constrain_params=task.constrain_params,
+        )
+    if tc.accum_steps != 1 or use_ema:
+        raise ValueError(
+            f"accum_steps={tc.accum_steps} and ema_decay={tc.ema_decay} are make_train_step's; "
+            "a task with its own make_step takes accum_steps=1 and ema_decay=0"
+        )
+    return task.make_step(tx, rng=rng, schedule=schedule)
+
+
 def train(
     task: Task,
     batches: Batches,
@@ -167,21 +211,11 @@ def train(
 ) -> TrainState:
     """Trains ``task`` for ``config.train.steps`` updates in ``workdir``, resuming if possible."""
     workdir = Path(workdir)
-    tc, oc = config.train, config.optim
+    tc = config.train
     mesh = mesh or parallel.make_mesh(config.mesh.shape.to_dict())
     rules = parallel.make_rules(config.mesh.rules.to_dict())
     batches.select_rows(parallel.process_rows(mesh, tc.batch_size))
-    tx, schedule = make_optimizer(
-        peak_lr=oc.peak_lr,
-        total_steps=tc.steps * task.updates_per_step,
-        warmup_steps=oc.warmup_steps,
-        end_lr_ratio=oc.end_lr_ratio,
-        b1=oc.b1,
-        b2=oc.b2,
-        eps=oc.eps,
-        weight_decay=oc.weight_decay,
-        clip_norm=oc.clip_norm,
-    )
+    tx, schedule = optimizer(task, config)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     use_ema = tc.ema_decay > 0
     _, shardings, abstract = create_sharded_state(
@@ -202,25 +236,7 @@ def train(
         batches.set_state(data_state)
         print(f"resumed from step {start} ({checkpointer.directory})", flush=True)
 
-    if task.make_step is None:
-        step_fn = make_train_step(
-            task.loss_fn,
-            tx,
-            rng=step_rng,
-            has_model_state=task.has_model_state,
-            accum_steps=tc.accum_steps,
-            ema_decay=tc.ema_decay if use_ema else None,
-            schedule=schedule,
-            pass_step=task.pass_step,
-            constrain_params=task.constrain_params,
-        )
-    elif tc.accum_steps != 1 or use_ema:
-        raise ValueError(
-            f"accum_steps={tc.accum_steps} and ema_decay={tc.ema_decay} are make_train_step's; "
-            "a task with its own make_step takes accum_steps=1 and ema_decay=0"
-        )
-    else:
-        step_fn = task.make_step(tx, rng=step_rng, schedule=schedule)
+    step_fn = step_function(task, config, tx, schedule, step_rng)
     writer = MetricsWriter(workdir)
     config_json = config.to_dict()
     jitted = None

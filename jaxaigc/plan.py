@@ -1,0 +1,467 @@
+"""``jaxaigc plan``: the step ``jaxaigc train`` runs, compiled for a mesh of N devices on abstract
+inputs (no parameter is allocated), with its FLOPs, its per-device memory, whether it fits a
+chip's HBM, and the step time the chip's peak would give at 40% MFU.
+
+The step is built by the recipe's own ``make_task`` and :func:`jaxaigc.train.loop.step_function`,
+jitted by ``jit_train_step`` as training jits it. The N devices are emulated CPU devices, so any
+host plans any pod; XLA:CPU assigns buffers like the accelerator backends but fuses differently:
+its memory figures are an order of magnitude for a TPU or GPU, not a promise.
+
+FLOPs are counted in the compiled per-device program: every dot and convolution, each loop body
+times its trip count (XLA's ``known_trip_count``). XLA's own cost analysis counts a loop body
+once, so a scanned model or the PPO rollout would read as a fraction of its work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+
+from jaxaigc import parallel
+from jaxaigc.configs import fields
+from jaxaigc.train import loop, sizing
+from jaxaigc.train.state import create_sharded_state
+from jaxaigc.train.step import jit_train_step
+
+GIB = 2**30
+MFU = 0.4  # the step time is quoted at this fraction of the chip's peak
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """An accelerator: its memory and its dense bf16 peak (the vendors' figures)."""
+
+    name: str
+    hbm_bytes: float
+    peak_flops: float
+
+
+# Memory as the chip exposes it (TPU: the spec; GPU: nvidia-smi's total), peak dense bf16
+# FLOP/s per chip (TPU: one chip, both cores of v4 / v5p; GPU: SXM, without sparsity).
+CHIPS = {
+    "tpu-v4": Chip("TPU v4", 32 * GIB, 275e12),
+    "tpu-v5e": Chip("TPU v5e", 16 * GIB, 197e12),
+    "tpu-v5p": Chip("TPU v5p", 95 * GIB, 459e12),
+    "tpu-v6e": Chip("TPU v6e", 32 * GIB, 918e12),
+    "h100": Chip("NVIDIA H100 SXM", 81_559 * 2**20, 989e12),
+    "h200": Chip("NVIDIA H200 SXM", 143_771 * 2**20, 989e12),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What ``plan`` sizes: a recipe's step, optionally with a full-size preset's model."""
+
+    recipe: str  # lm, clip, dvae, dalle, unclip, instructgpt
+    step: str  # the recipe's step: "train", or unCLIP's "prior" / "decoder", InstructGPT's "ppo"
+    preset: str | None = None  # the model preset; None keeps the recipe's model
+    batch: int | None = None  # the paper's global batch (None: the recipe's)
+
+
+def _presets() -> dict[str, Target]:
+    from jaxaigc.models import clip, gpt
+
+    out = {}
+    for name in clip.PRESETS:
+        if not name.startswith("tiny"):
+            out[name] = Target("clip", "train", name, 32_768)  # Radford et al. 2021, 2.5
+    out["paper-12b"] = Target("dalle", "train", "paper-12b", 1024)  # Ramesh et al. 2021, B.2
+    out["paper-1b"] = Target("unclip", "prior", "paper-1b", 4096)  # Ramesh et al. 2022, C
+    out["paper-3.5b"] = Target("unclip", "decoder", "paper-3.5b", 2048)
+    for name in gpt.PRESETS:
+        if name != "gpt3-175b":  # InstructGPT's PPO batch: 512 prompts (Ouyang et al., C.4)
+            out[name] = Target("instructgpt", "ppo", name, 512)
+    return out
+
+
+TARGETS: dict[str, Target] = {
+    "lm": Target("lm", "train"),
+    "clip": Target("clip", "train"),
+    "dvae": Target("dvae", "train"),
+    "dalle": Target("dalle", "train"),
+    "unclip.prior": Target("unclip", "prior"),
+    "unclip.decoder": Target("unclip", "decoder"),
+    "instructgpt": Target("instructgpt", "ppo"),
+    **_presets(),
+}
+
+
+def _full_size(config_class, preset: str, **changes) -> ml_collections.ConfigDict:
+    """A preset's model section as a pod trains it: bf16 compute, scanned layers, full remat."""
+    model = config_class.from_name(preset, **changes)
+    pod = {
+        key: value
+        for key, value in dict(dtype="bfloat16", scan_layers=True, remat_policy="full").items()
+        if hasattr(model, key)
+    }
+    return fields.section(model.replace(**pod) if pod else model)
+
+
+def _pod_mesh(config: ml_collections.ConfigDict) -> None:
+    config.mesh.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+
+
+def recipe_step(target: Target) -> tuple[ml_collections.ConfigDict, Any, dict, int]:
+    """``(config, task, batch_spec, tokens_per_example)`` of ``target``: the training config
+    the step runs with (its ``train``, ``optim`` and ``mesh`` sections), the recipe's task and
+    one example's ``{name: (shape, dtype)}``."""
+    from jaxaigc import run
+    from jaxaigc.models.clip import CLIPConfig
+    from jaxaigc.models.dalle import DALLEConfig
+    from jaxaigc.models.decoder import DecoderConfig
+    from jaxaigc.models.gpt import GPTConfig
+    from jaxaigc.models.prior import PriorConfig
+    from jaxaigc.systems import clip, dalle, dvae, instructgpt, lm, unclip
+
+    config = run.get_config(target.recipe, quick=False)
+    if target.recipe == "lm":
+        _, task = lm.make_task(config)
+        return config, task, lm.batch_spec(config), config.model.context_length
+    if target.recipe == "clip":
+        if target.preset:
+            config.model = _full_size(CLIPConfig, target.preset)
+            config.data.text_pairs = 0
+            _pod_mesh(config)
+        _, task = clip.make_task(config)
+        return config, task, clip.batch_spec(config), 0
+    if target.recipe == "dvae":
+        _, task = dvae.make_task(config)
+        return config, task, dvae.batch_spec(config), 0
+    if target.recipe == "dalle":
+        if target.preset:
+            config.model = _full_size(DALLEConfig, target.preset)
+            _pod_mesh(config)
+        model, task = dalle.make_task(config)
+        spec = dalle.batch_spec(config)
+        return config, task, spec, model.config.text_len + model.config.image_len
+    if target.recipe == "unclip":
+        clip_model = run.get_config("clip").model
+        stage = config[target.step]
+        if target.step == "prior":
+            if target.preset:
+                stage.model = _full_size(PriorConfig, target.preset)
+            else:
+                stage.model.update(
+                    embed_dim=clip_model.embed_dim, text_width=clip_model.transformer_width
+                )
+            make, spec_of = unclip.make_prior_task, unclip.prior_batch_spec
+        else:
+            if target.preset:
+                stage.model = _full_size(DecoderConfig, target.preset)
+            else:
+                stage.model.update(
+                    clip_dim=clip_model.embed_dim, image_size=clip_model.image_resolution
+                )
+            make, spec_of = unclip.make_decoder_task, unclip.decoder_batch_spec
+        if target.preset:
+            _pod_mesh(stage)
+        _, task = make(config)
+        return stage, task, spec_of(config), 0
+    # InstructGPT: one PPO iteration (rollout, scoring, GAE, minibatch updates).
+    if target.preset:
+        config.model = _full_size(GPTConfig, target.preset)
+        context = config.model.context_length
+        config.data.prompt_length = context // 4  # prompt + response fit the context
+        config.ppo.algorithm.update(
+            response_length=context // 4, eos_id=50256, pad_id=50256, minibatches=8
+        )
+        _pod_mesh(config)
+    stage_config = instructgpt.ppo_stage_config(config, "ppo_ptx")
+    task = instructgpt.ppo_task(stage_config)
+    tokens = config.data.prompt_length + config.ppo.algorithm.response_length
+    return stage_config, task, instructgpt.ppo_batch_spec(config), tokens
+
+
+# --- FLOPs of a compiled program ---------------------------------------------------------
+
+_SHAPE = re.compile(r"^(?:\(|)([a-z]+\d*)\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+.*\{\s*$")
+
+
+def _dims(text: str) -> list[int] | None:
+    match = _SHAPE.match(text.strip())
+    if not match:
+        return None
+    return [int(d) for d in match.group(2).split(",") if d]
+
+
+def hlo_flops(hlo_text: str) -> float:
+    """Multiply-add FLOPs (2 per MAC) of every ``dot`` and ``convolution`` in an HLO module's
+    text, each computation counted as often as it runs: loop bodies times XLA's
+    ``known_trip_count``, fusions and calls once per call site."""
+    computations: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        if current is None:
+            match = _COMPUTATION.match(line)
+            if match and not line[0].isspace():
+                current = match.group(1)
+                computations[current] = []
+                if line.startswith("ENTRY"):
+                    entry = current
+        elif line.strip() == "}":
+            current = None
+        else:
+            computations[current].append(line)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+
+    def own_flops_and_calls(lines: list[str]) -> tuple[float, list[tuple[str, float]]]:
+        shapes: dict[str, list[int]] = {}
+        flops, calls = 0.0, []
+        for line in lines:
+            match = _INSTRUCTION.match(line)
+            if not match:
+                continue
+            name, shape, op, rest = match.groups()
+            dims = _dims(shape)
+            if dims is not None:
+                shapes[name] = dims
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+            if op == "dot" and dims is not None:
+                lhs = shapes.get(operands[0]) if operands else None
+                contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+                if lhs is not None and contracting:
+                    k = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i)
+                    flops += 2.0 * math.prod(dims) * k
+            elif op == "convolution" and dims is not None and len(operands) >= 2:
+                kernel = shapes.get(operands[1])
+                labels = re.search(r"dim_labels=\w+_(\w+)->", rest)
+                if kernel is not None and labels:
+                    # Per output element: the kernel's window times its input features (already
+                    # per group in a grouped convolution).
+                    per_output = math.prod(kernel) / kernel[labels.group(1).index("o")]
+                    flops += 2.0 * math.prod(dims) * per_output
+            trips = 1.0
+            if op == "while":
+                count = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
+                trips = float(count.group(1)) if count else 1.0
+            for key in ("body", "calls", "to_apply", "branch_computations"):
+                for callee in re.findall(rf"{key}=\{{?([%\w.\-, ]+)\}}?", rest):
+                    for target in callee.split(","):
+                        target = target.strip().lstrip("%")
+                        if target in computations and key != "to_apply":
+                            calls.append((target, trips if key == "body" else 1.0))
+        return flops, calls
+
+    parsed = {name: own_flops_and_calls(lines) for name, lines in computations.items()}
+    memo: dict[str, float] = {}
+
+    def total(name: str) -> float:
+        if name not in memo:
+            own, calls = parsed[name]
+            memo[name] = own + sum(times * total(callee) for callee, times in calls)
+        return memo[name]
+
+    return total(entry)
+
+
+# --- The plan --------------------------------------------------------------------------
+
+
+def parse_mesh(text: str, devices: int) -> dict[str, int]:
+    """``"data=2,fsdp=-1"`` over ``devices`` -> every axis's size (missing axes 1, one -1 takes
+    the remaining devices)."""
+    spec = {}
+    for part in text.split(","):
+        axis, _, size = part.partition("=")
+        try:
+            spec[axis.strip()] = int(size)
+        except ValueError:
+            raise ValueError(
+                f"mesh {text!r}: {part!r} is not axis=size (e.g. 'data=2,fsdp=4')"
+            ) from None
+    return parallel.parse_mesh_spec(spec, devices)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A checked plan request: the step's config, task and batch spec, and the mesh's sizes."""
+
+    name: str
+    target: Target
+    config: ml_collections.ConfigDict
+    task: Any
+    spec: dict
+    tokens: int
+    sizes: dict[str, int]
+    chip: str | None
+
+
+def prepare(
+    name: str,
+    *,
+    devices: int,
+    mesh: str | None = None,
+    batch: int | None = None,
+    accum: int | None = None,
+    chip: str | None = None,
+) -> Prepared:
+    """Checks a plan request and builds its step's config and task (nothing is traced, the
+    backend is not started); bad input raises ``ValueError`` naming it."""
+    if name not in TARGETS:
+        raise ValueError(f"unknown recipe or preset {name!r}; known: {', '.join(TARGETS)}")
+    if chip is not None and chip not in CHIPS:
+        raise ValueError(f"unknown chip {chip!r}; known: {', '.join(CHIPS)}")
+    target = TARGETS[name]
+    config, task, spec, tokens = recipe_step(target)
+    if mesh:
+        sizes = parse_mesh(mesh, devices)
+    else:
+        sizes = parallel.parse_mesh_spec(config.mesh.shape.to_dict(), devices)
+    global_batch = batch or target.batch or config.train.batch_size
+    accum = accum or config.train.accum_steps
+    if task.make_step is not None and accum != 1:
+        raise ValueError(f"the {target.recipe} {target.step} step takes no accumulation: accum 1")
+    data_parallel = sizes["data"] * sizes["fsdp"]
+    if global_batch % (data_parallel * accum):
+        raise ValueError(
+            f"batch {global_batch} does not divide into {accum} microbatches over the "
+            f"{data_parallel} data-parallel devices (data={sizes['data']} x fsdp={sizes['fsdp']})"
+        )
+    config.train.batch_size, config.train.accum_steps = global_batch, accum
+    return Prepared(name, target, config, task, spec, tokens, sizes, chip)
+
+
+def plan(name: str, *, devices: int, device_list: Sequence[Any] | None = None, **request):
+    """Compiles ``name``'s training step (a recipe of :data:`TARGETS` or a preset) for a mesh
+    of ``devices`` (the first of ``device_list``, default ``jax.devices()``) and returns its
+    figures (see :func:`format_plan`); ``request``: :func:`prepare`'s mesh, batch, accum,
+    chip."""
+    return compile_plan(prepare(name, devices=devices, **request), device_list)
+
+
+def compile_plan(prepared: Prepared, device_list: Sequence[Any] | None = None) -> dict[str, Any]:
+    """:func:`plan` of a :func:`prepare`d request."""
+    p, config, task = prepared, prepared.config, prepared.task
+    devices = math.prod(p.sizes.values())
+    available = list(device_list if device_list is not None else jax.devices())
+    if len(available) < devices:
+        raise ValueError(f"{devices} devices asked for; this process has {len(available)}")
+    jax_mesh = parallel.make_mesh(p.sizes, devices=available[:devices])
+    rules = parallel.make_rules(config.mesh.rules.to_dict())
+    global_batch, accum = config.train.batch_size, config.train.accum_steps
+
+    tx, schedule = loop.optimizer(task, config)
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    step = loop.step_function(task, config, tx, schedule, step_rng)
+    _, shardings, state = create_sharded_state(
+        task.init,
+        tx,
+        init_rng,
+        jax_mesh,
+        rules,
+        use_ema=config.train.ema_decay > 0,
+        materialize=False,
+    )
+    abstract = sizing.abstract_batch(p.spec, global_batch, jax_mesh)
+    compiled = jit_train_step(step, jax_mesh, rules, shardings, abstract).lower(state, abstract)
+    compiled = compiled.compile()
+    figures = sizing.compiled_figures(compiled)
+    flops = hlo_flops(compiled.as_text()) * devices
+    params = jax.tree.leaves(state.params)
+    result = dict(
+        name=p.name,
+        recipe=p.target.recipe,
+        step=p.target.step,
+        devices=devices,
+        mesh=p.sizes,
+        batch=global_batch,
+        accum=accum,
+        params=sum(math.prod(x.shape) for x in params),
+        state_bytes_per_device=sum(
+            math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+            for x in jax.tree.leaves(state)
+            if hasattr(x, "sharding")
+        ),
+        flops=flops,
+        flops_per_example=flops / global_batch,
+        flops_per_token=flops / (global_batch * p.tokens) if p.tokens else None,
+        xla_cost_analysis_flops=figures["flops"] * devices,
+        argument=figures["argument"],
+        output=figures["output"],
+        alias=figures["alias"],
+        temp=figures["temp"],
+        peak=figures["peak"],
+    )
+    if p.chip is not None:
+        result.update(fit(result, CHIPS[p.chip]))
+    return result
+
+
+def fit(result: Mapping[str, Any], chip: Chip) -> dict[str, Any]:
+    """Whether ``result``'s step fits ``chip``, the smallest fsdp mesh estimated to fit the same
+    global batch, and the step time at :data:`MFU` of the chip's peak.
+
+    The estimate spreads the measured peak over more devices: the sharded state (parameters,
+    optimiser moments) over fsdp, the rest (batch, activations) over the data-parallel devices,
+    whose per-device batch shrinks with them; re-plan with that ``--mesh`` to check it."""
+    sizes = result["mesh"]
+    state = result["state_bytes_per_device"] * sizes["fsdp"]
+    rest = (result["peak"] - result["state_bytes_per_device"]) * sizes["data"] * sizes["fsdp"]
+    smallest = next(
+        (
+            size
+            for size in (2**i for i in range(15))
+            if size <= result["batch"] and (state + rest) / size <= chip.hbm_bytes
+        ),
+        None,
+    )
+    return dict(
+        chip=chip.name,
+        hbm=chip.hbm_bytes,
+        fits=result["peak"] <= chip.hbm_bytes,
+        smallest_fsdp=smallest,
+        step_seconds_at_mfu=result["flops"] / (result["devices"] * chip.peak_flops * MFU),
+    )
+
+
+def _bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def format_plan(result: Mapping[str, Any]) -> str:
+    """The figures of :func:`plan` as the lines ``jaxaigc plan`` prints."""
+    r = result
+    mesh = " x ".join(f"{axis} {size}" for axis, size in r["mesh"].items())
+    per_token = f", per token {r['flops_per_token']:.3e}" if r["flops_per_token"] else ""
+    lines = [
+        f"{r['name']}: the {r['recipe']} {r['step']} step on {r['devices']} devices ({mesh}), "
+        f"global batch {r['batch']:,} in {r['accum']} microbatch(es)",
+        f"  parameters          {r['params'] / 1e6:,.1f}M",
+        f"  FLOPs per step      {r['flops']:.3e} (per example {r['flops_per_example']:.3e}"
+        f"{per_token}; XLA's cost analysis, loops once: {r['xla_cost_analysis_flops']:.3e})",
+        f"  memory per device   arguments {_bytes(r['argument'])}, outputs {_bytes(r['output'])}"
+        f" (aliased {_bytes(r['alias'])}), temporaries {_bytes(r['temp'])}, peak "
+        f"{_bytes(r['peak'])} (XLA:CPU's buffer assignment)",
+    ]
+    if "chip" in r:
+        smallest = r["smallest_fsdp"]
+        lines += [
+            f"  {r['chip']}: {r['hbm'] / GIB:.0f} GiB HBM -> "
+            + ("fits" if r["fits"] else "does not fit")
+            + (
+                f"; the same batch on fsdp={smallest} (data=1) is estimated to fit"
+                if smallest
+                else "; no fsdp size up to 16,384 is estimated to fit"
+            ),
+            f"  step time at {MFU:.0%} MFU: {r['step_seconds_at_mfu'] * 1e3:.3g} ms",
+        ]
+    return "\n".join(lines)
+
+
+def chip_table() -> str:
+    """The chips ``plan`` knows, as a markdown table."""
+    rows = ["| chip | name | HBM GiB | peak bf16 TFLOP/s |", "|---|---|---|---|"]
+    rows += [
+        f"| {key} | {c.name} | {c.hbm_bytes / GIB:.1f} | {c.peak_flops / 1e12:.0f} |"
+        for key, c in CHIPS.items()
+    ]
+    return "\n".join(rows)

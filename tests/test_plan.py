@@ -1,0 +1,106 @@
+"""``jaxaigc plan``: FLOPs counted in the compiled program (loops times their trip counts, equal
+to XLA's cost analysis where there is no loop), the recipes' batch specs equal to real batches,
+the recipes' and two presets' steps planned on 8 emulated devices, bad input named."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxaigc import cli, plan
+from jaxaigc.run import get_config
+from jaxaigc.systems import clip, instructgpt, lm
+
+
+def _xla_flops(fn, *args) -> float:
+    return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+
+def _flops(fn, *args) -> float:
+    return plan.hlo_flops(jax.jit(fn).lower(*args).compile().as_text())
+
+
+def test_flops_of_dots_and_convolutions_equal_xla_and_loops_count_each_trip():
+    x, y = jnp.ones((64, 96)), jnp.ones((96, 32))
+    assert _flops(jnp.matmul, x, y) == 2 * 64 * 96 * 32 == _xla_flops(jnp.matmul, x, y)
+    batched = jnp.ones((4, 64, 96))
+    assert _flops(jnp.matmul, batched, y) == 4 * 2 * 64 * 96 * 32
+
+    image, kernel = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 4, 12))  # 2 groups of 4 channels
+
+    def conv(a, b):
+        return jax.lax.conv_general_dilated(
+            a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=2,
+        )  # fmt: skip
+
+    assert _flops(conv, image, kernel) == 2 * (2 * 16 * 16 * 12) * (3 * 3 * 4)
+
+    def scanned(a):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ c), None), a, None, length=10)[0]
+
+    square = jnp.ones((32, 32))
+    assert _flops(scanned, square) == 10 * 2 * 32**3
+    assert _xla_flops(scanned, square) < 2 * 2 * 32**3  # XLA counts the body once
+
+
+@pytest.mark.parametrize(
+    ("recipe", "batch_of"),
+    [
+        ("lm", lambda config: next(lm.build(config)[2])),
+        ("clip", lambda config: next(clip.build(config)[2])),
+        ("instructgpt", lambda config: next(instructgpt.build_ppo(config, None, None)[1])),
+    ],
+)
+def test_batch_specs_are_the_training_batches(recipe, batch_of):
+    config = get_config(recipe, quick=True)
+    spec = {
+        "lm": lm.batch_spec,
+        "clip": clip.batch_spec,
+        "instructgpt": instructgpt.ppo_batch_spec,
+    }[recipe](config)
+    if recipe == "instructgpt":
+        config = instructgpt.ppo_stage_config(config, "ppo_ptx")
+    batch = batch_of(config)
+    got = {name: (tuple(np.shape(x)[1:]), np.asarray(x).dtype) for name, x in batch.items()}
+    assert got == {name: (tuple(shape), np.dtype(dtype)) for name, (shape, dtype) in spec.items()}
+
+
+@pytest.mark.parametrize("name", ["lm", "dvae", "unclip.prior", "instructgpt"])
+def test_recipe_steps_plan_on_8_devices(devices, name):
+    result = plan.plan(name, devices=8, mesh="fsdp=2,data=-1", chip="tpu-v5e", device_list=devices)
+    assert result["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert result["params"] > 0 and result["flops"] > 0 and 0 < result["peak"] < plan.GIB
+    assert result["fits"] and result["smallest_fsdp"] == 1
+    assert result["step_seconds_at_mfu"] == pytest.approx(result["flops"] / (8 * 197e12 * plan.MFU))
+    text = plan.format_plan(result)
+    assert "TPU v5e: 16 GiB HBM -> fits" in text and f"{result['params'] / 1e6:,.1f}M" in text
+
+
+@pytest.mark.slow
+def test_presets_plan_on_8_devices(devices):
+    vit = plan.plan("ViT-B/32", devices=8, chip="h100", device_list=devices)
+    # Radford et al.'s 151.3M; training is over 3x the forward of both encoders (~15 GFLOPs)
+    assert vit["mesh"]["fsdp"] == 8 and vit["params"] == 151_277_313
+    assert vit["flops_per_example"] > 3 * 14e9
+    ppo = plan.plan("gpt2-small", devices=8, chip="h100", device_list=devices)
+    # The policy and the value model are trained: twice GPT-2 small (124M, no key biases)
+    assert ppo["params"] == pytest.approx(2 * 124e6, rel=0.01)
+    assert ppo["flops_per_token"] > 6 * 124e6
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nope", "--devices", "8"], "unknown recipe or preset 'nope'"),
+        (["clip", "--devices", "8", "--chip", "tpu-v9"], "unknown chip 'tpu-v9'"),
+        (["clip", "--devices", "8", "--mesh", "data=3"], "needs 3 devices but 8"),
+        (["clip", "--devices", "8", "--mesh", "fsdp"], "is not axis=size"),
+        (["lm", "--devices", "8", "--batch", "100"], "batch 100 does not divide"),
+        (["instructgpt", "--devices", "8", "--accum", "2"], "takes no accumulation"),
+    ],
+)
+def test_bad_input_is_named(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plan", *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
