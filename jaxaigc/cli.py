@@ -8,6 +8,7 @@
     jaxaigc respond WORKDIR "prompt" ... [--temperature 0] [--max-tokens 64]
     jaxaigc convert {clip,dvae,gpt2} SRC DEST
     jaxaigc plan RECIPE_OR_PRESET --devices N [--mesh fsdp=N] [--batch B] [--chip tpu-v5e]
+                 [--sample]
     jaxaigc bench NAME [ARGS ...]
 
 Inputs (recipe names, paths, images, overrides) are checked before anything compiles. A run of
@@ -260,6 +261,14 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> None:
     if args.devices < 1 or (args.batch is not None and args.batch < 1) or args.accum < 1:
         raise UsageError("--devices, --batch and --accum must be positive")
     try:
+        if args.mesh:
+            plan.parse_mesh(args.mesh, args.devices)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    # The pod's devices, emulated on this host's CPU: set before anything starts the backend.
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", args.devices)
+    try:
         prepared = plan.prepare(
             args.target,
             devices=args.devices,
@@ -267,12 +276,10 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> None:
             batch=args.batch,
             accum=args.accum,
             chip=args.chip,
+            sample=args.sample,
         )
-    except ValueError as error:  # a mesh or a batch that does not divide
+    except ValueError as error:  # a batch that does not divide, a recipe without a sampler
         raise UsageError(str(error)) from error
-    # The pod's devices, emulated on this host's CPU: set before the backend starts.
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.devices)
     result = plan.compile_plan(prepared)
     print(json.dumps(result) if args.json else plan.format_plan(result))
 
@@ -372,6 +379,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="global batch (default: the paper's or recipe's)")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation microbatches")
     p.add_argument("--chip", help="tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, h100 or h200")
+    p.add_argument(
+        "--sample", action="store_true", help="the sampler instead (KV-cache decoding, DDIM)"
+    )
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     p.set_defaults(run=cmd_plan)
 

@@ -20,10 +20,14 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
+import optax
 
 from jaxaigc import parallel
+from jaxaigc.compile_options import jit_inference
 from jaxaigc.configs import fields
 from jaxaigc.train import loop, sizing
 from jaxaigc.train.state import create_sharded_state
@@ -104,7 +108,11 @@ def _full_size(config_class, preset: str, **changes) -> ml_collections.ConfigDic
 
 
 def _pod_mesh(config: ml_collections.ConfigDict) -> None:
+    """FSDP over every device; convolution kernels split along their input channels too (a
+    ResNet's or UNet's parameters are mostly convolutions, which the default rules leave whole
+    on fsdp)."""
     config.mesh.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    config.mesh.rules = ml_collections.ConfigDict({"conv_in": "fsdp"})
 
 
 def recipe_step(target: Target) -> tuple[ml_collections.ConfigDict, Any, dict, int]:
@@ -293,6 +301,7 @@ class Prepared:
     tokens: int
     sizes: dict[str, int]
     chip: str | None
+    sample: bool = False
 
 
 def prepare(
@@ -303,6 +312,7 @@ def prepare(
     batch: int | None = None,
     accum: int | None = None,
     chip: str | None = None,
+    sample: bool = False,
 ) -> Prepared:
     """Checks a plan request and builds its step's config and task (nothing is traced, the
     backend is not started); bad input raises ``ValueError`` naming it."""
@@ -311,6 +321,8 @@ def prepare(
     if chip is not None and chip not in CHIPS:
         raise ValueError(f"unknown chip {chip!r}; known: {', '.join(CHIPS)}")
     target = TARGETS[name]
+    if sample and target.recipe in ("clip", "dvae"):
+        raise ValueError(f"{name} has no sampler; --sample plans GPT, DALL-E, prior and decoder")
     config, task, spec, tokens = recipe_step(target)
     if mesh:
         sizes = parse_mesh(mesh, devices)
@@ -327,7 +339,7 @@ def prepare(
             f"{data_parallel} data-parallel devices (data={sizes['data']} x fsdp={sizes['fsdp']})"
         )
     config.train.batch_size, config.train.accum_steps = global_batch, accum
-    return Prepared(name, target, config, task, spec, tokens, sizes, chip)
+    return Prepared(name, target, config, task, spec, tokens, sizes, chip, sample)
 
 
 def plan(name: str, *, devices: int, device_list: Sequence[Any] | None = None, **request):
@@ -347,8 +359,9 @@ def compile_plan(prepared: Prepared, device_list: Sequence[Any] | None = None) -
         raise ValueError(f"{devices} devices asked for; this process has {len(available)}")
     jax_mesh = parallel.make_mesh(p.sizes, devices=available[:devices])
     rules = parallel.make_rules(config.mesh.rules.to_dict())
-    global_batch, accum = config.train.batch_size, config.train.accum_steps
-
+    global_batch = config.train.batch_size
+    if p.sample:
+        return _compile_sampler(p, jax_mesh, rules)
     tx, schedule = loop.optimizer(task, config)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     step = loop.step_function(task, config, tx, schedule, step_rng)
@@ -364,9 +377,15 @@ def compile_plan(prepared: Prepared, device_list: Sequence[Any] | None = None) -
     abstract = sizing.abstract_batch(p.spec, global_batch, jax_mesh)
     compiled = jit_train_step(step, jax_mesh, rules, shardings, abstract).lower(state, abstract)
     compiled = compiled.compile()
+    return _figures(p, compiled, state.params, jax.tree.leaves(state), p.tokens)
+
+
+def _figures(p: Prepared, compiled, params, state_leaves, tokens: int) -> dict[str, Any]:
+    """The figures of a compiled program: parameters, FLOPs, memory, fit."""
+    devices, global_batch = math.prod(p.sizes.values()), p.config.train.batch_size
     figures = sizing.compiled_figures(compiled)
     flops = hlo_flops(compiled.as_text()) * devices
-    params = jax.tree.leaves(state.params)
+    params = jax.tree.leaves(params)
     result = dict(
         name=p.name,
         recipe=p.target.recipe,
@@ -374,16 +393,17 @@ def compile_plan(prepared: Prepared, device_list: Sequence[Any] | None = None) -
         devices=devices,
         mesh=p.sizes,
         batch=global_batch,
-        accum=accum,
+        accum=p.config.train.accum_steps,
+        sampler=_sampler_name(p) if p.sample else None,
         params=sum(math.prod(x.shape) for x in params),
         state_bytes_per_device=sum(
             math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-            for x in jax.tree.leaves(state)
+            for x in state_leaves
             if hasattr(x, "sharding")
         ),
         flops=flops,
         flops_per_example=flops / global_batch,
-        flops_per_token=flops / (global_batch * p.tokens) if p.tokens else None,
+        flops_per_token=flops / (global_batch * tokens) if tokens else None,
         xla_cost_analysis_flops=figures["flops"] * devices,
         argument=figures["argument"],
         output=figures["output"],
@@ -394,6 +414,109 @@ def compile_plan(prepared: Prepared, device_list: Sequence[Any] | None = None) -
     if p.chip is not None:
         result.update(fit(result, CHIPS[p.chip]))
     return result
+
+
+# The recipes' samplers as the demo runs them: the paper's prior (64 DDIM steps, best of 2) and
+# the decoder's DDIM 25 at guidance 3 (configs/unclip.py).
+PRIOR_SAMPLING = dict(steps=64, candidates=2)
+DECODER_SAMPLING = dict(steps=25, guidance_scale=3.0, method="ddim")
+
+
+def _sampler(p: Prepared) -> tuple[Any, dict, Any, int]:
+    """``(init, inputs, sample, tokens)``: the sampling model's ``init(rng)``, one example's
+    inputs ``{name: (shape, dtype)}``, ``sample(params, *inputs)`` and the tokens it draws per
+    example (0 for images)."""
+    from jaxaigc.models.dalle import DALLE, DALLEConfig
+    from jaxaigc.models.decoder import Decoder, DecoderConfig
+    from jaxaigc.models.gpt import GPT, GPTConfig
+    from jaxaigc.models.prior import Prior, PriorConfig
+    from jaxaigc.pipelines import dalle as dalle_pipeline
+    from jaxaigc.pipelines import unclip as unclip_pipeline
+    from jaxaigc.sample import decode
+    from jaxaigc.sample import diffusion as diffusion_sampling
+
+    config, recipe, key = p.config, p.target.recipe, jax.random.key(0)
+    if recipe in ("lm", "instructgpt"):
+        model_config = fields.to_dataclass(GPTConfig, config.model)
+        context = model_config.context_length
+        if recipe == "lm":
+            prompt_length = steps = context // 2
+        else:
+            prompt_length, steps = config.data.prompt_length, config.ppo.algorithm.response_length
+        model = GPT(model_config)
+
+        def init(rng):
+            return model.init(rng, jnp.zeros((1, context), jnp.int32))
+
+        def sample(params, prompt, valid):
+            return decode.generate(model_config, params, prompt, steps=steps, rng=key, valid=valid)
+
+        inputs = {"prompt": ((prompt_length,), jnp.int32), "valid": ((prompt_length,), bool)}
+        return init, inputs, sample, steps
+    if recipe == "dalle":
+        model_config = fields.to_dataclass(DALLEConfig, config.model)
+
+        def sample(params, text):
+            return decode.sample_image_tokens(model_config, params, text, rng=key)
+
+        inputs = {"text": ((model_config.text_len,), jnp.int32)}
+        return dalle_pipeline.init_fn(DALLE(model_config)), inputs, sample, model_config.image_len
+    if p.target.step == "prior":
+        model = Prior(fields.to_dataclass(PriorConfig, config.model))
+        cfg = model.config
+
+        def sample(params, text_tokens, text_embedding, text_mask):
+            return diffusion_sampling.sample_prior(
+                model, params, cfg.diffusion(), text_tokens, text_embedding, key,
+                text_mask=text_mask, **PRIOR_SAMPLING,
+            )  # fmt: skip
+
+        inputs = {
+            "text_tokens": ((cfg.text_len, cfg.text_width), jnp.float32),
+            "text_embedding": ((cfg.embed_dim,), jnp.float32),
+            "text_mask": ((cfg.text_len,), bool),
+        }
+        return unclip_pipeline.prior_init(model), inputs, sample, 0
+    model = Decoder(fields.to_dataclass(DecoderConfig, config.model))
+    cfg = model.config
+    inputs = {"image_embedding": ((cfg.clip_dim,), jnp.float32)}
+    if cfg.text_layers:
+        inputs["text"] = ((cfg.text_len,), jnp.int32)
+
+    def sample(params, image_embedding, text=None):
+        return diffusion_sampling.sample_decoder(
+            model, params, cfg.diffusion(), image_embedding, key, text=text, **DECODER_SAMPLING
+        )
+
+    return unclip_pipeline.decoder_init(model), inputs, sample, 0
+
+
+def _sampler_name(p: Prepared) -> str:
+    if p.target.recipe in ("lm", "instructgpt"):
+        return "KV-cache decoding, every token drawn"
+    if p.target.recipe == "dalle":
+        return "KV-cache decoding of the image tokens"
+    if p.target.step == "prior":
+        return "DDIM {steps} steps, best of {candidates}".format(**PRIOR_SAMPLING)
+    return "DDIM {steps} steps at guidance {guidance_scale}".format(**DECODER_SAMPLING)
+
+
+def _compile_sampler(p: Prepared, jax_mesh, rules) -> dict[str, Any]:
+    """Compiles the recipe's sampler (KV-cache decoding, the DDIM loops) for the global batch
+    on abstract parameters sharded as training shards them, jitted as inference is."""
+    init, inputs, sample, tokens = _sampler(p)
+    _, _, state = create_sharded_state(
+        init, optax.identity(), jax.random.key(0), jax_mesh, rules, materialize=False
+    )
+    abstract = sizing.abstract_batch(inputs, p.config.train.batch_size, jax_mesh)
+
+    def with_rules(params, *args):
+        with nn.logical_axis_rules(rules):
+            return sample(params, *args)
+
+    with jax.set_mesh(jax_mesh):
+        lowered = jit_inference(with_rules).lower(state.params, *abstract.values())
+    return _figures(p, lowered.compile(), state.params, jax.tree.leaves(state.params), tokens)
 
 
 def fit(result: Mapping[str, Any], chip: Chip) -> dict[str, Any]:
@@ -432,11 +555,14 @@ def format_plan(result: Mapping[str, Any]) -> str:
     r = result
     mesh = " x ".join(f"{axis} {size}" for axis, size in r["mesh"].items())
     per_token = f", per token {r['flops_per_token']:.3e}" if r["flops_per_token"] else ""
+    what = f"sampler ({r['sampler']})" if r["sampler"] else f"{r['step']} step"
     lines = [
-        f"{r['name']}: the {r['recipe']} {r['step']} step on {r['devices']} devices ({mesh}), "
-        f"global batch {r['batch']:,} in {r['accum']} microbatch(es)",
+        f"{r['name']}: the {r['recipe']} {what} on {r['devices']} devices ({mesh}), "
+        f"global batch {r['batch']:,}"
+        + ("" if r["sampler"] else f" in {r['accum']} microbatch(es)"),
         f"  parameters          {r['params'] / 1e6:,.1f}M",
-        f"  FLOPs per step      {r['flops']:.3e} (per example {r['flops_per_example']:.3e}"
+        f"  FLOPs per {'call' if r['sampler'] else 'step'}      {r['flops']:.3e} (per example "
+        f"{r['flops_per_example']:.3e}"
         f"{per_token}; XLA's cost analysis, loops once: {r['xla_cost_analysis_flops']:.3e})",
         f"  memory per device   arguments {_bytes(r['argument'])}, outputs {_bytes(r['output'])}"
         f" (aliased {_bytes(r['alias'])}), temporaries {_bytes(r['temp'])}, peak "

@@ -77,12 +77,32 @@ def test_recipe_steps_plan_on_8_devices(devices, name):
     assert "TPU v5e: 16 GiB HBM -> fits" in text and f"{result['params'] / 1e6:,.1f}M" in text
 
 
+@pytest.mark.parametrize(("name", "steps"), [("unclip.prior", 64), ("unclip.decoder", 2 * 25)])
+def test_diffusion_samplers_count_every_step(devices, name, steps):
+    """The DDIM loop's FLOPs are its body's (XLA's count, which also has the elementwise work)
+    times the network evaluations: its steps, twice under guidance."""
+    result = plan.plan(name, devices=2, sample=True, device_list=devices)
+    assert result["sampler"].startswith("DDIM")
+    assert 0.5 * steps < result["flops"] / result["xla_cost_analysis_flops"] < 1.2 * steps
+
+
+def test_kv_cache_decoding_counts_every_token(devices):
+    """About 2 FLOPs per parameter for each prompt and drawn token (the tied LM head included)."""
+    result = plan.plan("instructgpt", devices=2, sample=True, device_list=devices)
+    config = get_config("instructgpt")
+    tokens = config.data.prompt_length + config.ppo.algorithm.response_length
+    assert 0.8 < result["flops_per_example"] / (2 * result["params"] * tokens) < 2.0
+
+
 @pytest.mark.slow
 def test_presets_plan_on_8_devices(devices):
     vit = plan.plan("ViT-B/32", devices=8, chip="h100", device_list=devices)
     # Radford et al.'s 151.3M; training is over 3x the forward of both encoders (~15 GFLOPs)
     assert vit["mesh"]["fsdp"] == 8 and vit["params"] == 151_277_313
     assert vit["flops_per_example"] > 3 * 14e9
+    # Parameters (4 bytes) and both Adam moments (8 more) split 8 ways beside the batch
+    images = 32_768 // 8 * 224 * 224 * 3 * 4
+    assert vit["argument"] - images < 1.1 * 12 * vit["params"] / 8
     ppo = plan.plan("gpt2-small", devices=8, chip="h100", device_list=devices)
     # The policy and the value model are trained: twice GPT-2 small (124M, no key biases)
     assert ppo["params"] == pytest.approx(2 * 124e6, rel=0.01)
@@ -98,6 +118,7 @@ def test_presets_plan_on_8_devices(devices):
         (["clip", "--devices", "8", "--mesh", "fsdp"], "is not axis=size"),
         (["lm", "--devices", "8", "--batch", "100"], "batch 100 does not divide"),
         (["instructgpt", "--devices", "8", "--accum", "2"], "takes no accumulation"),
+        (["clip", "--devices", "8", "--sample"], "clip has no sampler"),
     ],
 )
 def test_bad_input_is_named(args, message, capsys):

@@ -133,6 +133,15 @@ def decode_loop(
     )
     token, done, samples = draw(logits, 0, jnp.zeros(batch, bool), empty)
 
+    if eos_id is None:  # every row draws every token: a loop of known trip count (XLA counts it)
+
+        def body(i, carry):
+            cache, token, done, samples = carry
+            cache, logits = forward(cache, token[:, None])
+            return cache, *draw(logits, i, done, samples)
+
+        return jax.lax.fori_loop(1, steps, body, (cache, token, done, samples))[-1]
+
     def more(carry):
         i, _, _, done, _ = carry
         return (i < steps) & ~jnp.all(done)
