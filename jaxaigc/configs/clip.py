@@ -23,6 +23,9 @@ def get_config(*, quick: bool = False) -> ml_collections.ConfigDict:
     config.loss = "softmax"  # or "sigmoid" (SigLIP; set model.logit_bias_init, e.g. -10)
     config.data = ml_collections.ConfigDict(
         dict(
+            # Your own pairs instead of the embedded mix: "webdataset:/data/{00000..00099}.tar"
+            # (img2dataset's shards) or "folder:captions.csv" (or .jsonl); see data/shards.py.
+            source="",
             shapes=20_000,  # procedural scenes in the training mix
             emoji_repeats=16,  # the ~1,230 training emoji, repeated to weigh them up
             symbola_repeats=16,  # the same names drawn by Symbola (~960), a second style

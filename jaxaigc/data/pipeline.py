@@ -17,6 +17,14 @@ import grain
 import jax
 import numpy as np
 
+# A run of this many unreadable records is a broken dataset, not noise: an error.
+MAX_CONSECUTIVE_CORRUPT = 100
+
+
+class CorruptRecord(ValueError):
+    """A record whose image or text cannot be decoded: :class:`BatchIterator` reads the next
+    one in its place and counts it."""
+
 
 class DataStateMismatch(ValueError):
     """A saved data position belongs to another global batch size, seed or dataset."""
@@ -87,6 +95,7 @@ class BatchIterator:
         }
         self.rows = np.arange(global_batch_size)
         self.batches_consumed = 0
+        self.skipped_records = 0  # corrupt records this process skipped (not saved)
 
     def select_rows(self, rows: np.ndarray) -> None:
         """Reads only these rows of every global batch from now on (this process's)."""
@@ -115,13 +124,27 @@ class BatchIterator:
 
     def _read(self, position: int) -> Any:
         metadata = self._sampler[position]
-        element = self.source[metadata.record_key]
+        element = self._record(metadata.record_key)
         for op in self.operations:
             if isinstance(op, grain.transforms.RandomMap):
                 element = op.random_map(element, metadata.rng)
             else:
                 element = op.map(element)
         return element
+
+    def _record(self, key: int) -> Any:
+        """Record ``key``, or when it is corrupt (the source raises ``CorruptRecord``) the next
+        readable one in key order: the same on every process, and counted."""
+        for offset in range(MAX_CONSECUTIVE_CORRUPT):
+            try:
+                return self.source[(key + offset) % len(self.source)]
+            except CorruptRecord as error:
+                self.skipped_records += 1
+                last = error
+        raise CorruptRecord(
+            f"{MAX_CONSECUTIVE_CORRUPT} records in a row from key {key} are corrupt; the last: "
+            f"{last}"
+        )
 
     def get_state(self) -> dict:
         return {"batches_consumed": self.batches_consumed, **self._settings}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxaigc.configs import fields
-from jaxaigc.data import builders, image_text, wordnet
+from jaxaigc.data import builders, image_text, shards, wordnet
 from jaxaigc.data.pipeline import BatchIterator
 from jaxaigc.data.preprocess import clip_ops
 from jaxaigc.data.tokenizers import ClipTokenizer
@@ -30,8 +30,11 @@ def _init_fn(model: CLIP):
 
 
 def training_source(config: ml_collections.ConfigDict) -> image_text.Concatenate:
-    """The training mix: image-caption records at any size (the transforms resize them)."""
+    """The training mix: image-caption records at any size (the transforms resize them); with
+    ``data.source``, those shards or that folder alone."""
     data, resolution = config.data, config.model.image_resolution
+    if data.source:
+        return image_text.Concatenate([shards.image_text_source(data.source)])
     mark = image_text.Augmentable if data.augment.enabled else (lambda source: source)
     sources = []
     if data.shapes:

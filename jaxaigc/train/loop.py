@@ -261,6 +261,9 @@ def train(
                     host = jax.device_get(metrics)
                     elapsed = time.perf_counter() - window_start
                     host["train/steps_per_sec"] = window_steps / elapsed
+                    skipped = getattr(batches, "skipped_records", None)
+                    if skipped is not None:  # this process's, since it started
+                        host["data/skipped_records"] = skipped
                     writer.write(step, host)
                     bar.set_postfix(loss=f"{host['train/loss']:.4f}", refresh=False)
                     window_start, window_steps = time.perf_counter(), 0

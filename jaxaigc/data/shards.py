@@ -1,0 +1,218 @@
+"""Your own image-caption data as random-access sources: WebDataset tar shards as img2dataset
+writes them, and a folder of images with a captions CSV or JSONL.
+
+Records are ``{"image": uint8 [h, w, 3], "caption": str}`` (plus ``"json"``, the text of a
+shard's ``{key}.json`` when present), like the embedded sources, so the recipes' transforms and
+:class:`jaxaigc.data.pipeline.BatchIterator`'s global order, process sharding and resumption
+apply unchanged. Paths are local or any ``etils.epath`` URL (``gs://...`` on a pod); a pattern
+may use a glob (``*``) or img2dataset's brace range (``{00000..00099}.tar``).
+
+A shard is indexed once (its tar headers: each member's offset and size) and a record reads its
+bytes at those offsets, so a process reads only the records its rows need. A key without a
+caption is left out at indexing and counted (``skipped_at_index``); an image that does not
+decode raises :class:`CorruptRecord`, which the batch iterator skips and counts. A missing or
+unreadable shard is an error naming it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import tarfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+from PIL import Image, UnidentifiedImageError
+
+from jaxaigc.data.pipeline import CorruptRecord
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand(patterns: str | Sequence[str]) -> list[epath.Path]:
+    """Paths of ``patterns`` (comma-separated in a string): brace ranges ``{000..009}`` and
+    globs expanded, sorted within each pattern. No match is an error naming the pattern."""
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p]
+    paths = []
+    for pattern in patterns:
+        found = []
+        for name in _braces(pattern):
+            path = epath.Path(name)
+            if any(c in path.name for c in "*?["):
+                found.extend(sorted(path.parent.glob(path.name)))
+            elif path.exists():
+                found.append(path)
+            else:
+                raise FileNotFoundError(f"no such shard or file: {path}")
+        if not found:
+            raise FileNotFoundError(f"{pattern!r} matches no file")
+        paths.extend(found)
+    return paths
+
+
+def _braces(pattern: str) -> list[str]:
+    """img2dataset's ``{00000..00012}`` range, zero-padded as written; other text unchanged."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not match:
+        return [pattern]
+    first, last = match.groups()
+    width = len(first)
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [
+        name
+        for i in range(int(first), int(last) + 1)
+        for name in _braces(f"{head}{i:0{width}d}{tail}")
+    ]
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """Image file bytes -> uint8 [h, w, 3] (RGB); undecodable bytes raise :class:`CorruptRecord`."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise CorruptRecord(f"{where}: the image does not decode ({error})") from error
+
+
+def decode_text(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise CorruptRecord(f"{where}: the caption is not UTF-8 ({error})") from error
+
+
+class WebDataset:
+    """The (image, caption) samples of WebDataset tar shards: ``{key}.jpg|jpeg|png|webp`` with
+    ``{key}.txt`` and an optional ``{key}.json``, in shard then member order."""
+
+    def __init__(self, patterns: str | Sequence[str]):
+        self.paths = expand(patterns)
+        self.index: list[tuple[int, str, tuple[int, int], tuple[int, int], tuple | None]] = []
+        self.skipped_at_index = 0  # keys without a caption or an image
+        for shard, path in enumerate(self.paths):
+            members: dict[str, dict[str, tuple[int, int]]] = {}
+            try:
+                with path.open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                    for info in tar:
+                        if not info.isfile():
+                            continue
+                        name = info.name.rsplit("/", 1)[-1]
+                        directory = info.name[: len(info.name) - len(name)]
+                        key, _, extension = name.partition(".")
+                        members.setdefault(directory + key, {})[extension.lower()] = (
+                            info.offset_data,
+                            info.size,
+                        )
+            except (OSError, tarfile.TarError) as error:
+                raise OSError(f"shard {path} cannot be read as a tar file: {error}") from error
+            for key, files in members.items():
+                image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+                if image is None or "txt" not in files:
+                    self.skipped_at_index += 1
+                    continue
+                self.index.append((shard, key, image, files["txt"], files.get("json")))
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _read(self, shard: int, span: tuple[int, int]) -> bytes:
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = self._handles[shard] = self.paths[shard].open("rb")
+        handle.seek(span[0])
+        return handle.read(span[1])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        shard, key, image, text, meta = self.index[index]
+        where = f"{self.paths[shard]}:{key}"
+        record = {
+            "image": decode_image(self._read(shard, image), where),
+            "caption": decode_text(self._read(shard, text), where),
+        }
+        if meta is not None:
+            record["json"] = decode_text(self._read(shard, meta), where)
+        return record
+
+    # The open files stay with the process that opened them (grain workers fork).
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}
+
+    def __repr__(self) -> str:
+        return f"WebDataset({len(self.paths)} shards, {len(self)} samples, first {self.paths[0]})"
+
+
+class CaptionedFolder:
+    """Images with their captions listed in a CSV (columns ``image``/``file_name`` and
+    ``caption``/``text``) or JSONL file; image paths are relative to the list's folder."""
+
+    IMAGE_COLUMNS, CAPTION_COLUMNS = ("image", "file_name", "filepath", "path"), ("caption", "text")
+
+    def __init__(self, captions_file: str):
+        self.path = epath.Path(captions_file)
+        if not self.path.exists():
+            raise FileNotFoundError(f"no such captions file: {self.path}")
+        rows = self._rows()
+        if not rows:
+            raise ValueError(f"{self.path} lists no image")
+        columns = set(rows[0])
+        image = next((c for c in self.IMAGE_COLUMNS if c in columns), None)
+        caption = next((c for c in self.CAPTION_COLUMNS if c in columns), None)
+        if image is None or caption is None:
+            raise ValueError(
+                f"{self.path} needs an image column ({', '.join(self.IMAGE_COLUMNS)}) and a "
+                f"caption column ({', '.join(self.CAPTION_COLUMNS)}); it has {sorted(columns)}"
+            )
+        self.items = []
+        self.skipped_at_index = 0  # rows without an image path or a caption
+        for row in rows:
+            if row.get(image) and row.get(caption):
+                self.items.append((str(row[image]), str(row[caption]).strip()))
+            else:
+                self.skipped_at_index += 1
+
+    def _rows(self) -> list[dict]:
+        text = self.path.read_text()
+        if self.path.suffix == ".jsonl":
+            rows = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{self.path}:{number} is not JSON: {error}") from error
+            return rows
+        return list(csv.DictReader(io.StringIO(text)))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name, caption = self.items[index]
+        path = self.path.parent / name
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise CorruptRecord(f"{path}: cannot be read ({error})") from error
+        return {"image": decode_image(data, str(path)), "caption": caption}
+
+    def __repr__(self) -> str:
+        return f"CaptionedFolder({self.path}, {len(self)} images)"
+
+
+def image_text_source(spec: str):
+    """A source from a spec: ``webdataset:PATTERNS`` or ``folder:CAPTIONS.csv|jsonl``."""
+    kind, _, where = spec.partition(":")
+    if kind == "webdataset" and where:
+        return WebDataset(where)
+    if kind == "folder" and where:
+        return CaptionedFolder(where)
+    raise ValueError(
+        f"unknown data source {spec!r}: use webdataset:PATTERN (e.g. "
+        "webdataset:/data/{00000..00099}.tar) or folder:CAPTIONS.csv (or .jsonl)"
+    )
