@@ -1,16 +1,30 @@
-"""Test set-up: 8 emulated CPU devices (set before jax is imported) and shared fixtures."""
+"""Test set-up: 8 emulated CPU devices (set before jax is imported), one XLA compilation cache
+for the run, and shared fixtures."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# One persistent compilation cache for the whole run, made by the first process (pytest, or
+# xdist's controller) and inherited by the workers and the commands the tests start: a program
+# compiled again (a subcommand on the quick demo's runs, a model in several tests) is read back.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxaigc-xla-")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxaigc import parallel  # noqa: E402
 from tests.helpers import jaxaigc, succeeded  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -67,7 +67,7 @@ def usage_error(argv, capsys) -> str:
         (["zero-shot", ".", "x.png", "--labels", "a"], "give at least two labels"),
         (["respond", "no/such/run", "hi"], "is not a directory"),
         (["convert", "clip", "missing.pt", "out"], "no such checkpoint file: missing.pt"),
-        (["bench", "nope"], "unknown benchmark 'nope'; known: clip, clip_sizing"),
+        (["bench", "nope"], "unknown benchmark 'nope'; known: clip, clip_stage"),
         (["eval", "."], "is not a run directory"),
     ],
 )

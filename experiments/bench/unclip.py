@@ -17,7 +17,7 @@ measured in the same run (``timing.matmul_ceiling``).
 decoder at 64 px (global batch 2048) with the paper's AdamW settings, each train step lowered and
 compiled as training jits it, on abstract inputs in a subprocess per emulated mesh
 (``jaxaigc.train.sizing``: nothing is allocated); GiB per device from XLA:CPU's memory analysis
-(an order of magnitude for a pod, see ``dalle_sizing``). The default rules shard convolution
+(an order of magnitude for a pod, as ``jaxaigc plan``). The default rules shard convolution
 kernels on their output channels over ``tensor`` only, so on an fsdp-only mesh every UNet
 convolution is replicated; ``--conv-in fsdp`` shards their input channels over fsdp too
 (compiled with GSPMD: ``parallel.partitioner``, the Shardy workaround). ``--unet-remat`` replaces

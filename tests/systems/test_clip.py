@@ -35,9 +35,8 @@ def _config(preset: str, steps: int, **changes):
     return config
 
 
-@pytest.mark.parametrize(
-    ("preset", "loss"), [("tiny-vit", "softmax"), ("tiny-rn", "softmax"), ("tiny-vit", "sigmoid")]
-)
+# The softmax loss on the ResNet (with an EMA and BatchNorm statistics), SigLIP's on the ViT.
+@pytest.mark.parametrize(("preset", "loss"), [("tiny-rn", "softmax"), ("tiny-vit", "sigmoid")])
 def test_contrastive_loss_falls(preset, loss, tmp_path):
     changes = (
         dict(logit_bias_init=-10.0, logit_scale_init=np.log(10.0)) if loss == "sigmoid" else {}
