@@ -96,15 +96,11 @@ TARGETS: dict[str, Target] = {
 }
 
 
-def _full_size(config_class, preset: str, **changes) -> ml_collections.ConfigDict:
-    """A preset's model section as a pod trains it: bf16 compute, scanned layers, full remat."""
-    model = config_class.from_name(preset, **changes)
-    pod = {
-        key: value
-        for key, value in dict(dtype="bfloat16", scan_layers=True, remat_policy="full").items()
-        if hasattr(model, key)
-    }
-    return fields.section(model.replace(**pod) if pod else model)
+def _full_size(config_class, preset: str) -> ml_collections.ConfigDict:
+    """A preset's model section as a pod trains it: bf16 compute, scanned transformer layers with
+    full remat (the decoder's UNet blocks keep their own ``unet_remat_policy``, none)."""
+    model = config_class.from_name(preset)
+    return fields.section(model.replace(dtype="bfloat16", scan_layers=True, remat_policy="full"))
 
 
 def _pod_mesh(config: ml_collections.ConfigDict) -> None:
