@@ -265,9 +265,13 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> None:
             plan.parse_mesh(args.mesh, args.devices)
     except ValueError as error:
         raise UsageError(str(error)) from error
-    # The pod's devices, emulated on this host's CPU: set before anything starts the backend.
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.devices)
+    from jaxaigc.jax_internals import backends_are_initialized
+
+    # The pod's devices, emulated on this host's CPU: set before anything starts the backend
+    # (called in a process that already has its devices, plan uses those).
+    if not backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", args.devices)
     try:
         prepared = plan.prepare(
             args.target,
