@@ -273,16 +273,7 @@ def hlo_flops(hlo_text: str) -> float:
 def parse_mesh(text: str, devices: int) -> dict[str, int]:
     """``"data=2,fsdp=-1"`` over ``devices`` -> every axis's size (missing axes 1, one -1 takes
     the remaining devices)."""
-    spec = {}
-    for part in text.split(","):
-        axis, _, size = part.partition("=")
-        try:
-            spec[axis.strip()] = int(size)
-        except ValueError:
-            raise ValueError(
-                f"mesh {text!r}: {part!r} is not axis=size (e.g. 'data=2,fsdp=4')"
-            ) from None
-    return parallel.parse_mesh_spec(spec, devices)
+    return parallel.parse_mesh_spec(sizing.parse_mesh(text), devices)
 
 
 @dataclasses.dataclass

@@ -35,13 +35,17 @@ Example = Mapping[str, tuple[Sequence[int], Any]]
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """``"fsdp=16,tensor=2"`` -> ``{"fsdp": 16, "tensor": 2}`` (for ``parallel.make_mesh``)."""
+    """``"fsdp=16,tensor=2"`` -> ``{"fsdp": 16, "tensor": 2}`` (for ``parallel.make_mesh``; a
+    size of -1 takes the remaining devices there)."""
     spec = {}
     for part in text.split(","):
         axis, _, size = part.partition("=")
-        if not size.isdigit():
-            raise ValueError(f"mesh {text!r}: {part!r} is not axis=size (e.g. 'fsdp=16,tensor=2')")
-        spec[axis] = int(size)
+        try:
+            spec[axis.strip()] = int(size)
+        except ValueError:
+            raise ValueError(
+                f"mesh {text!r}: {part!r} is not axis=size (e.g. 'fsdp=16,tensor=2')"
+            ) from None
     return spec
 
 
