@@ -29,6 +29,7 @@ import optax
 from jaxaigc import parallel
 from jaxaigc.compile_options import jit_inference
 from jaxaigc.configs import fields
+from jaxaigc.configs.pod import full_size, pod_mesh
 from jaxaigc.train import loop, sizing
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import jit_train_step
@@ -96,21 +97,6 @@ TARGETS: dict[str, Target] = {
 }
 
 
-def _full_size(config_class, preset: str) -> ml_collections.ConfigDict:
-    """A preset's model section as a pod trains it: bf16 compute, scanned transformer layers with
-    full remat (the decoder's UNet blocks keep their own ``unet_remat_policy``, none)."""
-    model = config_class.from_name(preset)
-    return fields.section(model.replace(dtype="bfloat16", scan_layers=True, remat_policy="full"))
-
-
-def _pod_mesh(config: ml_collections.ConfigDict) -> None:
-    """FSDP over every device; convolution kernels split along their input channels too (a
-    ResNet's or UNet's parameters are mostly convolutions, which the default rules leave whole
-    on fsdp)."""
-    config.mesh.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    config.mesh.rules = ml_collections.ConfigDict({"conv_in": "fsdp"})
-
-
 def recipe_step(target: Target) -> tuple[ml_collections.ConfigDict, Any, dict, int]:
     """``(config, task, batch_spec, tokens_per_example)`` of ``target``: the training config
     the step runs with (its ``train``, ``optim`` and ``mesh`` sections), the recipe's task and
@@ -129,9 +115,9 @@ def recipe_step(target: Target) -> tuple[ml_collections.ConfigDict, Any, dict, i
         return config, task, lm.batch_spec(config), config.model.context_length
     if target.recipe == "clip":
         if target.preset:
-            config.model = _full_size(CLIPConfig, target.preset)
+            config.model = full_size(CLIPConfig, target.preset)
             config.data.text_pairs = 0
-            _pod_mesh(config)
+            pod_mesh(config)
         _, task = clip.make_task(config)
         return config, task, clip.batch_spec(config), 0
     if target.recipe == "dvae":
@@ -139,8 +125,8 @@ def recipe_step(target: Target) -> tuple[ml_collections.ConfigDict, Any, dict, i
         return config, task, dvae.batch_spec(config), 0
     if target.recipe == "dalle":
         if target.preset:
-            config.model = _full_size(DALLEConfig, target.preset)
-            _pod_mesh(config)
+            config.model = full_size(DALLEConfig, target.preset)
+            pod_mesh(config)
         model, task = dalle.make_task(config)
         spec = dalle.batch_spec(config)
         return config, task, spec, model.config.text_len + model.config.image_len
@@ -149,7 +135,7 @@ def recipe_step(target: Target) -> tuple[ml_collections.ConfigDict, Any, dict, i
         stage = config[target.step]
         if target.step == "prior":
             if target.preset:
-                stage.model = _full_size(PriorConfig, target.preset)
+                stage.model = full_size(PriorConfig, target.preset)
             else:
                 stage.model.update(
                     embed_dim=clip_model.embed_dim, text_width=clip_model.transformer_width
@@ -157,25 +143,25 @@ def recipe_step(target: Target) -> tuple[ml_collections.ConfigDict, Any, dict, i
             make, spec_of = unclip.make_prior_task, unclip.prior_batch_spec
         else:
             if target.preset:
-                stage.model = _full_size(DecoderConfig, target.preset)
+                stage.model = full_size(DecoderConfig, target.preset)
             else:
                 stage.model.update(
                     clip_dim=clip_model.embed_dim, image_size=clip_model.image_resolution
                 )
             make, spec_of = unclip.make_decoder_task, unclip.decoder_batch_spec
         if target.preset:
-            _pod_mesh(stage)
+            pod_mesh(stage)
         _, task = make(config)
         return stage, task, spec_of(config), 0
     # InstructGPT: one PPO iteration (rollout, scoring, GAE, minibatch updates).
     if target.preset:
-        config.model = _full_size(GPTConfig, target.preset)
+        config.model = full_size(GPTConfig, target.preset)
         context = config.model.context_length
         config.data.prompt_length = context // 4  # prompt + response fit the context
         config.ppo.algorithm.update(
             response_length=context // 4, eos_id=50256, pad_id=50256, minibatches=8
         )
-        _pod_mesh(config)
+        pod_mesh(config)
     stage_config = instructgpt.ppo_stage_config(config, "ppo_ptx")
     task = instructgpt.ppo_task(stage_config)
     tokens = config.data.prompt_length + config.ppo.algorithm.response_length
