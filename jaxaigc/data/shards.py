@@ -1,5 +1,6 @@
 """Your own image-caption data as random-access sources: WebDataset tar shards as img2dataset
-writes them, and a folder of images with a captions CSV or JSONL.
+writes them, a folder of images with a captions CSV or JSONL, and any prepared TFDS dataset by
+name (``coco_captions``) with its image and caption keys.
 
 Records are ``{"image": uint8 [h, w, 3], "caption": str}`` (plus ``"json"``, the text of a
 shard's ``{key}.json`` when present), like the embedded sources, so the recipes' transforms and
@@ -21,6 +22,7 @@ import io
 import json
 import re
 import tarfile
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -205,14 +207,108 @@ class CaptionedFolder:
         return f"CaptionedFolder({self.path}, {len(self)} images)"
 
 
+class TfdsCaptions:
+    """A split of a TFDS dataset prepared in the ``array_record`` format, read by name:
+    ``image_key`` and ``caption_key`` name its features, nested ones with ``/``
+    (``captions/text``); of a list of captions the first is taken. Nothing is downloaded: a
+    dataset not yet prepared in ``data_dir`` is an error saying how to prepare it."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        split: str = "train",
+        image_key: str = "image",
+        caption_key: str = "caption",
+        data_dir: str | None = None,
+    ):
+        import tensorflow_datasets as tfds
+
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+            self._records = builder.as_data_source(split)
+        except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError, ValueError) as e:
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} (split {split!r}) is not prepared in "
+                f"{data_dir or 'the default data_dir'}: prepare it once with `tfds build {name} "
+                f"--file_format=array_record --data_dir=DIR` and pass that data_dir "
+                f"({str(e).splitlines()[0]})"
+            ) from e
+        features = builder.info.features
+        for key in (image_key, caption_key):
+            try:
+                _lookup(features, key)
+            except KeyError as error:
+                raise ValueError(
+                    f"TFDS dataset {name!r} has no feature {key!r}; its features: "
+                    f"{sorted(features.keys())}"
+                ) from error
+        self.name, self.split = builder.info.full_name, split
+        self.image_key, self.caption_key = image_key, caption_key
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self._records[index]
+        where = f"{self.name}:{self.split}[{index}]"
+        image = np.asarray(_lookup(record, self.image_key))
+        if image.ndim == 2 or image.shape[-1] == 1:  # greyscale
+            image = np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=-1)
+        caption = _lookup(record, self.caption_key)
+        if isinstance(caption, np.ndarray | list | tuple):
+            if len(caption) == 0:
+                raise CorruptRecord(f"{where}: no caption")
+            caption = caption[0]
+        caption = decode_text(caption, where) if isinstance(caption, bytes) else str(caption)
+        if not caption:
+            raise CorruptRecord(f"{where}: an empty caption")
+        return {"image": image.astype(np.uint8), "caption": caption}
+
+    def __repr__(self) -> str:
+        return (
+            f"TfdsCaptions({self.name}:{self.split}, {self.image_key}, {self.caption_key}, "
+            f"n={len(self)})"
+        )
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    """``tree["a"]["b"]`` for ``key`` "a/b"."""
+    for part in key.split("/"):
+        tree = tree[part]
+    return tree
+
+
+def _tfds(where: str) -> TfdsCaptions:
+    """``NAME[/CONFIG][:SPLIT][?image=KEY&caption=KEY&data_dir=DIR]``."""
+    location, _, query = where.partition("?")
+    name, _, split = location.partition(":")
+    options = dict(urllib.parse.parse_qsl(query, strict_parsing=bool(query)))
+    unknown = set(options) - {"image", "caption", "data_dir"}
+    if unknown:
+        known = "image, caption, data_dir"
+        raise ValueError(f"tfds:{where}: unknown option(s) {sorted(unknown)}; known: {known}")
+    return TfdsCaptions(
+        name,
+        split=split or "train",
+        image_key=options.get("image", "image"),
+        caption_key=options.get("caption", "caption"),
+        data_dir=options.get("data_dir"),
+    )
+
+
 def image_text_source(spec: str):
-    """A source from a spec: ``webdataset:PATTERNS`` or ``folder:CAPTIONS.csv|jsonl``."""
+    """A source from a spec: ``webdataset:PATTERNS``, ``folder:CAPTIONS.csv|jsonl`` or
+    ``tfds:NAME[/CONFIG][:SPLIT][?image=KEY&caption=KEY&data_dir=DIR]``."""
     kind, _, where = spec.partition(":")
     if kind == "webdataset" and where:
         return WebDataset(where)
     if kind == "folder" and where:
         return CaptionedFolder(where)
+    if kind == "tfds" and where:
+        return _tfds(where)
     raise ValueError(
         f"unknown data source {spec!r}: use webdataset:PATTERN (e.g. "
-        "webdataset:/data/{00000..00099}.tar) or folder:CAPTIONS.csv (or .jsonl)"
+        "webdataset:/data/{00000..00099}.tar), folder:CAPTIONS.csv (or .jsonl) or "
+        "tfds:NAME:SPLIT?caption=KEY (e.g. tfds:coco_captions/2017:train?caption=captions/text)"
     )

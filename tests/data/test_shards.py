@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxaigc.data import shards
@@ -142,6 +143,53 @@ def test_a_captioned_folder(tmp_path, kind):
     path.write_text("name,words\n0.png,zero\n" if kind == "csv" else '{"name": "0.png"}\n')
     with pytest.raises(ValueError, match="needs an image column"):
         shards.CaptionedFolder(str(path))
+
+
+class TinyCaptions(tfds.core.GeneratorBasedBuilder):
+    """Five images, each with a list of captions as COCO's (the first says which image); the
+    third has none."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = None  # nothing to locate: the examples are generated here
+
+    def _info(self):
+        features = {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+        }
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(5):
+            texts = [] if i == 2 else [f"record {i}", "another caption"]
+            yield i, {"image": _encoded(_image(i), "png"), "captions": {"text": texts}}
+
+
+def test_a_tfds_dataset_by_name(tmp_path):
+    TinyCaptions(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    spec = f"tfds:tiny_captions:train?caption=captions/text&data_dir={tmp_path}"
+    source = shards.image_text_source(spec)
+    assert len(source) == 5 and repr(source).startswith("TfdsCaptions(tiny_captions/1.0.0:train")
+    seen = set()
+    for index in range(5):
+        try:
+            record = source[index]
+        except CorruptRecord as error:
+            assert "no caption" in str(error)
+            continue
+        i = int(record["caption"].split()[1])
+        np.testing.assert_array_equal(record["image"], _image(i))  # pairing kept
+        seen.add(i)
+    assert seen == {0, 1, 3, 4}
+    with pytest.raises(ValueError, match="no feature 'caption'"):
+        shards.image_text_source(f"tfds:tiny_captions:train?data_dir={tmp_path}")
+    with pytest.raises(FileNotFoundError, match="'not_prepared_here' .* is not prepared"):
+        shards.image_text_source(f"tfds:not_prepared_here?data_dir={tmp_path}")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['label'\]"):
+        shards.image_text_source(f"tfds:tiny_captions?label=x&data_dir={tmp_path}")
 
 
 @pytest.mark.slow
