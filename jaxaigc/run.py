@@ -9,6 +9,7 @@ A run directory keeps ``recipe.json`` (the recipe's name and its whole config), 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,15 +23,19 @@ from jaxaigc.configs import dvae as dvae_config
 from jaxaigc.configs import instructgpt as instructgpt_config
 from jaxaigc.configs import lm as lm_config
 from jaxaigc.configs import unclip as unclip_config
+from jaxaigc.configs.pod import clip as pod_clip_config
+from jaxaigc.configs.pod import dalle as dalle_pod_config
 from jaxaigc.configs.saved import load_run, save_run
 from jaxaigc.evaluate import clip as clip_eval
 from jaxaigc.evaluate import dalle as dalle_eval
+from jaxaigc.evaluate import dalle_pod as dalle_pod_eval
 from jaxaigc.evaluate import dvae as dvae_eval
 from jaxaigc.evaluate import instructgpt as instructgpt_eval
 from jaxaigc.evaluate import lm as lm_eval
+from jaxaigc.evaluate import retrieval as retrieval_eval
 from jaxaigc.evaluate import unclip as unclip_eval
 from jaxaigc.evaluate.report import write_report
-from jaxaigc.systems import clip, dalle, dvae, instructgpt, lm, unclip
+from jaxaigc.systems import clip, dalle, dalle_pod, dvae, instructgpt, lm, unclip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,20 @@ RECIPES: dict[str, Recipe] = {
     "instructgpt": Recipe(
         instructgpt_config.get_config, instructgpt.train, instructgpt_eval.evaluate
     ),
+    # Full-size recipes on your data (configs/pod): each names its model and its data fields.
+    **{
+        name: Recipe(
+            functools.partial(pod_clip_config.get_config, model=model, loss=loss),
+            clip.train_on_pairs,
+            retrieval_eval.evaluate,
+        )
+        for name, model, loss in (
+            ("clip-vit-b32", "ViT-B/32", "softmax"),
+            ("clip-vit-b16", "ViT-B/16", "softmax"),
+            ("siglip-vit-b16", "ViT-B/16", "sigmoid"),
+        )
+    },
+    "dalle-12b": Recipe(dalle_pod_config.get_config, dalle_pod.train, dalle_pod_eval.evaluate),
 }
 
 

@@ -46,6 +46,9 @@ def load(workdir: str | Path) -> TextToImage | ClipFeatures | Policy | LanguageM
         "dalle": DalleTextToImage,
         "unclip": UnclipTextToImage,
         "clip": load_clip,
+        "clip-vit-b32": load_clip,
+        "clip-vit-b16": load_clip,
+        "siglip-vit-b16": load_clip,
         "instructgpt": load_policy,
         "gpt2": load_language_model,
     }

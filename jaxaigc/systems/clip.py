@@ -98,27 +98,34 @@ def build(
             f"{cfg.vocab_size}"
         )
 
-    augment = config.data.augment
-    ops = [
-        image_text.CaptionTrueAugment(
-            crop_scale=augment.crop_scale,
-            shrink=augment.shrink,
-            flip=augment.flip,
-            greyscale=augment.greyscale,
-            style=augment.style,
-            word_dropout=augment.word_dropout,
-            gloss=augment.gloss,
-        ),
-        image_text.Tokenize(tokenizer.encode, cfg.context_length),
-        *clip_ops(cfg.image_resolution, train=False),
-    ]
+    tokenize = image_text.Tokenize(tokenizer.encode, cfg.context_length)
     source = training_source(config)
+    if config.data.source:  # your pairs: CLIP's one augmentation, a random crop
+        ops = [tokenize, *clip_ops(cfg.image_resolution, train=True)]
+    else:
+        augment = config.data.augment
+        ops = [
+            image_text.CaptionTrueAugment(
+                crop_scale=augment.crop_scale,
+                shrink=augment.shrink,
+                flip=augment.flip,
+                greyscale=augment.greyscale,
+                style=augment.style,
+                word_dropout=augment.word_dropout,
+                gloss=augment.gloss,
+            ),
+            tokenize,
+            *clip_ops(cfg.image_resolution, train=False),
+        ]
     if config.data.text_pairs:
         distinct = {id(s): s for s in source.sources}.values()  # emoji sources repeat
         captions = {s[i]["caption"] for s in distinct for i in range(len(s))}
         words = {w for caption in captions for w in caption.lower().split()}
         pairs = wordnet.kinds_of(words, depth=config.data.text_pairs_depth)
-        ops.insert(2, image_text.TextPairs(pairs, tokenizer.encode, cfg.context_length))
+        ops.insert(
+            ops.index(tokenize) + 1,
+            image_text.TextPairs(pairs, tokenizer.encode, cfg.context_length),
+        )
     batches = BatchIterator(
         source,
         global_batch_size=config.train.batch_size,
@@ -148,3 +155,15 @@ def load_trained(
         device=device,
     )
     return model, variables, step
+
+
+def train_on_pairs(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """The full-size recipes' training (:mod:`jaxaigc.configs.pod.clip`): on
+    ``config.data.source`` alone, which must be given."""
+    if not config.data.source:
+        raise ValueError(
+            "config.data.source is empty: give your image-text pairs, e.g. "
+            "--config.data.source='webdataset:/data/{00000..00099}.tar' (or folder:CAPTIONS.csv, "
+            "tfds:coco_captions/2017:train?caption=captions/text)"
+        )
+    train(config, workdir)
