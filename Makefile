@@ -40,4 +40,4 @@ lint: install-test
 	$(PY) -m ruff format --check .
 
 test: lint data-packages
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)

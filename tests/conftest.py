@@ -1,9 +1,11 @@
 """Test set-up: 8 emulated CPU devices (set before jax is imported), one XLA compilation cache
 for the run, and shared fixtures."""
 
+import fcntl
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -14,6 +16,11 @@ os.environ["XLA_FLAGS"] = (
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxaigc-xla-")
+# Likewise one folder for the runs every worker reads (the quick demo), trained by the first
+# worker that needs them while the others wait on its lock.
+_OWN_SHARED = None
+if "JAXAIGC_TEST_SHARED" not in os.environ:
+    _OWN_SHARED = os.environ["JAXAIGC_TEST_SHARED"] = tempfile.mkdtemp(prefix="jaxaigc-runs-")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -23,8 +30,9 @@ from tests.helpers import jaxaigc, succeeded  # noqa: E402
 
 
 def pytest_unconfigure(config):
-    if _OWN_CACHE:
-        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+    for own in (_OWN_CACHE, _OWN_SHARED):
+        if own:
+            shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +53,15 @@ def mesh_1(devices):
 
 
 @pytest.fixture(scope="session")
-def quick_demo(tmp_path_factory):
-    """``jaxaigc demo --quick``'s workdir: every stage trained at a few steps and evaluated. Its
-    readers are marked ``tests.helpers.QUICK_DEMO``; one that changes a run works on a copy."""
-    workdir = tmp_path_factory.mktemp("quick_demo")
-    succeeded(jaxaigc("demo", "--quick", "--workdir", workdir, timeout=2400))
+def quick_demo():
+    """``jaxaigc demo --quick``'s workdir: every stage trained at a few steps and evaluated, once
+    for all workers. Its readers must not change it; one that changes a run works on a copy."""
+    shared = Path(os.environ["JAXAIGC_TEST_SHARED"])
+    workdir, done = shared / "quick_demo", shared / "quick_demo.done"
+    with open(shared / "quick_demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(workdir, ignore_errors=True)  # a failed attempt's remains
+            succeeded(jaxaigc("demo", "--quick", "--workdir", workdir, timeout=2400))
+            done.touch()
     return workdir

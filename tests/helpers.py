@@ -8,15 +8,10 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import numpy as np
-import pytest
 
 from jaxaigc import parallel
 
 ROOT = Path(__file__).resolve().parents[1]
-# The tests that read the quick demo's runs (the session fixture ``quick_demo``), grouped for
-# ``--dist loadgroup`` so that one worker trains the demo. pytest 9.2 with xdist 3.8 does not
-# honour the group (checked on a minimal file): each worker that reads the demo trains it once.
-QUICK_DEMO = pytest.mark.xdist_group("quick_demo")
 
 
 def jaxaigc(*args, cwd=ROOT, timeout=900) -> subprocess.CompletedProcess:

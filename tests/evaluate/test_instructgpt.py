@@ -13,12 +13,11 @@ from jaxaigc.evaluate import instructgpt as evaluation
 from jaxaigc.evaluate.report import write_report
 from jaxaigc.pipelines.instructgpt import load_policy
 from jaxaigc.systems import instructgpt as ig
-from tests.helpers import QUICK_DEMO
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "ppo_gold")
 
 
-pytestmark = [pytest.mark.slow, QUICK_DEMO]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

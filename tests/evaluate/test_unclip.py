@@ -16,7 +16,6 @@ from jaxaigc.configs.saved import save_run
 from jaxaigc.evaluate import unclip as evaluator
 from jaxaigc.evaluate.report import write_report
 from jaxaigc.train.metrics import read_metrics
-from tests.helpers import QUICK_DEMO
 
 
 def test_samplers_parse_and_bad_ones_are_named():
@@ -44,7 +43,6 @@ def test_the_recipe_leaves_the_clip_fields_to_the_clip():
 
 
 @pytest.mark.slow
-@QUICK_DEMO
 def test_the_quick_recipe_trains_and_evaluates_from_its_checkpoints(quick_demo, tmp_path):
     shutil.copytree(quick_demo, tmp_path / "demo")  # the evaluation rewrites the run's grid
     workdir = tmp_path / "demo" / "unclip"
