@@ -2,11 +2,12 @@
 writes them, a folder of images with a captions CSV or JSONL, and any prepared TFDS dataset by
 name (``coco_captions``) with its image and caption keys.
 
-Records are ``{"image": uint8 [h, w, 3], "caption": str}`` (plus ``"json"``, the text of a
-shard's ``{key}.json`` when present), like the embedded sources, so the recipes' transforms and
-:class:`jaxaigc.data.pipeline.BatchIterator`'s global order, process sharding and resumption
-apply unchanged. Paths are local or any ``etils.epath`` URL (``gs://...`` on a pod); a pattern
-may use a glob (``*``) or img2dataset's brace range (``{00000..00099}.tar``).
+Records are ``{"image": uint8 [h, w, 3], "caption": str}`` (a WebDataset's also ``"json"``,
+the text of its ``{key}.json``, "" where there is none: one structure batches), like the
+embedded sources, so the recipes' transforms and :class:`jaxaigc.data.pipeline.BatchIterator`'s
+global order, process sharding and resumption apply unchanged. Paths are local or any
+``etils.epath`` URL (``gs://...`` on a pod); a pattern may use a glob (``*``) or img2dataset's
+brace range (``{00000..00099}.tar``).
 
 A shard is indexed once (its tar headers: each member's offset and size) and a record reads its
 bytes at those offsets, so a process reads only the records its rows need. A key without a
@@ -133,13 +134,11 @@ class WebDataset:
     def __getitem__(self, index: int) -> dict[str, Any]:
         shard, key, image, text, meta = self.index[index]
         where = f"{self.paths[shard]}:{key}"
-        record = {
+        return {
             "image": decode_image(self._read(shard, image), where),
             "caption": decode_text(self._read(shard, text), where),
+            "json": "" if meta is None else decode_text(self._read(shard, meta), where),
         }
-        if meta is not None:
-            record["json"] = decode_text(self._read(shard, meta), where)
-        return record
 
     # The open files stay with the process that opened them (grain workers fork).
     def __getstate__(self) -> dict:

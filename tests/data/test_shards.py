@@ -74,7 +74,7 @@ def test_shards_are_read_record_by_record(shard_dir):
         assert record["caption"] == f"record {i}"
         tolerance = 3 if i % 3 == 2 else 0  # JPEG is lossy
         np.testing.assert_allclose(record["image"], _image(i), atol=tolerance)
-        assert ("json" in record) == (i % 6 == 0)
+        assert bool(record["json"]) == (i % 6 == 0)
 
 
 def test_corrupt_records_are_skipped_counted_and_order_is_global(shard_dir):
@@ -190,6 +190,48 @@ def test_a_tfds_dataset_by_name(tmp_path):
         shards.image_text_source(f"tfds:not_prepared_here?data_dir={tmp_path}")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['label'\]"):
         shards.image_text_source(f"tfds:tiny_captions?label=x&data_dir={tmp_path}")
+
+
+def _folder_spec(folder) -> str:
+    rows = []
+    for i in range(8):
+        Image.fromarray(_image(i)).save(folder / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "text": f"record {i}"}) + "\n")
+    (folder / "captions.jsonl").write_text("".join(rows))
+    return f"folder:{folder}/captions.jsonl"
+
+
+def _tfds_spec(folder) -> str:
+    TinyCaptions(data_dir=str(folder), file_format="array_record").download_and_prepare()
+    return f"tfds:tiny_captions:train?caption=captions/text&data_dir={folder}"
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "folder", "tfds"])
+def test_each_kind_resumes_its_global_order_on_another_process_count(kind, shard_dir, tmp_path):
+    spec = {
+        "webdataset": lambda: f"webdataset:{shard_dir}/*.tar",
+        "folder": lambda: _folder_spec(tmp_path),
+        "tfds": lambda: _tfds_spec(tmp_path),
+    }[kind]()
+
+    def iterator():
+        source = shards.image_text_source(spec)
+        ops = clip_ops(8, train=True)  # a random crop: its draws must resume too
+        return BatchIterator(source, global_batch_size=2, seed=3, operations=ops)
+
+    whole = iterator()
+    expected = [next(whole) for _ in range(3)]
+    first = iterator()
+    next(first)
+    # Two processes, one row each, resume after the first batch from the one process's state.
+    halves = [iterator(), iterator()]
+    for row, half in enumerate(halves):
+        half.set_state(first.get_state())
+        half.select_rows(np.array([row]))
+    for batch in expected[1:]:
+        rows = [next(half) for half in halves]
+        np.testing.assert_array_equal(np.concatenate([r["image"] for r in rows]), batch["image"])
+        assert [r["caption"][0] for r in rows] == list(batch["caption"])
 
 
 @pytest.mark.slow
