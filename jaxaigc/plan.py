@@ -63,10 +63,15 @@ CHIPS = {
 class Target:
     """What ``plan`` sizes: a recipe's step, optionally with a full-size preset's model."""
 
-    recipe: str  # lm, clip, dvae, dalle, unclip, instructgpt
+    recipe: str  # a recipe of jaxaigc.run.RECIPES
     step: str  # the recipe's step: "train", or unCLIP's "prior" / "decoder", InstructGPT's "ppo"
     preset: str | None = None  # the model preset; None keeps the recipe's model
     batch: int | None = None  # the paper's global batch (None: the recipe's)
+    system: str = ""  # lm, clip, dvae, dalle, unclip or instructgpt; "": the recipe's name
+
+    def __post_init__(self):
+        if not self.system:
+            object.__setattr__(self, "system", self.recipe)
 
 
 def _presets() -> dict[str, Target]:
@@ -94,6 +99,10 @@ TARGETS: dict[str, Target] = {
     "unclip.decoder": Target("unclip", "decoder"),
     "instructgpt": Target("instructgpt", "ppo"),
     **_presets(),
+    # The full-size recipes on your data (configs/pod), as they launch.
+    "clip-vit-b32": Target("clip-vit-b32", "train", system="clip"),
+    "clip-vit-b16": Target("clip-vit-b16", "train", system="clip"),
+    "siglip-vit-b16": Target("siglip-vit-b16", "train", system="clip"),
 }
 
 
@@ -110,6 +119,8 @@ def recipe_step(target: Target) -> tuple[ml_collections.ConfigDict, Any, dict, i
     from jaxaigc.systems import clip, dalle, dvae, instructgpt, lm, unclip
 
     config = run.get_config(target.recipe, quick=False)
+    if target.recipe != target.system:  # a full-size recipe: its own model, batch and mesh
+        return _full_size_step(target, config)
     if target.recipe == "lm":
         _, task = lm.make_task(config)
         return config, task, lm.batch_spec(config), config.model.context_length
@@ -166,6 +177,20 @@ def recipe_step(target: Target) -> tuple[ml_collections.ConfigDict, Any, dict, i
     task = instructgpt.ppo_task(stage_config)
     tokens = config.data.prompt_length + config.ppo.algorithm.response_length
     return stage_config, task, instructgpt.ppo_batch_spec(config), tokens
+
+
+def _full_size_step(
+    target: Target, config: ml_collections.ConfigDict
+) -> tuple[ml_collections.ConfigDict, Any, dict, int]:
+    """:func:`recipe_step` of a full-size recipe (``jaxaigc.configs.pod``); frozen models
+    (a dVAE, a CLIP text tower, the SFT reference) are randomly initialised, as abstract as the
+    rest."""
+    from jaxaigc.systems import clip
+
+    if target.system == "clip":
+        _, task = clip.make_task(config)
+        return config, task, clip.batch_spec(config), 0
+    raise ValueError(f"no step known for the full-size recipe {target.recipe!r}")
 
 
 # --- FLOPs of a compiled program ---------------------------------------------------------
@@ -294,7 +319,7 @@ def prepare(
     if chip is not None and chip not in CHIPS:
         raise ValueError(f"unknown chip {chip!r}; known: {', '.join(CHIPS)}")
     target = TARGETS[name]
-    if sample and target.recipe in ("clip", "dvae"):
+    if sample and target.system in ("clip", "dvae"):
         raise ValueError(f"{name} has no sampler; --sample plans GPT, DALL-E, prior and decoder")
     config, task, spec, tokens = recipe_step(target)
     if mesh:
@@ -408,7 +433,7 @@ def _sampler(p: Prepared) -> tuple[Any, dict, Any, int]:
     from jaxaigc.sample import decode
     from jaxaigc.sample import diffusion as diffusion_sampling
 
-    config, recipe, key = p.config, p.target.recipe, jax.random.key(0)
+    config, recipe, key = p.config, p.target.system, jax.random.key(0)
     if recipe in ("lm", "instructgpt"):
         model_config = fields.to_dataclass(GPTConfig, config.model)
         context = model_config.context_length
@@ -465,9 +490,9 @@ def _sampler(p: Prepared) -> tuple[Any, dict, Any, int]:
 
 
 def _sampler_name(p: Prepared) -> str:
-    if p.target.recipe in ("lm", "instructgpt"):
+    if p.target.system in ("lm", "instructgpt"):
         return "KV-cache decoding, every token drawn"
-    if p.target.recipe == "dalle":
+    if p.target.system == "dalle":
         return "KV-cache decoding of the image tokens"
     if p.target.step == "prior":
         return "DDIM {steps} steps, best of {candidates}".format(**PRIOR_SAMPLING)

@@ -111,6 +111,23 @@ def test_presets_plan_on_8_devices(devices):
     assert ppo["flops_per_token"] > 6 * 124e6
 
 
+FULL_SIZE = [name for name, target in plan.TARGETS.items() if target.recipe != target.system]
+
+
+@pytest.mark.parametrize("name", FULL_SIZE)
+def test_full_size_recipes_plan_as_they_launch(name):
+    prepared = plan.prepare(name, devices=8)
+    assert prepared.sizes == {"data": 1, "fsdp": 8, "tensor": 1}  # the recipe's own mesh
+    assert prepared.config.train.batch_size == get_config(name).train.batch_size
+
+
+@pytest.mark.slow
+def test_a_full_size_recipe_compiles(devices):
+    result = plan.plan("clip-vit-b32", devices=8, batch=64, chip="h100", device_list=devices)
+    preset = plan.plan("ViT-B/32", devices=8, batch=64, device_list=devices)
+    assert result["params"] == preset["params"] and result["fits"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
