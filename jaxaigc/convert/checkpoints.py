@@ -83,9 +83,11 @@ def convert(kind: str, src: str | Path, dest: str | Path, *, trust_pickle: bool 
     if kind == "clip":
         model, variables = load_clip(src)
     elif kind == "dvae":
-        model, variables = load_dvae_pickle(
+        model, halves = load_dvae_pickle(
             src, src.with_name("decoder.pkl"), trust_pickle=trust_pickle
         )
+        # A dVAE run holds the training layout, params = {"encoder", "decoder"} (pipelines.dvae).
+        variables = {"params": {half: v["params"] for half, v in halves.items()}}
     elif kind == "gpt2":
         tokenizer = Gpt2Tokenizer.from_folder(src.parent)  # before writing anything
         model, variables = gpt2_from_torch(
