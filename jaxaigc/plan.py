@@ -103,6 +103,7 @@ TARGETS: dict[str, Target] = {
     "clip-vit-b32": Target("clip-vit-b32", "train", system="clip"),
     "clip-vit-b16": Target("clip-vit-b16", "train", system="clip"),
     "siglip-vit-b16": Target("siglip-vit-b16", "train", system="clip"),
+    "dalle-12b": Target("dalle-12b", "train", system="dalle"),
 }
 
 
@@ -185,11 +186,15 @@ def _full_size_step(
     """:func:`recipe_step` of a full-size recipe (``jaxaigc.configs.pod``); frozen models
     (a dVAE, a CLIP text tower, the SFT reference) are randomly initialised, as abstract as the
     rest."""
-    from jaxaigc.systems import clip
+    from jaxaigc.systems import clip, dalle_pod
 
     if target.system == "clip":
         _, task = clip.make_task(config)
         return config, task, clip.batch_spec(config), 0
+    if target.system == "dalle":  # the frozen dVAE encoder tokenises the images in the step
+        model, task = dalle_pod.make_task(config)
+        tokens = model.config.text_len + model.config.image_len
+        return config, task, dalle_pod.batch_spec(config), tokens
     raise ValueError(f"no step known for the full-size recipe {target.recipe!r}")
 
 

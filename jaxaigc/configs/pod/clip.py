@@ -1,9 +1,10 @@
 """CLIP (Radford et al. 2021) and SigLIP (Zhai et al. 2023) at full size on your image-text pairs:
 ViT-B/32 or ViT-B/16, global batch 32,768 with the batch-sharded loss, FSDP over every device.
 
-Launch (one process per host; JAX finds the others on a TPU pod)::
+Launch (one process per host; JAX finds the others on a TPU pod; the workdir a filesystem every
+host mounts, the data anywhere ``etils.epath`` reads)::
 
-  jaxaigc train clip-vit-b16 --workdir gs://BUCKET/runs/clip-b16 \\
+  jaxaigc train clip-vit-b16 --workdir /mnt/shared/runs/clip-b16 \\
     --config.data.source='webdataset:gs://BUCKET/laion/{00000..41407}.tar' \\
     --config.data.eval_source='webdataset:gs://BUCKET/coco-val/{00000..00004}.tar'
 """
