@@ -104,6 +104,8 @@ TARGETS: dict[str, Target] = {
     "clip-vit-b16": Target("clip-vit-b16", "train", system="clip"),
     "siglip-vit-b16": Target("siglip-vit-b16", "train", system="clip"),
     "dalle-12b": Target("dalle-12b", "train", system="dalle"),
+    "unclip-prior-1b": Target("unclip-prior-1b", "prior", system="unclip"),
+    "unclip-decoder-3.5b": Target("unclip-decoder-3.5b", "decoder", system="unclip"),
 }
 
 
@@ -186,7 +188,7 @@ def _full_size_step(
     """:func:`recipe_step` of a full-size recipe (``jaxaigc.configs.pod``); frozen models
     (a dVAE, a CLIP text tower, the SFT reference) are randomly initialised, as abstract as the
     rest."""
-    from jaxaigc.systems import clip, dalle_pod
+    from jaxaigc.systems import clip, dalle_pod, unclip_pod
 
     if target.system == "clip":
         _, task = clip.make_task(config)
@@ -195,6 +197,12 @@ def _full_size_step(
         model, task = dalle_pod.make_task(config)
         tokens = model.config.text_len + model.config.image_len
         return config, task, dalle_pod.batch_spec(config), tokens
+    if target.step == "prior":  # the frozen CLIP text tower encodes the captions in the step
+        _, task = unclip_pod.make_prior_task(config)
+        return config, task, unclip_pod.prior_batch_spec(config), 0
+    if target.step == "decoder":
+        _, task = unclip_pod.make_decoder_task(config)
+        return config, task, unclip_pod.decoder_batch_spec(config), 0
     raise ValueError(f"no step known for the full-size recipe {target.recipe!r}")
 
 
