@@ -25,6 +25,7 @@ from jaxaigc.configs import lm as lm_config
 from jaxaigc.configs import unclip as unclip_config
 from jaxaigc.configs.pod import clip as pod_clip_config
 from jaxaigc.configs.pod import dalle as dalle_pod_config
+from jaxaigc.configs.pod import instructgpt as instructgpt_gpt2_config
 from jaxaigc.configs.pod import unclip as unclip_pod_config
 from jaxaigc.configs.saved import load_run, save_run
 from jaxaigc.evaluate import clip as clip_eval
@@ -32,12 +33,23 @@ from jaxaigc.evaluate import dalle as dalle_eval
 from jaxaigc.evaluate import dalle_pod as dalle_pod_eval
 from jaxaigc.evaluate import dvae as dvae_eval
 from jaxaigc.evaluate import instructgpt as instructgpt_eval
+from jaxaigc.evaluate import instructgpt_pod as instructgpt_gpt2_eval
 from jaxaigc.evaluate import lm as lm_eval
 from jaxaigc.evaluate import retrieval as retrieval_eval
 from jaxaigc.evaluate import unclip as unclip_eval
 from jaxaigc.evaluate import unclip_pod as unclip_pod_eval
 from jaxaigc.evaluate.report import write_report
-from jaxaigc.systems import clip, dalle, dalle_pod, dvae, instructgpt, lm, unclip, unclip_pod
+from jaxaigc.systems import (
+    clip,
+    dalle,
+    dalle_pod,
+    dvae,
+    instructgpt,
+    instructgpt_pod,
+    lm,
+    unclip,
+    unclip_pod,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +84,9 @@ RECIPES: dict[str, Recipe] = {
         )
     },
     "dalle-12b": Recipe(dalle_pod_config.get_config, dalle_pod.train, dalle_pod_eval.evaluate),
+    "instructgpt-gpt2": Recipe(
+        instructgpt_gpt2_config.get_config, instructgpt_pod.train, instructgpt_gpt2_eval.evaluate
+    ),
     "unclip-prior-1b": Recipe(
         unclip_pod_config.get_prior_config, unclip_pod.train_prior, unclip_pod_eval.evaluate_prior
     ),
