@@ -113,9 +113,9 @@ def _config(inputs) -> ml_collections.ConfigDict:
         eval_fraction=0.2,
     )
     config.stages.base = str(inputs["root"] / "gpt2")  # absolute: kept as it is
-    # XLA:CPU deadlocks in a collective (rendezvous timeout) running the bf16, scanned,
-    # fully rematerialised RM step read back from the persistent compilation cache (3 runs of 3;
-    # with any one of the three off, none of 5); the resume below reads its step from that cache.
+    # XLA:CPU deadlocks in a collective running the bf16, scanned, fully rematerialised RM step
+    # with the YNNPACK fusions when it is read back from the persistent compilation cache, as the
+    # resume below reads its step (experiments/repro/cpu_cached_collective_deadlock.py).
     config.model.remat_policy = "none"
     config.plain_ppo = False  # one PPO stage compiled (PPO's own config: a fast test below)
     # SFT and PPO at rates that move them in a few steps (PPO: 3 iterations, checkpointed at
