@@ -106,6 +106,7 @@ TARGETS: dict[str, Target] = {
     "dalle-12b": Target("dalle-12b", "train", system="dalle"),
     "unclip-prior-1b": Target("unclip-prior-1b", "prior", system="unclip"),
     "unclip-decoder-3.5b": Target("unclip-decoder-3.5b", "decoder", system="unclip"),
+    "instructgpt-gpt2": Target("instructgpt-gpt2", "ppo", system="instructgpt"),
 }
 
 
@@ -188,7 +189,7 @@ def _full_size_step(
     """:func:`recipe_step` of a full-size recipe (``jaxaigc.configs.pod``); frozen models
     (a dVAE, a CLIP text tower, the SFT reference) are randomly initialised, as abstract as the
     rest."""
-    from jaxaigc.systems import clip, dalle_pod, unclip_pod
+    from jaxaigc.systems import clip, dalle_pod, instructgpt_pod, unclip_pod
 
     if target.system == "clip":
         _, task = clip.make_task(config)
@@ -203,6 +204,11 @@ def _full_size_step(
     if target.step == "decoder":
         _, task = unclip_pod.make_decoder_task(config)
         return config, task, unclip_pod.decoder_batch_spec(config), 0
+    if target.step == "ppo":  # PPO-ptx: policy, value, frozen SFT reference and reward model
+        stage = instructgpt_pod.stage_config(config, "ppo_ptx")
+        tokens = config.data.prompt_length + config.ppo.algorithm.response_length
+        spec = instructgpt_pod.ppo_batch_spec(config)
+        return stage, instructgpt_pod.ppo_task(stage), spec, tokens
     raise ValueError(f"no step known for the full-size recipe {target.recipe!r}")
 
 

@@ -118,7 +118,9 @@ FULL_SIZE = [name for name, target in plan.TARGETS.items() if target.recipe != t
 def test_full_size_recipes_plan_as_they_launch(name):
     prepared = plan.prepare(name, devices=8)
     assert prepared.sizes == {"data": 1, "fsdp": 8, "tensor": 1}  # the recipe's own mesh
-    assert prepared.config.train.batch_size == get_config(name).train.batch_size
+    config = get_config(name)
+    batch = config.ppo.batch_size if prepared.target.step == "ppo" else config.train.batch_size
+    assert prepared.config.train.batch_size == batch  # the PPO stage's prompts per iteration
 
 
 @pytest.mark.slow
