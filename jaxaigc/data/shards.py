@@ -296,6 +296,25 @@ def _tfds(where: str) -> TfdsCaptions:
     )
 
 
+def head(source: Any, n: int, operations: Sequence[Any] = ()) -> tuple[list[dict], int]:
+    """The first ``n`` readable records of ``source`` in key order, each through ``operations``
+    (deterministic grain Maps), and how many corrupt ones were passed over: held-out pairs
+    for an evaluation."""
+    records, skipped = [], 0
+    for key in range(len(source)):
+        if len(records) == n:
+            break
+        try:
+            record = source[key]
+        except CorruptRecord:
+            skipped += 1
+            continue
+        for op in operations:
+            record = op.map(record)
+        records.append(record)
+    return records, skipped
+
+
 def image_text_source(spec: str):
     """A source from a spec: ``webdataset:PATTERNS``, ``folder:CAPTIONS.csv|jsonl`` or
     ``tfds:NAME[/CONFIG][:SPLIT][?image=KEY&caption=KEY&data_dir=DIR]``."""

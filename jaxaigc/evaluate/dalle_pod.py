@@ -24,8 +24,8 @@ from jax.experimental import multihost_utils
 
 from jaxaigc import parallel
 from jaxaigc.configs import stages
+from jaxaigc.data import shards
 from jaxaigc.data.image_tokens import decode_images
-from jaxaigc.data.pipeline import CorruptRecord
 from jaxaigc.data.preprocess import CenterCrop, Resize
 from jaxaigc.data.tokenizers import ClipTokenizer
 from jaxaigc.evaluate.grids import write_grid
@@ -45,20 +45,8 @@ def read_pairs(config: ml_collections.ConfigDict) -> tuple[dict, str]:
     field they came from."""
     field = "eval_source" if config.data.eval_source else "source"
     source = dalle_pod.pair_source(config, field)
-    ops = dalle_pod.image_ops(config)
-    images, captions, skipped = [], [], 0
-    for key in range(len(source)):
-        if len(images) == config.eval.pairs:
-            break
-        try:
-            record = source[key]
-        except CorruptRecord:
-            skipped += 1
-            continue
-        for op in ops:
-            record = op.map(record)
-        images.append(record["image"])
-        captions.append(record["caption"])
+    records, skipped = shards.head(source, config.eval.pairs, dalle_pod.image_ops(config))
+    images, captions = [r["image"] for r in records], [r["caption"] for r in records]
     if not images:
         raise ValueError(f"config.data.{field} holds no readable pair")
     return {"images": np.stack(images), "captions": captions, "skipped": skipped}, field

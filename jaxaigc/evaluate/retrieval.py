@@ -10,7 +10,6 @@ import ml_collections
 import numpy as np
 
 from jaxaigc.data import shards
-from jaxaigc.data.pipeline import CorruptRecord
 from jaxaigc.data.preprocess import clip_ops
 from jaxaigc.evaluate import zero_shot
 from jaxaigc.pipelines.clip import load_clip
@@ -23,23 +22,11 @@ def held_out_pairs(spec: str, n: int, resolution: int) -> tuple[np.ndarray, list
     """The first ``n`` readable pairs of ``spec`` as CLIP's evaluation preprocesses them:
     ``(pixels float32 [n, r, r, 3], captions, skipped)``."""
     source = shards.image_text_source(spec)
-    ops = clip_ops(resolution, train=False)
-    pixels, captions, skipped = [], [], 0
-    for index in range(len(source)):
-        if len(captions) == n:
-            break
-        try:
-            record = source[index]
-        except CorruptRecord:
-            skipped += 1
-            continue
-        for op in ops:
-            record = op.map(record)
-        pixels.append(record["image"])
-        captions.append(record["caption"])
+    records, skipped = shards.head(source, n, clip_ops(resolution, train=False))
+    captions = [r["caption"] for r in records]
     if len(captions) < 2:
         raise ValueError(f"{spec} has {len(captions)} readable pairs; retrieval needs 2 or more")
-    return np.stack(pixels), captions, skipped
+    return np.stack([r["image"] for r in records]), captions, skipped
 
 
 def evaluate(workdir: Path, config: ml_collections.ConfigDict) -> dict:
