@@ -219,7 +219,7 @@ def cmd_respond(args: argparse.Namespace, extra: list[str]) -> None:
     if args.max_tokens < 1 or args.temperature < 0:
         raise UsageError("--max-tokens must be >= 1 and --temperature >= 0")
     recipe = _recipe_of(args.workdir)
-    if recipe == "instructgpt":
+    if recipe in ("instructgpt", "instructgpt-gpt2"):
         model = pipelines.load_policy(args.workdir, args.policy)
     elif recipe == "gpt2":
         model = pipelines.load_language_model(args.workdir)

@@ -50,6 +50,7 @@ def load(workdir: str | Path) -> TextToImage | ClipFeatures | Policy | LanguageM
         "clip-vit-b16": load_clip,
         "siglip-vit-b16": load_clip,
         "instructgpt": load_policy,
+        "instructgpt-gpt2": load_policy,
         "gpt2": load_language_model,
     }
     if recipe not in loaders:

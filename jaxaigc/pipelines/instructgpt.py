@@ -21,8 +21,10 @@ from jaxaigc.configs.saved import load_run
 from jaxaigc.configs.stages import stage_dir
 from jaxaigc.data import instructions
 from jaxaigc.data.text import decode_bytes, encode_bytes
+from jaxaigc.data.tokenizers import Gpt2Tokenizer
 from jaxaigc.models.gpt import GPT, GPTConfig
 from jaxaigc.objectives.sft import left_pad
+from jaxaigc.pipelines.language_model import LanguageModel
 from jaxaigc.sample.decode import generate
 from jaxaigc.train import checkpoint
 
@@ -94,12 +96,14 @@ def generate_responses(
     return out
 
 
-def load_policy_params(run_dir: str | Path, *, ppo: bool) -> Any:
-    """The policy parameters of the stage trained in ``run_dir`` (``ppo``: a PPO stage, whose
-    checkpoint holds the policy beside the value model; only the policy is read)."""
+def load_policy_model(run_dir: str | Path, *, ppo: bool) -> tuple[GPTConfig, Any]:
+    """The policy's GPT and parameters of the stage trained in ``run_dir`` (``ppo``: a PPO
+    stage, whose checkpoint holds the policy beside the value model; only the policy is read)."""
+    configs = []
 
     def init_fn(run_config: dict):
         model_config = policy_config(run_config)
+        configs.append(model_config)
         model = GPT(model_config)
 
         def init(rng: jax.Array):
@@ -110,7 +114,12 @@ def load_policy_params(run_dir: str | Path, *, ppo: bool) -> Any:
         return init
 
     _, variables, _ = checkpoint.load_trained(run_dir, init_fn)
-    return variables["params"]["policy"] if ppo else variables["params"]
+    return configs[-1], variables["params"]["policy"] if ppo else variables["params"]
+
+
+def load_policy_params(run_dir: str | Path, *, ppo: bool) -> Any:
+    """:func:`load_policy_model`'s parameters alone."""
+    return load_policy_model(run_dir, ppo=ppo)[1]
 
 
 class Policy:
@@ -139,18 +148,24 @@ class Policy:
         )
 
 
-def load_policy(workdir: str | Path, stage: str = "ppo_ptx") -> Policy:
+def load_policy(workdir: str | Path, stage: str = "ppo_ptx") -> Policy | LanguageModel:
     """The policy of ``stage`` (one of :data:`POLICY_STAGES`) of the InstructGPT run in
-    ``workdir``."""
+    ``workdir``; of an ``instructgpt-gpt2`` run, a :class:`LanguageModel` with the base GPT-2's
+    tokenizer."""
     recipe, config = load_run(workdir)
-    if recipe != "instructgpt":
+    if recipe not in ("instructgpt", "instructgpt-gpt2"):
         raise ValueError(f"{workdir} holds a {recipe!r} run, not an instructgpt one")
-    if stage not in POLICY_STAGES:
-        raise ValueError(f"stage {stage!r} trains no policy; use one of {POLICY_STAGES}")
+    if stage not in POLICY_STAGES or stage not in config.stages:
+        stages = [s for s in POLICY_STAGES if s in config.stages]
+        raise ValueError(f"stage {stage!r} trains no policy; use one of {stages}")
     run_dir = stage_dir(config, workdir, stage)
     if not (run_dir / "checkpoints").is_dir():
         raise FileNotFoundError(
             f"{run_dir} holds no checkpoints of the {stage} stage: train it with "
-            f"`jaxaigc train instructgpt --workdir {workdir}`"
+            f"`jaxaigc train {recipe} --workdir {workdir}`"
         )
-    return Policy(config, load_policy_params(run_dir, ppo=stage in PPO_STAGES), stage)
+    model_config, params = load_policy_model(run_dir, ppo=stage in PPO_STAGES)
+    if recipe == "instructgpt-gpt2":
+        tokenizer = Gpt2Tokenizer.from_folder(stage_dir(config, workdir, "base"))
+        return LanguageModel(model_config, params, tokenizer)
+    return Policy(config, params, stage)

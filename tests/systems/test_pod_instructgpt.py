@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from jaxaigc import run
+from jaxaigc import pipelines, run
 from jaxaigc.convert.checkpoints import write_run
 from jaxaigc.data.tokenizers import Gpt2Tokenizer
 from jaxaigc.models.gpt import GPT, GPTConfig
+from jaxaigc.pipelines.language_model import LanguageModel
 from jaxaigc.systems import instructgpt_pod as pod
 from jaxaigc.train import checkpoint, loop
 from jaxaigc.train.metrics import read_metrics
@@ -207,6 +208,19 @@ def test_the_report_has_its_figures(trained):
     assert set(example) == {"prompt", "sft", "ppo_ptx"}
     assert isinstance(example["ppo_ptx"]["response"], str)
     assert json.loads((workdir / "report.json").read_text())["system"] == RECIPE
+
+
+@pytest.mark.slow
+def test_the_policies_answer_through_the_pipeline(trained):
+    workdir, _, _ = trained
+    policy = pipelines.load(workdir)  # PPO-ptx, with the base GPT-2's tokenizer
+    assert isinstance(policy, LanguageModel)
+    answers = policy.respond([_ask("cat"), _ask("dog")], max_tokens=3)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    sft = pipelines.load_policy(workdir, "sft")
+    assert jax.tree.structure(sft.params) == jax.tree.structure(policy.params)
+    with pytest.raises(ValueError, match="trains no policy"):
+        pipelines.load_policy(workdir, "ppo_gold")
 
 
 def test_the_model_and_its_ids_follow_the_base(inputs):
