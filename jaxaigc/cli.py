@@ -377,7 +377,11 @@ def parser() -> argparse.ArgumentParser:
         "plan",
         help="compile a recipe's or a preset's training step for N devices: FLOPs, memory, fit",
     )
-    p.add_argument("target", help="a recipe (lm, clip, ..., unclip.prior) or a preset (ViT-B/16)")
+    p.add_argument(
+        "target",
+        help="a recipe (lm, clip, ..., unclip.prior, or a full-size one: dalle-12b) or a preset "
+        "(ViT-B/16)",
+    )
     p.add_argument("--devices", type=int, required=True, help="devices of the mesh (emulated)")
     p.add_argument("--mesh", help="e.g. data=2,fsdp=4 (default: the recipe's; presets fsdp=N)")
     p.add_argument("--batch", type=int, help="global batch (default: the paper's or recipe's)")
