@@ -182,8 +182,10 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> None:
     if args.n < 1:
         raise UsageError(f"--n={args.n}: needs at least 1")
     recipe = _recipe_of(args.workdir)
-    if recipe not in ("dalle", "unclip"):
-        raise UsageError(f"{args.workdir} is a {recipe} run; generate takes a dalle or unclip run")
+    if recipe not in ("dalle", "unclip", "dalle-12b"):
+        raise UsageError(
+            f"{args.workdir} is a {recipe} run; generate takes a dalle, dalle-12b or unclip run"
+        )
     pipe = pipelines.load(args.workdir)
     out = Path(args.out or Path(args.workdir) / "generated.png")
     result = pipe(args.captions, n=args.n, seed=args.seed)

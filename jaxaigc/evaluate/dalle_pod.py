@@ -20,19 +20,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from jaxaigc import parallel
 from jaxaigc.configs import stages
 from jaxaigc.data import shards
 from jaxaigc.data.image_tokens import decode_images
-from jaxaigc.data.preprocess import CenterCrop, Resize
 from jaxaigc.data.tokenizers import ClipTokenizer
 from jaxaigc.evaluate.grids import write_grid
 from jaxaigc.models.dalle import DALLE
 from jaxaigc.objectives.autoregressive import next_token_nll
-from jaxaigc.pipelines.clip import ClipFeatures, load_clip
-from jaxaigc.sample.decode import sample_image_tokens
+from jaxaigc.pipelines.clip import load_clip
+from jaxaigc.pipelines.dalle_sharded import clip_scores, draw_samples
 from jaxaigc.systems import dalle_pod
 from jaxaigc.train.metrics import read_metrics
 
@@ -102,40 +100,6 @@ def validation_nll(
         "image_tokens": int(image_count),
         "text_tokens": int(text_count),
     }
-
-
-def draw_samples(
-    model: DALLE, params, text: np.ndarray, sample: ml_collections.ConfigDict, rng, mesh, rules
-) -> np.ndarray:
-    """``sample.candidates`` image token grids per caption of ``text`` int32 [g, text_len],
-    drawn with the KV cache on the mesh -> int32 [g, candidates, image_len]."""
-    rows = np.repeat(text, sample.candidates, axis=0)  # row i * candidates + j: caption i
-    with jax.set_mesh(mesh), parallel.partitioner(mesh, rules), nn.logical_axis_rules(rules):
-        tokens = sample_image_tokens(
-            model.config,
-            params,
-            rows,
-            rng=rng,
-            temperature=sample.temperature,
-            top_k=sample.top_k,
-            top_p=sample.top_p,
-        )
-    tokens = multihost_utils.process_allgather(tokens, tiled=True)
-    return np.asarray(tokens).reshape(len(text), sample.candidates, -1)
-
-
-def clip_scores(clip: ClipFeatures, images: np.ndarray, captions: list[str]) -> np.ndarray:
-    """CLIP cosine of images uint8 [g, n, s, s, 3] to their captions [g] -> [g, n], the images
-    resized to CLIP's resolution as its preprocessing does."""
-    r = clip.image_size
-    ops = [Resize(r), CenterCrop(r)]
-    resized = []
-    for image in images.reshape(-1, *images.shape[2:]):
-        record = {"image": image}
-        for op in ops:
-            record = op.map(record)
-        resized.append(record["image"])
-    return clip.scores(np.stack(resized).reshape(*images.shape[:2], r, r, -1), captions)
 
 
 def evaluate(workdir: Path, config: ml_collections.ConfigDict) -> dict:

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from jaxaigc.configs.saved import load_run
 from jaxaigc.pipelines.clip import ClipFeatures, load_clip
 from jaxaigc.pipelines.dalle import DalleTextToImage
+from jaxaigc.pipelines.dalle_sharded import ShardedDalleTextToImage
 from jaxaigc.pipelines.instructgpt import Policy, load_policy
 from jaxaigc.pipelines.language_model import LanguageModel, load_language_model
 from jaxaigc.pipelines.text_to_image import Generated, TextToImage
@@ -44,6 +45,7 @@ def load(workdir: str | Path) -> TextToImage | ClipFeatures | Policy | LanguageM
     recipe, _ = load_run(workdir)
     loaders = {
         "dalle": DalleTextToImage,
+        "dalle-12b": ShardedDalleTextToImage,
         "unclip": UnclipTextToImage,
         "clip": load_clip,
         "clip-vit-b32": load_clip,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxaigc import run
+from jaxaigc import pipelines, run
 from jaxaigc.configs import fields
 from jaxaigc.convert import checkpoints
 from jaxaigc.data.tokenizers import ClipTokenizer
@@ -182,6 +182,16 @@ def test_the_evaluation_reports_nll_and_reranked_samples(trained):
     assert grid.size[0] > 3 * 4 * 16  # the real image and 2 samples, 4x upscaled
     assert json.loads((workdir / "report.json").read_text())["system"] == RECIPE
     assert report["final"]["loss"] < 0.9 * report["first_logged"]["loss"]
+
+
+@pytest.mark.slow
+def test_generate_draws_on_the_mesh_and_reranks(trained):
+    workdir, _, config = trained
+    pipe = pipelines.load(workdir)
+    out = pipe(["picture number 3!", "picture number 7!"], n=2, seed=0)
+    side = config.data.image_size
+    assert out.images.shape == (2, 2, side, side, 3) and out.images.dtype == np.uint8
+    assert np.all(np.diff(out.scores, axis=1) <= 0)  # CLIP's best first
 
 
 def test_missing_inputs_are_named(inputs, tmp_path):
