@@ -84,3 +84,20 @@ def assert_one_step_matches_one_device(train_state, mesh_1, mesh_2x2x2) -> None:
         losses.append(float(metrics["train/loss"]))
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
     assert max_relative_difference(params[1], params[0]) < 1e-5
+
+
+def tiny_gpt2_bpe(texts, vocab_size: int):
+    """A byte-level BPE trained on ``texts`` with GPT-2's EOS, as a converted GPT-2 holds it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return bpe

@@ -3,11 +3,11 @@ their start, K-way rankings and pairs in one batch, pretraining windows."""
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from jaxaigc.data.preference_tokens import Encoder
 from jaxaigc.data.preferences import Comparison, Demonstration
 from jaxaigc.data.tokenizers import Gpt2Tokenizer
+from tests.helpers import tiny_gpt2_bpe
 
 TEXTS = ["\n\nHuman: Please say apple.\n\nAssistant: Apple!", "one two three", "Hi there"]
 
@@ -15,16 +15,7 @@ TEXTS = ["\n\nHuman: Please say apple.\n\nAssistant: Apple!", "one two three", "
 @pytest.fixture(scope="module")
 def encoder():
     """A byte-level BPE with GPT-2's EOS, as a converted GPT-2 folder holds it."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=280,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(TEXTS, trainer=trainer)
+    bpe = tiny_gpt2_bpe(TEXTS, 280)
     tokenizer = Gpt2Tokenizer(bpe)
     return Encoder(tokenizer, prompt_length=12, response_length=6, context_length=32,
                    vocab_size=300)  # fmt: skip

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from jaxaigc import pipelines, run
 from jaxaigc.convert.checkpoints import write_run
@@ -22,7 +21,7 @@ from jaxaigc.systems import instructgpt_pod as pod
 from jaxaigc.train import checkpoint, loop
 from jaxaigc.train.metrics import read_metrics
 from jaxaigc.train.state import init_state
-from tests.helpers import assert_trees_equal
+from tests.helpers import assert_trees_equal, tiny_gpt2_bpe
 
 RECIPE = "instructgpt-gpt2"
 WORDS = (
@@ -88,16 +87,7 @@ def inputs(tmp_path_factory):
         "prompts": _jsonl(root / "prompts.jsonl", prompts),
     }
     texts = [json.dumps(x) for x in demos + rankings + pairs + prompts]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(texts, trainer=trainer)
+    bpe = tiny_gpt2_bpe(texts, 300)
     params = GPT(BASE).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     write_run(root / "gpt2", "gpt2", BASE, {"params": nn.meta.unbox(params)}, source="test")
     Gpt2Tokenizer(bpe).save(root / "gpt2")  # as `jaxaigc convert gpt2` saves it
