@@ -241,7 +241,8 @@ def evaluate_dalle(dalle_dir: Path, test: SceneFeatures) -> dict:
     return report
 
 
-def _losses(directory: Path) -> dict:
+def losses(directory: str | Path) -> dict:
+    """The first and the last logged training loss of the run in ``directory``, with steps."""
     records = [r for r in read_metrics(directory) if "train/loss" in r]
     first, last = records[0], records[-1]
     return {
@@ -272,8 +273,8 @@ def evaluate(workdir: Path, config: ml_collections.ConfigDict) -> dict:
     pipeline_report, generated = evaluate_pipeline(prior, decoder, clip, test, config, pipeline_rng)
     report = {
         "title": "unCLIP: a diffusion prior and decoder on CLIP features of shapes scenes",
-        "prior": {**_losses(dirs["prior"]), **prior_report},
-        "decoder": {**_losses(dirs["decoder"]), **decoder_report},
+        "prior": {**losses(dirs["prior"]), **prior_report},
+        "decoder": {**losses(dirs["decoder"]), **decoder_report},
         "pipeline": pipeline_report,
         "sweep": sweep_pipeline(prior, decoder, clip, test, config, pipeline_rng),
         "test_scenes": len(test),

@@ -31,7 +31,6 @@ from jaxaigc.pipelines import unclip
 from jaxaigc.pipelines.clip import ClipFeatures
 from jaxaigc.systems import unclip_pod
 from jaxaigc.train import checkpoint
-from jaxaigc.train.metrics import read_metrics
 
 GRID = "samples.png"
 
@@ -61,15 +60,6 @@ def _load(workdir: Path, module, config_class, init, recipe: str):
     return model, variables["params"]
 
 
-def _losses(workdir: Path) -> dict:
-    records = [r for r in read_metrics(workdir) if "train/loss" in r]
-    first, last = records[0], records[-1]
-    return {
-        "first_logged": {"step": first["step"], "loss": first["train/loss"]},
-        "final": {"step": last["step"], "loss": last["train/loss"]},
-    }
-
-
 def evaluate_prior(workdir: Path, config: ml_collections.ConfigDict) -> dict:
     """The report of the prior run in ``workdir`` (schema: :mod:`jaxaigc.evaluate.report`)."""
     workdir = Path(workdir)
@@ -88,7 +78,7 @@ def evaluate_prior(workdir: Path, config: ml_collections.ConfigDict) -> dict:
     k = config.sample.prior_candidates
     report = {
         "title": "unCLIP prior: CLIP image embeddings from held-out captions",
-        "prior": {**_losses(workdir), **measured},
+        "prior": {**unclip_eval.losses(workdir), **measured},
         "held_out_samples": len(held_out),
         "sample": config.sample.to_dict(),
     }
@@ -151,7 +141,7 @@ def evaluate_decoder(workdir: Path, config: ml_collections.ConfigDict) -> dict:
     return {
         "title": "unCLIP decoder: held-out loss and samples from held-out CLIP image embeddings",
         "decoder": {
-            **_losses(workdir),
+            **unclip_eval.losses(workdir),
             "validation_loss": validation,
             "validation_loss_other_embedding": baseline,
         },
