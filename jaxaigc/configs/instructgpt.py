@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxaigc.configs import fields
+from jaxaigc.data import instructions
 from jaxaigc.models.gpt import GPTConfig
 from jaxaigc.objectives.ppo import PPOConfig
 from jaxaigc.pipelines.instructgpt import EOS, PAD, VOCAB
@@ -26,6 +27,10 @@ def get_config(*, quick: bool = False) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(
         dict(
             seed=0,
+            # SFT and the reward model learn every task; PPO trains on rl_tasks: the
+            # preferences a 2-layer byte model can learn (the hard tasks stay as a measure).
+            tasks=instructions.TASK_NAMES,
+            rl_tasks=instructions.STYLE_TASKS,
             prompt_length=100,  # bytes of prompt + SEPARATOR, left-padded (the longest: 99)
             response_length=60,  # the most bytes a response takes, EOS included (longest: 60)
             demonstrations=20_000,
@@ -45,10 +50,10 @@ def get_config(*, quick: bool = False) -> ml_collections.ConfigDict:
             # Pretraining and SFT rows hold several sequences end to end (each attending only to
             # itself): more than half of their bytes would otherwise be pads. 1.7 corpus lines and
             # 2.4 demonstrations per 160-byte row. Comparisons go in rows of comparison_row bytes
-            # with each prompt once and its responses as branches: 133 bytes per comparison on
-            # average against 1,440 as max_k rows of the context.
+            # with each prompt once and its responses as branches. 320: a 100-byte prompt and
+            # three 60-byte responses fit, so any K splits into runs of 2 or 3 that fit a row.
             pack=True,
-            comparison_row=256,
+            comparison_row=320,
         )
     )
     # Packed rows: pretrain 1,000 steps see 27,800 corpus lines, SFT 2,500 steps 96,000
@@ -86,10 +91,20 @@ def get_config(*, quick: bool = False) -> ml_collections.ConfigDict:
     # The ppo_gold stage, PPO against the gold scorer instead of the reward model: what PPO makes
     # of a perfect reward model, the ceiling of the other two (~40 s more; off in the demo).
     config.gold_reward_run = False
-    # curve_prompts: the first held-out prompts, answered greedily every curve_every PPO
-    # iterations for the gold-score curve.
+    # prompts: held-out prompts per split of the RL tasks (and of the hard tasks); samples:
+    # responses per prompt and policy at the rollout temperature, paired with SFT's; best_of:
+    # the n of best-of-n against the reward model; curve_prompts: the fixed evaluation batch
+    # sampled every curve_every PPO iterations (gold, reward, KL, pretraining NLL).
     config.eval = ml_collections.ConfigDict(
-        dict(prompts=200, comparisons=300, corpus=500, curve_prompts=64, curve_every=25)
+        dict(
+            prompts=200,
+            samples=2,
+            best_of=16,
+            comparisons=300,
+            corpus=500,
+            curve_prompts=64,
+            curve_every=25,
+        )
     )
     # Each stage trains in its directory from the previous one's parameters: pretrain -> sft ->
     # rm; ppo, ppo_ptx and ppo_gold each from sft and rm.
@@ -102,5 +117,8 @@ def get_config(*, quick: bool = False) -> ml_collections.ConfigDict:
         for stage, batch_size in (("pretrain", 8), ("sft", 8), ("rm", 8), ("ppo", 16)):
             config[stage].update(steps=2, batch_size=batch_size)
         config.train.log_every = 1
-        config.eval.update(prompts=8, comparisons=8, corpus=16, curve_prompts=8, curve_every=1)
+        config.eval.update(
+            prompts=8, samples=2, best_of=4, comparisons=8, corpus=16, curve_prompts=8,
+            curve_every=1,
+        )  # fmt: skip
     return config

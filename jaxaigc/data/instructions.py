@@ -1,11 +1,14 @@
 """Synthetic instruction tasks with gold scorers, for the InstructGPT pipeline (Ouyang et al. 2022).
 
-Eight tasks (reverse a word, sort numbers, count a letter, add, change case, list items of a
-category, repeat a word, initials of words), each phrased by four templates. A programmatic gold
-scorer gives every response a score in [0, 1] with partial credit; it stands in for human labellers
-as in Gao et al. 2022. The data of each stage: :func:`demonstrations` (SFT), :func:`comparisons`
-(K-way rankings by a noisy Bradley-Terry labeller, for the reward model), :func:`rl_prompts`
-(PPO) and :func:`pretraining_corpus` (the ptx term).
+Two families. The eight ``HARD_TASKS`` (reverse a word, sort numbers, count a letter, add, change
+case, list items of a category, repeat a word, initials of words) need skills a 2-layer byte-level
+model lacks, so they measure, they do not teach. The ``STYLE_TASKS`` are Ziegler et al. (2019)'s
+stylistic continuation, the preference a small model can learn: "cheer" continues a corpus text,
+and its gold scorer is a sentiment lexicon. Every task has four templates. A programmatic gold
+scorer gives every response a score in [0, 1]; it stands in for human labellers as in Gao et al.
+2022. The data of each stage: :func:`demonstrations` (SFT), :func:`comparisons` (K-way rankings by
+a noisy Bradley-Terry labeller, for the reward model), :func:`rl_prompts` (PPO) and
+:func:`pretraining_corpus` (the ptx term); each takes the ``tasks`` to draw from (default all).
 
 Split: the last template of every task is held out; ``"train"`` prompts use only the others, so
 ``"held_out"`` prompts are phrasings never seen in training (the parameter ranges are shared).
@@ -14,6 +17,7 @@ Split: the last template of every task is held out; ``"train"`` prompts use only
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -242,6 +246,95 @@ def _score_initials(p, response):
     return similarity(re.sub(r"[^a-z]", "", response.lower()), _initials(p["text"]))
 
 
+# The sentiment lexicon of the "cheer" task: common words of the corpus (each in 7 to 815
+# WordNet glosses, so the pretrained model can spell them).
+# fmt: off
+POSITIVE = frozenset((
+    "good", "great", "happy", "pleasant", "kind", "beautiful", "nice", "fine", "love", "loved",
+    "loving", "joy", "joyful", "warm", "bright", "gentle", "friendly", "cheerful", "delightful",
+    "wonderful", "pleasing", "lovely", "hope", "glad", "best", "better", "excellent", "fun",
+    "pleasure", "pretty", "sweet", "calm", "peace", "peaceful", "success", "successful", "healthy",
+    "safe", "generous", "grateful", "proud", "brave", "honest", "fair", "fresh", "favorable",
+    "admirable", "pleased", "smile", "laugh", "enjoy", "enjoyable", "comfort", "comfortable",
+    "charming", "helpful", "trust",
+))
+NEGATIVE = frozenset((
+    "bad", "sad", "evil", "harm", "harmful", "pain", "painful", "cruel", "ugly", "angry", "anger",
+    "fear", "hate", "poor", "sick", "dead", "death", "war", "wrong", "worst", "worse", "terrible",
+    "unpleasant", "unhappy", "disease", "injury", "violent", "crime", "fail", "failure", "loss",
+    "dirty", "dangerous", "danger", "disgust", "nasty", "awful", "horrible", "afraid", "weak",
+    "lonely", "grief", "hurt", "kill", "damage",
+))
+# fmt: on
+_CHEER_WORDS = tuple(sorted(POSITIVE))
+_PREFIX_BYTES = 36  # the longest template (52 bytes) + 36 + " Answer: " fit 100
+_CONTINUATION_BYTES = 40  # a demonstration's continuation, before its inserted positive word
+
+
+def sentiment(response: str) -> float:
+    """``(1 + tanh((P - N) / 2)) / 2`` for P distinct positive and N negative words (repeats
+    of a positive word count once); 0 for fewer than 3 words, which continue nothing."""
+    words = re.findall(r"[a-z]+", response.lower())
+    if len(words) < 3:
+        return 0.0
+    positive = len(set(words) & POSITIVE)
+    negative = sum(w in NEGATIVE for w in words)
+    return 0.5 * (1.0 + math.tanh(0.5 * (positive - negative)))
+
+
+@functools.cache
+def _continuation_pool(wordnet_dir: Path) -> tuple[str, ...]:
+    """Corpus texts of at least 8 words to continue: WordNet's "lemma: definition" lines, or
+    generated sentences without WordNet."""
+    if not (wordnet_dir / "data.noun").exists():
+        rng = np.random.default_rng(0)
+        texts = [_generated(rng) for _ in range(5_000)]
+    else:
+        texts = [f"{lemma}: {gloss.split(';')[0]}" for lemma, gloss in _wordnet_glosses()]
+    return tuple(t for t in texts if len(t.split()) >= 8 and t.isascii())
+
+
+def _insert(words: list[str], new: Sequence[str], rng: np.random.Generator) -> list[str]:
+    """``words`` with each of ``new`` inserted at a random place."""
+    words = list(words)
+    for word in new:
+        words.insert(int(rng.integers(len(words) + 1)), word)
+    return words
+
+
+def _sample_cheer(rng):
+    pool = _continuation_pool(WORDNET_DIR)
+    words = pool[rng.integers(len(pool))].split()
+    cut = int(rng.integers(3, 6))
+    while cut > 1 and len(" ".join(words[:cut])) > _PREFIX_BYTES:  # the prompt fits its row
+        cut -= 1
+    rest = []
+    for word in words[cut:]:
+        if len(" ".join([*rest, word])) > _CONTINUATION_BYTES:
+            break
+        rest.append(word)
+    # The demonstration: the text's own continuation with one positive word in it, a fair
+    # answer (gold 0.73) that leaves room above it (two distinct positive words: 0.88).
+    answer = _insert(rest or words[cut : cut + 1], [rng.choice(_CHEER_WORDS)], rng)
+    return {"text": " ".join(words[:cut])}, " ".join(answer)
+
+
+def _score_cheer(p, response):
+    del p  # any continuation: the preference is its tone
+    return sentiment(response)
+
+
+def _cheer_candidate(answer: str, rng: np.random.Generator) -> str:
+    """The demonstration's continuation with 0-3 positive words (sometimes one repeated) and
+    0-2 negative ones inserted, for the reward model to learn the lexicon's order from."""
+    words = [w for w in answer.split() if w not in POSITIVE]
+    positive = list(rng.choice(_CHEER_WORDS, int(rng.integers(0, 4)), replace=False))
+    if positive and rng.random() < 0.2:
+        positive.append(positive[0])
+    negative = list(rng.choice(sorted(NEGATIVE), int(rng.integers(0, 3)), replace=False))
+    return " ".join(_insert(words, positive + negative, rng))
+
+
 # Four phrasings per task; the last one is held out of training.
 TEMPLATES = {
     "reverse": (
@@ -292,6 +385,12 @@ TEMPLATES = {
         'Take the first letter of every word of "{text}".',
         'Join the first letters of the words in "{text}".',
     ),
+    "cheer": (
+        "Continue on a happy note: {text}",
+        "Carry on this text cheerfully: {text}",
+        "Write what comes next, in a warm and positive tone: {text}",
+        "Go on, keeping it upbeat: {text}",
+    ),
 }
 # Per task: a sampler rng -> (params, gold answer) and the gold scorer (params, response) -> [0, 1].
 _TASKS = {
@@ -303,8 +402,11 @@ _TASKS = {
     "list": (_sample_list, _score_list),
     "repeat": (_sample_repeat, _score_repeat),
     "initials": (_sample_initials, _score_initials),
+    "cheer": (_sample_cheer, _score_cheer),
 }
 TASK_NAMES = tuple(TEMPLATES)
+STYLE_TASKS = ("cheer",)
+HARD_TASKS = tuple(t for t in TASK_NAMES if t not in STYLE_TASKS)
 
 
 def score(prompt: Prompt, response: str) -> float:
@@ -318,8 +420,25 @@ def _rng(seed: int, split: str, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(split), stream])
 
 
-def _sample_prompt(rng: np.random.Generator, split: str, *, exclude: str | None = None) -> Prompt:
-    names = [t for t in TASK_NAMES if t != exclude]
+def _task_names(tasks: Sequence[str] | None) -> tuple[str, ...]:
+    if tasks is None:
+        return TASK_NAMES
+    unknown = [t for t in tasks if t not in TASK_NAMES]
+    if unknown or not tasks:
+        raise ValueError(f"tasks {list(tasks)}: use a non-empty subset of {TASK_NAMES}")
+    return tuple(tasks)
+
+
+def _sample_prompt(
+    rng: np.random.Generator,
+    split: str,
+    *,
+    exclude: str | None = None,
+    tasks: Sequence[str] | None = None,
+) -> Prompt:
+    names = [t for t in _task_names(tasks) if t != exclude] or [
+        t for t in TASK_NAMES if t != exclude
+    ]
     name = names[rng.integers(len(names))]
     held_out = len(TEMPLATES[name]) - 1
     template = held_out if split == "held_out" else int(rng.integers(held_out))
@@ -327,22 +446,30 @@ def _sample_prompt(rng: np.random.Generator, split: str, *, exclude: str | None 
     return Prompt(name, template, TEMPLATES[name][template].format(**params), params, answer)
 
 
-def make_prompts(n: int, *, seed: int, split: str = "train") -> list[Prompt]:
-    """``n`` prompts, tasks uniform; ``"held_out"`` uses only each task's last template."""
+def make_prompts(
+    n: int, *, seed: int, split: str = "train", tasks: Sequence[str] | None = None
+) -> list[Prompt]:
+    """``n`` prompts, ``tasks`` (default all) uniform; ``"held_out"`` uses only each task's last
+    template."""
     rng = _rng(seed, split, _PROMPTS)
-    return [_sample_prompt(rng, split) for _ in range(n)]
+    return [_sample_prompt(rng, split, tasks=tasks) for _ in range(n)]
 
 
-def rl_prompts(n: int, *, seed: int, split: str = "train") -> list[Prompt]:
+def rl_prompts(
+    n: int, *, seed: int, split: str = "train", tasks: Sequence[str] | None = None
+) -> list[Prompt]:
     """``n`` prompts for PPO, from a stream apart from the SFT and reward-model prompts."""
     rng = _rng(seed, split, _RL)
-    return [_sample_prompt(rng, split) for _ in range(n)]
+    return [_sample_prompt(rng, split, tasks=tasks) for _ in range(n)]
 
 
-def demonstrations(n: int, *, seed: int, split: str = "train") -> list[Example]:
+def demonstrations(
+    n: int, *, seed: int, split: str = "train", tasks: Sequence[str] | None = None
+) -> list[Example]:
     """``n`` prompts with their gold answers, for supervised fine-tuning."""
     rng = _rng(seed, split, _DEMOS)
-    return [Example(p, p.answer) for p in (_sample_prompt(rng, split) for _ in range(n))]
+    prompts = (_sample_prompt(rng, split, tasks=tasks) for _ in range(n))
+    return [Example(p, p.answer) for p in prompts]
 
 
 def _misspell(word: str, edits: int, rng: np.random.Generator) -> str:
@@ -394,6 +521,8 @@ def _candidates(prompt: Prompt, k: int, split: str, rng: np.random.Generator) ->
             out.append(_sample_prompt(rng, split, exclude=prompt.task).answer)
         elif u < 0.3:
             out.append(prompt.answer)
+        elif prompt.task == "cheer":
+            out.append(_cheer_candidate(prompt.answer, rng))
         else:
             out.append(corrupt(prompt.answer, rng.uniform(0.05, 1.0), rng))
     return out
@@ -427,6 +556,7 @@ def comparisons(
     temperature: float = 0.1,
     split: str = "train",
     policy: Policy | None = None,
+    tasks: Sequence[str] | None = None,
 ) -> list[Comparison]:
     """``n`` prompts, each with K responses ranked by a noisy labeller, for the reward model.
 
@@ -444,7 +574,8 @@ def comparisons(
     rng, label_rng = _rng(seed, split, _COMPARISONS), _rng(seed, split, _LABELLER)
     out = []
     for _ in range(n):
-        prompt, size = _sample_prompt(rng, split), int(rng.integers(lo, hi + 1))
+        prompt = _sample_prompt(rng, split, tasks=tasks)
+        size = int(rng.integers(lo, hi + 1))
         if policy is None:
             responses = _candidates(prompt, size, split, rng)
         else:
@@ -471,13 +602,14 @@ FORTUNES_DIR = Path("/usr/share/games/fortunes")
 CORPUS_SOURCES = ("wordnet", "fortunes", "generated")
 
 
+def _wordnet_glosses() -> list[tuple[str, str]]:
+    """``(lemma, gloss)`` of every synset in WordNet's data files (Debian ``wordnet-base``)."""
+    return [pair for part in wordnet.PARTS for pair in wordnet.synsets(part, WORDNET_DIR)]
+
+
 def _wordnet() -> list[str]:
-    """The "lemma: gloss" of every synset in WordNet's data files (Debian ``wordnet-base``)."""
-    return [
-        f"{lemma}: {gloss}"
-        for part in wordnet.PARTS
-        for lemma, gloss in wordnet.synsets(part, WORDNET_DIR)
-    ]
+    """The "lemma: gloss" of every synset in WordNet's data files."""
+    return [f"{lemma}: {gloss}" for lemma, gloss in _wordnet_glosses()]
 
 
 def _fortunes() -> list[str]:

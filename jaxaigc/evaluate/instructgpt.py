@@ -1,11 +1,15 @@
-"""InstructGPT's evaluation, judged by the gold scorers of the synthetic tasks.
+"""InstructGPT's evaluation, judged by the gold scorers of the synthetic tasks, on held-out
+prompts only.
 
-The reward model's pairwise accuracy against the gold order (pairs whose gold scores differ) on
-held-out comparisons; the mean gold score of SFT and each PPO stage's greedy responses to
-held-out prompts of the training templates and of the held-out template, and of responses
-sampled as in the rollouts (T=1); PPO's win-rate over SFT; each policy's NLL on held-out
-pretraining lines (the alignment tax); the PPO curves (KL from SFT, the rollouts' score, the gold
-score of greedy responses) drawn into ``ppo_curves.png``.
+What PPO optimises, on the RL tasks (the preferences a small model can learn): the gold score of
+responses sampled at the rollout temperature for SFT, best-of-n against the reward model (Gao et
+al. 2022's baseline), PPO and PPO-ptx, each paired with SFT's samples of the same prompts (the
+mean difference with a bootstrap 95% interval over prompts, and the win-rate with ties counted
+half); greedy responses beside them; the reward model's pairwise accuracy against the gold order
+on new comparisons and on rankings of SFT samples; the pretraining NLL of every policy (the
+alignment tax, and how much of it PPO-ptx recovers). The hard tasks are their own rows. Curves
+(``ppo_curves.png``): gold and reward against KL(policy || SFT) for PPO and for best-of-n, the
+fixed evaluation batch's gold over PPO iterations, and the pretraining NLL over them.
 """
 
 from __future__ import annotations
@@ -21,14 +25,18 @@ from matplotlib.figure import Figure
 
 from jaxaigc.configs.stages import stage_dir
 from jaxaigc.data import instructions
-from jaxaigc.models.gpt import GPT
-from jaxaigc.objectives.autoregressive import next_token_nll
 from jaxaigc.objectives.reward import pair_counts, ranks_of_scores
-from jaxaigc.pipelines.instructgpt import generate_responses, policy_config
+from jaxaigc.pipelines.instructgpt import generate_responses
 from jaxaigc.systems import instructgpt as ig
 from jaxaigc.train.metrics import read_metrics
 
-LABELS = {"sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx", "ppo_gold": "PPO (gold reward)"}
+LABELS = {
+    "sft": "SFT",
+    "best_of_n": "best-of-n",
+    "ppo": "PPO",
+    "ppo_ptx": "PPO-ptx",
+    "ppo_gold": "PPO (gold reward)",
+}
 SPLITS = {"train_templates": "training templates", "held_out_template": "held-out template"}
 CURVES = "ppo_curves.png"
 
@@ -49,23 +57,92 @@ def rm_accuracy(config, rm_params, comparisons: list[instructions.Comparison]) -
     return {"accuracy": right / total if total else math.nan, "pairs": total}
 
 
-def pretraining_nll(config, params, lines: dict[str, np.ndarray]) -> float:
-    """Mean NLL per byte of held-out corpus lines under the policy."""
-    model = GPT(policy_config(config))
+def paired(values: np.ndarray, baseline: np.ndarray, *, seed: int = 0, rounds: int = 2000) -> dict:
+    """``values`` against ``baseline``, both [prompts, samples] of the same prompts: the mean
+    difference with a bootstrap 95% interval over prompts, and the win-rate of sample i over the
+    baseline's sample i (ties count half) with the tie rate."""
+    diff = values - baseline
+    per_prompt = diff.mean(1)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(len(per_prompt), size=(rounds, len(per_prompt)))
+    low, high = np.percentile(per_prompt[draws].mean(1), [2.5, 97.5])
+    return {
+        "mean": float(values.mean()),
+        "baseline": float(baseline.mean()),
+        "difference": float(per_prompt.mean()),
+        "interval": [float(low), float(high)],
+        "win_rate": float((diff > 0).mean() + 0.5 * (diff == 0).mean()),
+        "tie_rate": float((diff == 0).mean()),
+    }
 
-    @jax.jit
-    def nll(p, tokens, weights):
-        logits = model.apply({"params": p}, tokens[:, :-1])
-        return next_token_nll(logits, tokens[:, 1:], weights)
 
-    total = count = 0.0
-    for i in range(0, len(lines["tokens"]), 64):
-        s, c = nll(params, lines["tokens"][i : i + 64], lines["weights"][i : i + 64])
-        total, count = total + float(s.sum()), count + float(c.sum())
-    return total / count
+def best_of_n(samples: ig.ScoredSamples, prompts: int, n: int) -> dict[str, np.ndarray]:
+    """Groups of ``n`` consecutive samples of each prompt (``samples`` holds a multiple of ``n``
+    per prompt, prompt-major), each group's sample of highest reward: gold and reward
+    [prompts, groups]."""
+    reward = samples.reward.reshape(prompts, -1, n)
+    pick = reward.argmax(2)[..., None]
+    gold = samples.gold.reshape(prompts, -1, n)
+    return {
+        "gold": np.take_along_axis(gold, pick, 2)[..., 0],
+        "reward": np.take_along_axis(reward, pick, 2)[..., 0],
+    }
 
 
-def _ppo_curves(config, workdir: Path) -> dict:
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base) in nats, the analytic bound of Stiennon et al. 2020."""
+    return math.log(n) - (n - 1) / n
+
+
+def sampled_figures(config, policies: dict, sft, rm, prompts: list) -> dict:
+    """Every policy's and best-of-n's samples of ``prompts`` at the rollout temperature, paired
+    with SFT's, and best-of-n's gold and reward at n = 1, 2, 4, ... ``eval.best_of``."""
+    m, n = config.eval.samples, config.eval.best_of
+    repeated = [p for p in prompts for _ in range(m)]
+    scored = {
+        name: ig.sample_and_score(config, params, sft, rm, repeated, seed=config.data.seed + 17)
+        for name, params in policies.items()
+    }
+    pool = ig.sample_and_score(
+        config, sft, sft, rm, [p for p in prompts for _ in range(m * n)], seed=config.data.seed + 19
+    )
+    best = best_of_n(pool, len(prompts), n)
+    sft_gold = scored["sft"].gold.reshape(len(prompts), m)
+    out = {"paired_with_sft": {}, "kl": {}, "reward": {}}
+    for name, samples in scored.items():
+        if name != "sft":
+            out["paired_with_sft"][name] = paired(samples.gold.reshape(len(prompts), m), sft_gold)
+        out["kl"][name] = float(samples.kl.mean())
+        out["reward"][name] = float(samples.reward.mean())
+    out["paired_with_sft"]["best_of_n"] = paired(best["gold"], sft_gold)
+    out["kl"]["best_of_n"] = best_of_n_kl(n)
+    out["reward"]["best_of_n"] = float(best["reward"].mean())
+    sizes = [2**i for i in range(int(math.log2(n)) + 1)]
+    out["best_of_n_curve"] = [
+        {
+            "n": k,
+            "kl": best_of_n_kl(k),
+            **{key: float(v.mean()) for key, v in best_of_n(pool, len(prompts), k).items()},
+        }
+        for k in sizes
+    ]
+    out["sft_gold"] = float(sft_gold.mean())
+    return out
+
+
+def _ppo_curves(config, workdir: Path, sft, rm) -> dict:
+    """Each PPO stage's logged rollout metrics and its evaluation-batch points, which start with
+    SFT's own (step 0, KL 0) on the same batch and keys."""
+    prompts = ig.evaluation_prompts(config)["train_templates"][: config.eval.curve_prompts]
+    start = ig.sample_and_score(config, sft, sft, rm, prompts, seed=0)
+    lines = ig.corpus_lines(config, config.eval.curve_prompts, seed=config.data.seed + 13)
+    sft_point = {
+        "step": 0,
+        "gold": float(start.gold.mean()),
+        "reward": float(start.reward.mean()),
+        "kl": 0.0,
+        "ptx_nll": ig.pretraining_nll(config, sft, lines),
+    }
     curves = {}
     for name in ig.ppo_stages(config):
         run_dir = stage_dir(config, workdir, name)
@@ -74,7 +151,7 @@ def _ppo_curves(config, workdir: Path) -> dict:
             key: [(r["step"], r[key]) for r in records if key in r]
             for key in ("rollout/kl", "rollout/score", "rollout/beta", "train/ptx_nll")
         }
-        curves[name]["gold"] = ig.read_gold_curve(run_dir)
+        curves[name]["evaluation"] = [sft_point, *ig.read_curve(run_dir)]
     return curves
 
 
@@ -83,76 +160,71 @@ def evaluate(workdir: Path, config: ml_collections.ConfigDict) -> dict:
     workdir = Path(workdir)
     policies = ig.load_policies(config, workdir)
     pretrained = policies.pop("pretrained")
+    sft = policies["sft"]
     rm = ig.load_reward_model(config, workdir)
     evaluation = ig.evaluation_prompts(config)
-    curve_prompts = evaluation["train_templates"][: config.eval.curve_prompts]
-    curves = _ppo_curves(config, workdir)
+    hard = ig.evaluation_prompts(config, instructions.HARD_TASKS)
 
-    gold, examples = {}, {}
+    sampled, greedy, examples = {}, {}, {}
     for split, prompts in evaluation.items():
+        sampled[split] = sampled_figures(config, policies, sft, rm, prompts)
         for name, params in policies.items():
             responses = generate_responses(config, params, prompts)
-            gold[f"{name}/{split}"] = ig.gold_scores(prompts, responses)
+            greedy[f"{name}/{split}"] = float(ig.gold_scores(prompts, responses).mean())
             examples[f"{name}/{split}"] = [
                 {"prompt": p.text, "response": r}
                 for p, r in zip(prompts[:4], responses, strict=False)
             ]
-    # What PPO optimises: responses sampled as in its rollouts (T=1), 4 per prompt.
-    repeated = [p for p in evaluation["train_templates"] for _ in range(4)]
-    sampled_gold = {
-        name: float(
-            ig.gold_scores(
-                repeated, generate_responses(config, params, repeated, temperature=1.0)
-            ).mean()
-        )
+    hard_gold = {
+        name: float(ig.gold_scores(hard["train_templates"], generate_responses(
+            config, params, hard["train_templates"])).mean())
         for name, params in policies.items()
-    }
-    # Greedy responses of the same prompts: the gold curves start at SFT's score.
-    sft_curve_gold = float(gold["sft/train_templates"][: len(curve_prompts)].mean())
-    for c in curves.values():
-        c["gold"] = [(0, sft_curve_gold), *c["gold"]]
-    wins, ties = {}, {}
-    for name in [n for n in ("ppo", "ppo_gold") if n in policies]:
-        for split in evaluation:
-            diff = gold[f"{name}/{split}"] - gold[f"sft/{split}"]
-            wins.setdefault(name, {})[split] = float((diff > 0).mean() + 0.5 * (diff == 0).mean())
-            ties.setdefault(name, {})[split] = float((diff == 0).mean())
+    }  # fmt: skip
     lines = ig.corpus_lines(config, config.eval.corpus, seed=config.data.seed + 13)
     nll = {
-        name: pretraining_nll(config, params, lines)
+        name: ig.pretraining_nll(config, params, lines)
         for name, params in {"pretrained": pretrained, **policies}.items()
     }
+    regression = nll["ppo"] - nll["sft"]
     n, seed = config.eval.comparisons, config.data.seed + 7
+    rl_tasks = config.data.rl_tasks
     report = {
-        "reward_model": rm_accuracy(
-            config, rm, instructions.comparisons(n, seed=seed, split="held_out")
-        ),
-        "reward_model_train_templates": rm_accuracy(
-            config, rm, instructions.comparisons(n, seed=seed)
-        ),
-        # Where PPO's rollouts start: rankings of SFT samples to new prompts.
-        "reward_model_sft_samples": rm_accuracy(
-            config, rm, ig.sft_comparisons(config, policies["sft"], n, seed=seed)
-        ),
-        "gold_score": {k: float(v.mean()) for k, v in gold.items()},  # greedy responses
-        "gold_score_sampled": sampled_gold,  # training templates, T=1
-        "win_rate_over_sft": wins,  # ties count half
-        "tie_rate_with_sft": ties,
+        "reward_model": {
+            "new_pairs": rm_accuracy(
+                config, rm, instructions.comparisons(n, seed=seed, tasks=rl_tasks)
+            ),
+            "held_out_template": rm_accuracy(
+                config, rm, instructions.comparisons(n, seed=seed, split="held_out", tasks=rl_tasks)
+            ),
+            # Where PPO's rollouts start: rankings of SFT samples to new prompts.
+            "sft_samples": rm_accuracy(config, rm, ig.sft_comparisons(config, sft, n, seed=seed)),
+            "hard_tasks": rm_accuracy(
+                config, rm, instructions.comparisons(n, seed=seed, tasks=instructions.HARD_TASKS)
+            ),
+        },
+        "sampled": sampled,  # at the rollout temperature
+        "gold_score": greedy,  # greedy responses
+        "hard_tasks_gold_score": hard_gold,  # greedy, training templates
         "pretraining_nll": nll,
-        "final_kl": {name: c["rollout/kl"][-1][1] for name, c in curves.items()},
-        "curves": curves,
-        "curve_prompts": len(curve_prompts),
+        "alignment_tax": {
+            "ppo_regression": regression,
+            "ptx_recovered": (nll["ppo"] - nll["ppo_ptx"]) / regression if regression > 0 else None,
+        },
+        "curves": _ppo_curves(config, workdir, sft, rm),
+        "curve_prompts": config.eval.curve_prompts,
         "ptx_gamma": config.ptx_gamma,
+        "best_of": config.eval.best_of,
         "examples": examples,
     }
     if jax.process_index() == 0:
         write_ppo_curves(workdir / CURVES, report)
     caption = (
-        "PPO stages over PPO iterations: KL(policy || SFT), the score of the rollouts, the gold "
-        "score of greedy responses (SFT's dashed); each policy's pretraining NLL"
+        "Gold and reward of samples against KL(policy || SFT) for PPO (its fixed evaluation "
+        "batch over iterations) and best-of-n; the evaluation batch's gold over PPO iterations; "
+        "the pretraining NLL over them"
     )
     return {
-        "title": "InstructGPT on the synthetic instruction tasks",
+        "title": "InstructGPT on the synthetic tasks: PPO against SFT on a learnable preference",
         "figures": _figures(report),
         "images": [{"path": CURVES, "caption": caption, "key": "ppo_curves"}],
         **report,
@@ -165,26 +237,44 @@ def _figure(name: str, value: float, baseline: float, baseline_name: str, unit: 
 
 
 def _figures(report: dict) -> list[dict]:
-    """Each figure beside its baseline: win-rates against 50% (SFT against itself), accuracies
-    against chance, gold scores and the pretraining NLL against SFT's."""
+    """Each figure beside its baseline: gold differences and win-rates against SFT's samples of
+    the same prompts, accuracies against chance, the NLL against SFT's."""
     figures = []
-    for name, wins in report["win_rate_over_sft"].items():
-        for split, value in wins.items():
-            label = f"{LABELS[name]} wins over SFT, {SPLITS[split]} (ties count half)"
-            figures.append(_figure(label, value, 0.5, "SFT against itself", "%"))
+    for split, what in SPLITS.items():
+        sampled = report["sampled"][split]
+        for name, pair in sampled["paired_with_sft"].items():
+            low, high = pair["interval"]
+            label = (
+                f"{LABELS[name]} mean gold of samples, {what} (95% interval of the difference "
+                f"{low:+.3f} to {high:+.3f})"
+            )
+            figures.append(_figure(label, pair["mean"], pair["baseline"], "SFT's samples"))
+            label = (
+                f"{LABELS[name]} wins over SFT's samples, {what} "
+                f"(ties {pair['tie_rate']:.0%}, counted half)"
+            )
+            figures.append(_figure(label, pair["win_rate"], 0.5, "SFT against itself", "%"))
+    gold = report["gold_score"]
+    for name in [
+        n for n in LABELS if n not in ("sft", "best_of_n") and f"{n}/train_templates" in gold
+    ]:
+        label = f"{LABELS[name]} mean gold of greedy responses, training templates"
+        figures.append(
+            _figure(label, gold[f"{name}/train_templates"], gold["sft/train_templates"], "SFT")
+        )
     for key, what in (
-        ("reward_model", "held-out template"),
-        ("reward_model_train_templates", "new pairs of the training templates"),
-        ("reward_model_sft_samples", "rankings of SFT samples"),
+        ("new_pairs", "new comparisons, RL tasks"),
+        ("held_out_template", "held-out template, RL tasks"),
+        ("sft_samples", "rankings of SFT samples, RL tasks"),
+        ("hard_tasks", "new comparisons, hard tasks"),
     ):
-        r = report[key]
+        r = report["reward_model"][key]
         name = f"reward model pairwise accuracy against gold, {what} ({r['pairs']} pairs)"
         figures.append(_figure(name, r["accuracy"], 0.5, "chance", "%"))
-    gold = report["gold_score"]
-    for name in [n for n in LABELS if n != "sft" and f"{n}/train_templates" in gold]:
-        for split, what in SPLITS.items():
-            label = f"{LABELS[name]} mean gold score (0-1) of greedy responses, {what}"
-            figures.append(_figure(label, gold[f"{name}/{split}"], gold[f"sft/{split}"], "SFT"))
+    hard = report["hard_tasks_gold_score"]
+    for name in [n for n in ("ppo", "ppo_ptx") if n in hard]:
+        label = f"{LABELS[name]} mean gold of greedy responses, hard tasks (a measure, not trained)"
+        figures.append(_figure(label, hard[name], hard["sft"], "SFT"))
     nll = report["pretraining_nll"]
     for name in ("ppo_ptx", "ppo"):
         label = f"{LABELS[name]} NLL of held-out pretraining lines, nats per byte (alignment tax)"
@@ -193,46 +283,47 @@ def _figures(report: dict) -> list[dict]:
 
 
 def write_ppo_curves(path: Path, report: dict) -> None:
-    """The PPO stages over PPO iterations: KL(policy || SFT), the reward model's score of the
-    rollouts, the gold score of greedy responses; and each policy's pretraining NLL."""
+    """Gold and reward against KL for PPO's evaluation batch and best-of-n; the evaluation
+    batch's gold and the pretraining NLL over PPO iterations."""
     fig = Figure(figsize=(12, 8), layout="constrained")
     FigureCanvasAgg(fig)  # PNG without a display
-    kl, score, gold, tax = fig.subplots(2, 2).flat
+    gold_kl, reward_kl, gold_step, nll_step = fig.subplots(2, 2).flat
     runs = {
         "ppo": "PPO",
         "ppo_ptx": f"PPO-ptx (gamma_ptx {report['ptx_gamma']:g})",
-        "ppo_gold": "PPO on the gold reward (score: gold x gold_scale)",
+        "ppo_gold": "PPO on the gold reward",
     }
     for name, label in runs.items():
-        if name not in report["curves"]:
+        points = report["curves"].get(name, {}).get("evaluation", [])
+        if not points:
             continue
-        curves = report["curves"][name]
-        for ax, key in ((kl, "rollout/kl"), (score, "rollout/score"), (gold, "gold")):
-            if curves[key]:
-                ax.plot(*zip(*curves[key], strict=True), label=label, marker=".")
-    sft_gold = report["curves"]["ppo"]["gold"][0][1]
-    gold.axhline(sft_gold, color="grey", linestyle="--", label=f"SFT {sft_gold:.3f}")
-    score.axhline(0, color="grey", linestyle="--", label="demonstrations (RM centred at 0)")
-    kl.set(title="KL(policy || SFT reference) of the rollouts", ylabel="nats per response")
-    score.set(
-        title="score of the rollouts (sampled, T=1)", ylabel="RM score (gold run: scaled gold)"
+        kl = [p["kl"] for p in points]
+        gold_kl.plot(kl, [p["gold"] for p in points], marker=".", label=label)
+        reward_kl.plot(kl, [p["reward"] for p in points], marker=".", label=label)
+        steps = [p["step"] for p in points]
+        gold_step.plot(steps, [p["gold"] for p in points], marker=".", label=label)
+        nll_step.plot(steps, [p["ptx_nll"] for p in points], marker=".", label=label)
+    best = report["sampled"]["train_templates"]["best_of_n_curve"]
+    for ax, key in ((gold_kl, "gold"), (reward_kl, "reward")):
+        ax.plot([b["kl"] for b in best], [b[key] for b in best], marker="s", color="k",
+                label="best-of-n (n = 1, 2, 4, ...; analytic KL)")  # fmt: skip
+        ax.set(xlabel="KL(policy || SFT), nats per response")
+    sft_gold = report["sampled"]["train_templates"]["sft_gold"]
+    gold_step.axhline(sft_gold, color="grey", linestyle="--", label=f"SFT {sft_gold:.3f}")
+    sft_nll = report["pretraining_nll"]["sft"]
+    nll_step.axhline(sft_nll, color="grey", linestyle="--", label=f"SFT {sft_nll:.3f}")
+    gold_kl.set(
+        title="gold of samples (held-out prompts, rollout temperature)", ylabel="gold (0-1)"
     )
-    gold.set(
-        title=f"gold score of greedy responses ({report['curve_prompts']} held-out prompts)",
-        ylabel="mean gold score (0-1)",
-    )
-    for ax in (kl, score, gold):
-        ax.set_xlabel("PPO iteration")
-        ax.legend()
+    reward_kl.set(title="reward of the same samples (normalised on SFT samples)", ylabel="reward")
+    gold_step.set(
+        title=f"gold of the fixed evaluation batch ({report['curve_prompts']} held-out prompts)",
+        xlabel="PPO iteration", ylabel="gold (0-1)",
+    )  # fmt: skip
+    nll_step.set(title="pretraining NLL, held-out corpus lines", xlabel="PPO iteration",
+                 ylabel="nats per byte")  # fmt: skip
+    for ax in (gold_kl, reward_kl, gold_step, nll_step):
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    nll = report["pretraining_nll"]
-    names = [n for n in ("pretrained", "sft", "ppo", "ppo_ptx", "ppo_gold") if n in nll]
-    bars = tax.bar([LABELS.get(n, n) for n in names], [nll[n] for n in names], color="C2")
-    tax.bar_label(bars, fmt="%.3f")
-    uniform = math.log(256)
-    tax.axhline(uniform, color="grey", linestyle="--", label=f"uniform over bytes {uniform:.3f}")
-    tax.set(title="pretraining NLL on held-out corpus lines", ylabel="nats per byte")
-    tax.legend(loc="lower right")
-    accuracy = report["reward_model"]["accuracy"]
-    fig.suptitle(f"InstructGPT on the synthetic tasks; RM pairwise accuracy vs gold {accuracy:.1%}")
+    fig.suptitle("InstructGPT: PPO and best-of-n against SFT, judged by the gold scorer")
     fig.savefig(path, dpi=100)

@@ -271,3 +271,16 @@ def center_rewards(params, demonstration_scores: jax.Array):
     score = params["score"]
     bias = score["bias"] - jnp.mean(demonstration_scores)
     return {**params, "score": {**score, "bias": bias}}
+
+
+def normalize_rewards(params, policy_scores: jax.Array):
+    """``params`` with the score head scaled and shifted so that ``policy_scores`` (the model's
+    scores of samples of the policy PPO starts from [n]) have mean 0 and standard deviation 1:
+    Ziegler et al. 2019's gain and bias, which give the KL coefficient beta a fixed meaning."""
+    gain = jax.lax.rsqrt(jnp.var(policy_scores) + 1e-12)
+    score = params["score"]
+    scaled = {
+        "kernel": score["kernel"] * gain,
+        "bias": (score["bias"] - jnp.mean(policy_scores)) * gain,
+    }
+    return {**params, "score": {**score, **scaled}}

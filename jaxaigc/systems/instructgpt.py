@@ -1,15 +1,18 @@
 """InstructGPT end to end on the synthetic instruction tasks (Ouyang et al. 2022): a byte-level GPT
 pretrained on the corpus -> SFT on demonstrations -> a reward model on K-way comparisons -> PPO
-and PPO-ptx (and, with ``gold_reward_run``, PPO against the gold scorer) on RL prompts.
+and PPO-ptx (and, with ``gold_reward_run``, PPO against the gold scorer) on prompts of the RL
+tasks, against the reward model normalised on SFT samples (Ziegler et al. 2019).
 
 Each stage is a :func:`jaxaigc.train.loop.train` run in its directory of ``config.stages``
 (checkpointed, resumable) and starts from the previous stage's parameters; each PPO stage also
-writes ``gold.jsonl``, the gold-score curve of its greedy responses (the evaluation:
-:mod:`jaxaigc.evaluate.instructgpt`).
+writes ``curve.jsonl``, its fixed evaluation batch's gold, reward, KL and pretraining NLL over
+iterations (the evaluation: :mod:`jaxaigc.evaluate.instructgpt`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -28,13 +31,14 @@ from jaxaigc.data import instructions
 from jaxaigc.data.pipeline import ArrayRecords, BatchIterator
 from jaxaigc.data.text import pack
 from jaxaigc.models.gpt import GPT, GPTConfig
-from jaxaigc.objectives.autoregressive import lm_loss_fn
+from jaxaigc.objectives.autoregressive import lm_loss_fn, next_token_nll
 from jaxaigc.objectives.ppo import PPOConfig
 from jaxaigc.objectives.reward import (
-    center_rewards,
     encode_comparison,
+    normalize_rewards,
     pack_comparisons,
     reward_loss_fn,
+    score_at_eos,
     sequence_scores,
 )
 from jaxaigc.objectives.sft import encode_example, left_pad, sft_loss_fn
@@ -50,6 +54,7 @@ from jaxaigc.pipelines.instructgpt import (
     response_bytes,
     response_text,
 )
+from jaxaigc.sample.decode import generate, token_logprobs
 from jaxaigc.train import checkpoint, loop
 from jaxaigc.train.ppo import load_params, make_ppo_task
 
@@ -165,7 +170,9 @@ def sft_arrays(config, examples: Sequence[instructions.Example]) -> dict[str, np
 def build_sft(config, pretrained_params) -> tuple[loop.Task, BatchIterator]:
     """Fine-tuning of the pretrained LM on demonstrations (response tokens only)."""
     model = GPT(policy_config(config))
-    demos = instructions.demonstrations(config.data.demonstrations, seed=config.data.seed)
+    demos = instructions.demonstrations(
+        config.data.demonstrations, seed=config.data.seed, tasks=config.data.tasks
+    )
     task = loop.Task(
         init=_init(model, config.model.context_length, pretrained_params, "pretrained"),
         loss_fn=sft_loss_fn(model),
@@ -217,9 +224,9 @@ def comparison_arrays(config, comparisons) -> dict[str, np.ndarray]:
 def sft_comparisons(
     config, sft_params, n: int, *, seed: int, split: str = "train"
 ) -> list[instructions.Comparison]:
-    """``n`` prompts, each with K (4 to ``max_k``) responses the SFT policy samples at
-    temperature 1, ranked by the labeller."""
-    prompts = instructions.make_prompts(n, seed=seed, split=split)
+    """``n`` prompts of the RL tasks, each with K (4 to ``max_k``) responses the SFT policy
+    samples at temperature 1, ranked by the labeller."""
+    prompts = instructions.make_prompts(n, seed=seed, split=split, tasks=config.data.rl_tasks)
     rng = np.random.default_rng(seed)
     sizes = rng.integers(4, config.data.max_k + 1, n)
     flat = [p for p, k in zip(prompts, sizes, strict=True) for _ in range(k)]
@@ -240,6 +247,7 @@ def build_rm(config, sft_params) -> tuple[loop.Task, BatchIterator]:
         seed=config.data.seed,
         k=(4, config.data.max_k),
         temperature=config.data.labeller_temperature,
+        tasks=config.data.tasks,
     )
     if config.data.sft_comparisons:
         comparisons += sft_comparisons(
@@ -282,12 +290,83 @@ def reward_scores(config, rm_params, tokens: np.ndarray, response_mask: np.ndarr
     return np.concatenate([np.asarray(b) for b in batches])
 
 
-def centred_reward_params(config, rm_params, n: int = 256):
-    """The reward model with its bias set so that ``n`` demonstrations score mean 0."""
-    demos = instructions.demonstrations(n, seed=config.data.seed + 1)
-    arrays = sft_arrays(config, demos)
-    scores = reward_scores(config, rm_params, arrays["tokens"], arrays["response_mask"])
-    return center_rewards(rm_params, jnp.asarray(scores))
+def normalized_reward_params(config, rm_params, sft_params):
+    """The reward model with its gain and bias set so that its scores of SFT samples (256 RL
+    prompts at the rollout temperature) have mean 0 and standard deviation 1 (Ziegler et al.)."""
+    prompts = instructions.rl_prompts(256, seed=config.data.seed + 5, tasks=config.data.rl_tasks)
+    samples = sample_and_score(
+        config, sft_params, sft_params, rm_params, prompts, seed=config.data.seed + 5
+    )
+    return normalize_rewards(rm_params, jnp.asarray(samples.reward))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredSamples:
+    """Responses sampled as PPO's rollouts are, each with ``kl`` [n], KL(policy || SFT) in nats
+    (the sum over its tokens of log pi - log pi_SFT at the rollout temperature, as PPO's penalty
+    counts it), the reward model's ``reward`` [n] and the ``gold`` score [n]."""
+
+    prompts: list[instructions.Prompt]
+    responses: list[str]
+    kl: np.ndarray
+    reward: np.ndarray
+    gold: np.ndarray
+
+
+@functools.cache
+def _sampler(policy: GPTConfig, scorer: GPTConfig, steps: int, temperature: float):
+    model, reward_model = GPT(policy), GPT(scorer)
+
+    @jax.jit
+    def sample(params, sft_params, rm_params, prompt, valid, key):
+        rows = jax.random.split(key, prompt.shape[0])
+        drawn = generate(
+            policy, params, prompt, valid=valid, steps=steps, rng=rows,
+            temperature=temperature, eos_id=EOS, pad_id=PAD,
+        )  # fmt: skip
+        tokens = jnp.concatenate([prompt, drawn.tokens], axis=1)
+        mask = jnp.concatenate([valid, drawn.mask], axis=1)
+        logits = model.apply({"params": sft_params}, tokens, valid=mask)[:, -steps - 1 : -1]
+        ref = token_logprobs(logits, drawn.tokens, temperature)
+        kl = jnp.where(drawn.mask, drawn.logprobs - ref, 0.0).sum(1)
+        scores = reward_model.apply({"params": rm_params}, tokens, valid=mask)[:, -steps:]
+        return drawn.tokens, drawn.mask, kl, score_at_eos(scores, drawn.mask)
+
+    return sample
+
+
+def sample_and_score(
+    config, params, sft_params, rm_params, prompts, *, seed: int, batch_size: int = 64
+) -> ScoredSamples:
+    """One response per prompt sampled at PPO's rollout temperature (row i with key
+    ``fold_in(key(seed), i)``), scored by KL to SFT, the reward model and the gold scorer."""
+    temperature = config.ppo.algorithm.temperature
+    sample = _sampler(
+        policy_config(config), reward_config(config), config.data.response_length, temperature
+    )
+    tokens, valid = left_pad(
+        [prompt_bytes(p) for p in prompts],
+        length=config.data.prompt_length,
+        pad_id=PAD,
+        vocab_size=VOCAB,
+    )
+    responses, kl, reward = [], [], []
+    for i in range(0, len(prompts), batch_size):
+        # The last batch padded with copies of its first row: one compiled shape.
+        rows = np.resize(np.arange(i, min(i + batch_size, len(prompts))), batch_size)
+        key = jax.random.fold_in(jax.random.key(seed), i)
+        out = sample(params, sft_params, rm_params, tokens[rows], valid[rows], key)
+        drawn, mask, kl_rows, reward_rows = (np.asarray(x)[: len(set(rows))] for x in out)
+        responses += [response_text(t, m) for t, m in zip(drawn, mask, strict=True)]
+        kl.append(kl_rows)
+        reward.append(reward_rows)
+    return ScoredSamples(
+        list(prompts),
+        responses,
+        np.concatenate(kl),
+        np.concatenate(reward),
+        gold_scores(prompts, responses),
+    )
 
 
 def _last(mask: np.ndarray) -> np.ndarray:
@@ -344,7 +423,9 @@ def build_ppo(config, sft_params, rm_params) -> tuple[loop.Task, BatchIterator]:
     score of the rollouts the gold scorer replaces with ``ppo.reward="gold"``."""
     if config.ppo.reward not in ("model", "gold"):
         raise ValueError(f"ppo.reward must be 'model' or 'gold'; got {config.ppo.reward!r}")
-    prompts = instructions.rl_prompts(config.data.rl_prompts, seed=config.data.seed)
+    prompts = instructions.rl_prompts(
+        config.data.rl_prompts, seed=config.data.seed, tasks=config.data.rl_tasks
+    )
     prompt, valid = left_pad(
         [prompt_bytes(p) for p in prompts],
         length=config.data.prompt_length,
@@ -364,44 +445,79 @@ def build_ppo(config, sft_params, rm_params) -> tuple[loop.Task, BatchIterator]:
     return task, _iterator(arrays, config, "ppo")
 
 
-def evaluation_prompts(config) -> dict[str, list[instructions.Prompt]]:
-    """The held-out prompts every policy is judged on: new prompts of the training templates
-    and prompts of the held-out template."""
-    seed = config.data.seed + 11
+def evaluation_prompts(config, tasks=None) -> dict[str, list[instructions.Prompt]]:
+    """The held-out prompts of ``tasks`` (default the RL tasks) every policy is judged on: new
+    prompts of the training templates and prompts of the held-out template."""
+    seed, tasks = config.data.seed + 11, tasks or config.data.rl_tasks
+    n = config.eval.prompts
     return {
-        "train_templates": instructions.make_prompts(config.eval.prompts, seed=seed),
-        "held_out_template": instructions.make_prompts(
-            config.eval.prompts, seed=seed, split="held_out"
-        ),
+        "train_templates": instructions.make_prompts(n, seed=seed, tasks=tasks),
+        "held_out_template": instructions.make_prompts(n, seed=seed, split="held_out", tasks=tasks),
     }
 
 
-def _gold_hook(config, path: Path, prompts):
-    """A loop hook appending ``{"step", "gold"}`` to ``path`` every ``curve_every`` PPO
-    iterations and at the last: the mean gold score of greedy responses to ``prompts``. A file so
-    that a resumed run keeps the points before its restart."""
+CURVE = "curve.jsonl"
+
+
+def _curve_hook(config, path: Path, sft_params, rm_params):
+    """A loop hook appending to ``path`` every ``curve_every`` PPO iterations and at the last:
+    on one fixed batch of held-out prompts (``eval.curve_prompts`` of the training templates,
+    the same responses' keys each time), the mean gold score, reward and KL(policy || SFT) of
+    responses sampled as the rollouts are, and the NLL per byte of held-out pretraining lines.
+    A file, so that a resumed run keeps the points before its restart."""
+    prompts = evaluation_prompts(config)["train_templates"][: config.eval.curve_prompts]
+    lines = corpus_lines(config, config.eval.curve_prompts, seed=config.data.seed + 13)
 
     def hook(step: int, state, metrics) -> None:
         del metrics
         if step % config.eval.curve_every and step != config.ppo.steps:
             return
         policy = multihost_utils.process_allgather(state.params["policy"], tiled=True)
-        gold = gold_scores(prompts, generate_responses(config, policy, prompts)).mean()
+        samples = sample_and_score(config, policy, sft_params, rm_params, prompts, seed=0)
+        point = {
+            "step": step,
+            "gold": float(samples.gold.mean()),
+            "reward": float(samples.reward.mean()),
+            "kl": float(samples.kl.mean()),
+            "ptx_nll": pretraining_nll(config, policy, lines),
+        }
         if jax.process_index() == 0:
             with path.open("a") as f:
-                f.write(json.dumps({"step": step, "gold": float(gold)}) + "\n")
+                f.write(json.dumps(point) + "\n")
 
     return hook
 
 
-def read_gold_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """The gold curve a PPO stage wrote to ``gold.jsonl`` by step; a step evaluated again after
-    a restart keeps its last value."""
-    path = run_dir / "gold.jsonl"
+def read_curve(run_dir: Path) -> list[dict]:
+    """The points a PPO stage wrote to ``curve.jsonl`` by step; a step evaluated again after a
+    restart keeps its last value."""
+    path = run_dir / CURVE
     if not path.exists():
         return []
-    points = dict((r["step"], r["gold"]) for r in map(json.loads, path.read_text().splitlines()))
-    return sorted(points.items())
+    points = {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
+    return [points[step] for step in sorted(points)]
+
+
+def pretraining_nll(config, params, lines: dict[str, np.ndarray]) -> float:
+    """Mean NLL per byte of corpus ``lines`` (:func:`corpus_lines`) under the policy."""
+    nll = _nll_fn(policy_config(config))
+    total = count = 0.0
+    for i in range(0, len(lines["tokens"]), 64):
+        s, c = nll(params, lines["tokens"][i : i + 64], lines["weights"][i : i + 64])
+        total, count = total + float(s.sum()), count + float(c.sum())
+    return total / count
+
+
+@functools.cache
+def _nll_fn(model_config: GPTConfig):
+    model = GPT(model_config)
+
+    @jax.jit
+    def nll(params, tokens, weights):
+        logits = model.apply({"params": params}, tokens[:, :-1])
+        return next_token_nll(logits, tokens[:, 1:], weights)
+
+    return nll
 
 
 def _train_stage(config, build, run_dir: Path, *inputs, hooks=()):
@@ -425,24 +541,46 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
     pretrained = _train_stage(stage_config(config, "pretrain"), build_pretrain, run_dir("pretrain"))
     sft = _train_stage(stage_config(config, "sft"), build_sft, run_dir("sft"), pretrained)
     rm = _train_stage(stage_config(config, "rm"), build_rm, run_dir("rm"), sft)
-    rm = centred_reward_params(config, rm)
-    curve_prompts = evaluation_prompts(config)["train_templates"][: config.eval.curve_prompts]
+    rm = reward_model_for_ppo(config, rm, sft, run_dir("rm"))
     for stage in ppo_stages(config):
         stage_cfg = ppo_stage_config(config, stage)
-        hook = _gold_hook(stage_cfg, run_dir(stage) / "gold.jsonl", curve_prompts)
+        hook = _curve_hook(stage_cfg, run_dir(stage) / CURVE, sft, rm)
         _train_stage(stage_cfg, build_ppo, run_dir(stage), sft, rm, hooks=[hook])
 
 
+NORMALIZER = "reward_normalizer.json"
+
+
+def reward_model_for_ppo(config, rm_params, sft_params, rm_dir: Path):
+    """The normalised reward model (:func:`normalized_reward_params`); its score head is kept in
+    ``rm_dir / NORMALIZER`` the first time, so that a resumed run and the evaluation use the
+    same gain and bias without sampling again."""
+    path = rm_dir / NORMALIZER
+    if not path.exists():
+        head = normalized_reward_params(config, rm_params, sft_params)["score"]
+        if jax.process_index() == 0:
+            text = json.dumps({k: np.asarray(v).tolist() for k, v in head.items()})
+            path.with_suffix(".tmp").write_text(text)
+            path.with_suffix(".tmp").replace(path)  # atomic: never half a head
+        multihost_utils.sync_global_devices("reward normalizer written")
+    head = json.loads(path.read_text())
+    score = {k: jnp.asarray(head[k], jnp.float32) for k in ("kernel", "bias")}
+    return {**rm_params, "score": score}
+
+
 def load_reward_model(config: ml_collections.ConfigDict, workdir: Path):
-    """The reward model trained in ``workdir``, centred as PPO used it."""
+    """The reward model trained in ``workdir``, normalised as PPO used it."""
 
     def init_fn(run_config: dict):
         model = GPT(reward_config(ml_collections.ConfigDict(run_config)))
         length = run_config["model"]["context_length"]
         return lambda rng: model.init(rng, jnp.zeros((1, length), jnp.int32))
 
-    _, variables, _ = checkpoint.load_trained(stage_dir(config, workdir, "rm"), init_fn)
-    return centred_reward_params(config, variables["params"])
+    rm_dir = stage_dir(config, workdir, "rm")
+    _, variables, _ = checkpoint.load_trained(rm_dir, init_fn)
+    if not (rm_dir / NORMALIZER).exists():
+        raise FileNotFoundError(f"{rm_dir / NORMALIZER} is missing: PPO has not started yet")
+    return reward_model_for_ppo(config, variables["params"], None, rm_dir)
 
 
 def load_policies(config: ml_collections.ConfigDict, workdir: Path) -> dict:

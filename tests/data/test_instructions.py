@@ -13,6 +13,7 @@ from jaxaigc.data.instructions import (
     rl_prompts,
     score,
 )
+from jaxaigc.pipelines.instructgpt import prompt_bytes
 
 # (task, params, gold answer, [(response, expected score)]).
 CASES = [
@@ -95,9 +96,41 @@ def test_gold_scorer_on_hand_written_cases(task, params, answer, cases):
 def test_gold_answers_score_one_and_every_task_appears():
     for split in instructions.SPLITS:
         prompts = make_prompts(400, seed=0, split=split)
-        assert all(score(p, p.answer) == 1.0 for p in prompts)
+        assert all(score(p, p.answer) == 1.0 for p in prompts if p.task in instructions.HARD_TASKS)
         assert {p.task for p in prompts} == set(TEMPLATES)
         assert all(p.text == TEMPLATES[p.task][p.template].format(**p.params) for p in prompts)
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("a small tool", 0.5),  # no lexicon word
+        ("a good small tool", (1 + np.tanh(0.5)) / 2),
+        ("a good good tool", (1 + np.tanh(0.5)) / 2),  # a repeated positive word counts once
+        ("a good, warm and kind tool", (1 + np.tanh(1.5)) / 2),
+        ("a good tool of war", 0.5),
+        ("war and death", (1 + np.tanh(-1.0)) / 2),  # every negative word counts
+        ("good warm", 0.0),  # under 3 words continues nothing
+    ],
+)
+def test_sentiment_counts_distinct_positive_and_every_negative_word(response, expected):
+    assert instructions.sentiment(response) == pytest.approx(expected)
+
+
+def test_cheer_prompts_continue_corpus_texts_with_room_above_the_demonstration():
+    prompts = make_prompts(300, seed=0, tasks=["cheer"])
+    assert {p.task for p in prompts} == {"cheer"}
+    for p in prompts:
+        assert len(prompt_bytes(p)) <= 100 and p.text.endswith(p.params["text"])  # its row
+        # The demonstration holds a positive word, and two more distinct ones would score more.
+        assert set(p.answer.split()) & instructions.POSITIVE
+        assert score(p, p.answer + " glad and grateful") > score(p, p.answer)
+    # The labeller's comparisons order responses of several sentiments: few ties.
+    data = comparisons(200, seed=0, tasks=["cheer"])
+    untied = [s[i] != s[j] for c in data for s in [c.scores] for i, j in c.pairs()]
+    assert np.mean(untied) > 0.6
+    with pytest.raises(ValueError, match="tasks \\['cheerful'\\]"):
+        make_prompts(3, seed=0, tasks=["cheerful"])
 
 
 def test_data_is_deterministic_by_seed():

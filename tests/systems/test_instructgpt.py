@@ -140,7 +140,7 @@ def test_sft_comparisons_rank_the_policys_samples():
 
 
 def test_the_gold_reward_scores_responses_to_their_own_prompts():
-    prompts = instructions.rl_prompts(3, seed=0)
+    prompts = instructions.rl_prompts(3, seed=0, tasks=instructions.HARD_TASKS)
     reward = ig.gold_reward(prompts, scale=3.0)
     prompt, valid = left_pad(
         [prompt_bytes(p) for p in prompts], length=100, pad_id=PAD, vocab_size=VOCAB
@@ -181,3 +181,22 @@ def test_kl_target_overrides_from_the_command_line():
     values(argv)
     assert ig.ppo_config(values.config).kl_target == 6.0
     assert ig.ppo_config(get_config()).kl_target is None  # a fixed beta by default
+
+
+def test_the_reward_model_is_normalised_on_sft_samples(tmp_path):
+    config = get_config(quick=True)
+    model, scorer = GPT(policy_config(config)), GPT(ig.reward_config(config))
+    tokens = jnp.zeros((1, config.model.context_length), jnp.int32)
+    sft = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+    rm = nn.meta.unbox(scorer.init(jax.random.key(1), tokens)["params"])
+    normalised = ig.reward_model_for_ppo(config, rm, sft, tmp_path)
+    # The samples it was fitted on: the SFT policy's, 256 RL prompts at the rollout temperature.
+    prompts = instructions.rl_prompts(256, seed=config.data.seed + 5, tasks=config.data.rl_tasks)
+    raw = ig.sample_and_score(config, sft, sft, rm, prompts, seed=config.data.seed + 5)
+    assert raw.reward.std() > 0 and abs(raw.reward.mean()) > 1e-3  # the test could fail
+    fitted = ig.sample_and_score(config, sft, sft, normalised, prompts, seed=config.data.seed + 5)
+    assert fitted.responses == raw.responses
+    assert abs(fitted.reward.mean()) < 1e-4 and fitted.reward.std() == pytest.approx(1, abs=1e-4)
+    # Kept beside the reward model: a resumed run reads the same head without sampling.
+    again = ig.reward_model_for_ppo(config, rm, None, tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, again, normalised)
