@@ -2,6 +2,7 @@
 OpenAI's or Hugging Face's weights) loads into an object you call.
 
 - text -> image (DALL-E, unCLIP): ``load(workdir)(captions, n=16, seed=0)`` -> :class:`Generated`;
+  the full-size unCLIP, trained as two runs: ``load(decoder_run, prior=prior_run)``;
 - CLIP: ``load_clip(workdir).classify(images, labels)``, ``.scores``, ``.encode_images``, ...;
 - InstructGPT: ``load_policy(workdir, "ppo_ptx").respond(prompts)``; a converted GPT-2:
   ``load(workdir).respond(prompts)`` continues them.
@@ -23,6 +24,7 @@ from jaxaigc.pipelines.instructgpt import Policy, load_policy
 from jaxaigc.pipelines.language_model import LanguageModel, load_language_model
 from jaxaigc.pipelines.text_to_image import Generated, TextToImage
 from jaxaigc.pipelines.unclip import UnclipTextToImage
+from jaxaigc.pipelines.unclip_sharded import ShardedUnclipTextToImage
 
 __all__ = [
     "ClipFeatures",
@@ -38,11 +40,26 @@ __all__ = [
 ]
 
 
-def load(workdir: str | Path) -> TextToImage | ClipFeatures | Policy | LanguageModel:
+def load(
+    workdir: str | Path, *, prior: str | Path | None = None
+) -> TextToImage | ClipFeatures | Policy | LanguageModel:
     """The inference object of the run in ``workdir``, as its recipe says: a DALL-E or unCLIP
     :class:`TextToImage`, a CLIP's :class:`ClipFeatures`, an InstructGPT :class:`Policy`, a
-    converted GPT-2's :class:`LanguageModel`."""
+    converted GPT-2's :class:`LanguageModel`. ``prior``: the ``unclip-prior-1b`` run an
+    ``unclip-decoder-3.5b`` run generates with (by default its ``stages.prior``)."""
     recipe, _ = load_run(workdir)
+    if recipe == ShardedUnclipTextToImage.recipe:
+        return ShardedUnclipTextToImage(workdir, prior=prior)
+    if prior is not None:
+        raise ValueError(
+            f"prior= pairs an {ShardedUnclipTextToImage.recipe} run with its prior; {workdir} "
+            f"is a {recipe!r} run"
+        )
+    if recipe == "unclip-prior-1b":
+        raise ValueError(
+            f"{workdir} is a full-size unCLIP prior: load its decoder run, "
+            f"pipelines.load(DECODER_RUN, prior={str(workdir)!r})"
+        )
     loaders = {
         "dalle": DalleTextToImage,
         "dalle-12b": ShardedDalleTextToImage,

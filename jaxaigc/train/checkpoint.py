@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
+from jaxaigc import parallel
+
 log = logging.getLogger(__name__)
 
 
@@ -133,8 +135,11 @@ def load_trained(
     *,
     step: int | None = None,
     device: jax.Device | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: parallel.Rules = (),
 ) -> tuple[dict, dict, int]:
-    """The variables to evaluate a finished run with, read from its checkpoint onto one device.
+    """The variables to evaluate a finished run with, read from its checkpoint onto one device
+    or sharded over a mesh.
 
     Only the evaluation variables are read (a partial restore: the optimiser state is not): the
     EMA of the parameters and of the model state when the run kept one, else the live ones.
@@ -145,6 +150,8 @@ def load_trained(
         (only traced for shapes).
       step: which checkpoint; the latest by default.
       device: where the arrays go; the first local device by default.
+      mesh, rules: instead of ``device``, each array sharded over ``mesh`` by its logical axes
+        (a model that fits no single device, read onto its training mesh).
 
     Returns:
       ``(run_config, {"params": ..., **model_state}, step)``.
@@ -161,15 +168,21 @@ def load_trained(
         args = ocp.args.Composite(config=ocp.args.JsonRestore())
         config = manager.restore(step, args=args)["config"]
         ema = config["train"]["ema_decay"] > 0
-        sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
-        variables = nn.meta.unbox(jax.eval_shape(init_fn(config), jax.random.key(0)))
-        variables = dict(variables)
+        with nn.logical_axis_rules(rules):
+            boxed = jax.eval_shape(init_fn(config), jax.random.key(0))
+        if mesh is None:
+            sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: sharding, nn.meta.unbox(boxed))
+        else:
+            shardings = parallel.logical_shardings(boxed, mesh, rules)
+        variables = jax.tree.map(
+            lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+            dict(nn.meta.unbox(boxed)),
+            dict(shardings),
+        )
         target = {"ema_params" if ema else "params": variables.pop("params")}
         if variables:  # BatchNorm statistics and other non-parameter collections
             target["ema_model_state" if ema else "model_state"] = variables
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target
-        )
         state = manager.restore(
             step,
             args=ocp.args.Composite(

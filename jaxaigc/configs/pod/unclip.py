@@ -11,7 +11,8 @@ those embeddings (training: :mod:`jaxaigc.systems.unclip_pod`). Train them with:
     jaxaigc train unclip-decoder-3.5b --workdir runs/decoder \
         --config.data.source=webdataset:/data/{00000..00999}.tar \
         --config.data.embeddings=/data/emb --config.data.eval_source=webdataset:/data/val.tar \
-        --config.data.eval_embeddings=/data/val-emb
+        --config.data.eval_embeddings=/data/val-emb --config.stages.prior=../prior
+    jaxaigc generate runs/decoder "a corgi playing a flame-throwing trumpet" --n 4
 
 The prior conditions on the caption's per-token CLIP text features, which clip-retrieval does
 not store: the step computes them from the caption's CLIP BPE tokens with the frozen text tower
@@ -83,6 +84,9 @@ def get_decoder_config(*, quick: bool = False) -> ml_collections.ConfigDict:
     ViT-L/14 image embeddings, batch 2048."""
     config = default_train_config()
     config.model = full_size(DecoderConfig, "paper-3.5b")
+    # prior: the unclip-prior-1b run `jaxaigc generate` samples image embeddings from (training
+    # does not read it; `jaxaigc generate DECODER --prior DIR` names another).
+    config.stages = ml_collections.ConfigDict(dict(prior=""))
     # source: the images, webdataset:PATTERN (the shards clip-retrieval read); embeddings: its
     # output folders. The images join their embeddings by key.
     config.data = ml_collections.ConfigDict(
