@@ -10,7 +10,7 @@ WORKDIR ?= runs/demo
 DEBIAN_DATA := fonts-noto-color-emoji fonts-symbola ruby-gemojione dataset-fashion-mnist wordnet-base \
 	fortunes-min
 
-.PHONY: demo test lint install install-test data-packages
+.PHONY: demo test lint install install-test data-packages notebooks
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ data-packages:
 lint: install-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# notebooks/*.py and their .ipynb twins: whichever was edited last updates the other.
+notebooks: install-test
+	$(VENV)/bin/jupytext --sync notebooks/*.py
 
 test: lint data-packages
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
