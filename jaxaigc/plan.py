@@ -84,6 +84,9 @@ def _presets() -> dict[str, Target]:
     out["paper-12b"] = Target("dalle", "train", "paper-12b", 1024)  # Ramesh et al. 2021, B.2
     out["paper-1b"] = Target("unclip", "prior", "paper-1b", 4096)  # Ramesh et al. 2022, C
     out["paper-3.5b"] = Target("unclip", "decoder", "paper-3.5b", 2048)
+    # Karlo's released prior and 64 px decoder; Kakao Brain published no batch sizes: the paper's.
+    out["karlo-prior"] = Target("unclip", "prior", "karlo-prior", 4096)
+    out["karlo-decoder"] = Target("unclip", "decoder", "karlo-decoder", 2048)
     for name in gpt.PRESETS:
         if name != "gpt3-175b":  # InstructGPT's PPO batch: 512 prompts (Ouyang et al., C.4)
             out[name] = Target("instructgpt", "ppo", name, 512)

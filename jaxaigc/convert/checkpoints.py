@@ -18,11 +18,12 @@ from jaxaigc.configs import fields, saved
 from jaxaigc.convert.clip import load_clip
 from jaxaigc.convert.dvae import load_dvae_pickle
 from jaxaigc.convert.gpt2 import gpt2_from_torch
+from jaxaigc.convert.karlo import load_karlo
 from jaxaigc.data.tokenizers import Gpt2Tokenizer
 from jaxaigc.train.checkpoint import Checkpointer
 from jaxaigc.train.loop import default_train_config
 
-KINDS = ("clip", "dvae", "gpt2")
+KINDS = ("clip", "dvae", "gpt2", "karlo")
 
 
 def _read_state_dict(path: Path) -> Mapping[str, Any]:
@@ -77,9 +78,16 @@ def convert(kind: str, src: str | Path, dest: str | Path, *, trust_pickle: bool 
         ``encoder.pkl``, with ``decoder.pkl`` beside it; pickles run code, hence
         ``trust_pickle``) or ``"gpt2"`` (a Hugging Face ``pytorch_model.bin`` or
         ``model.safetensors``, with the tokenizer's ``tokenizer.json`` or ``vocab.json`` and
-        ``merges.txt`` beside it, saved into ``dest`` as ``tokenizer.json``).
+        ``merges.txt`` beside it, saved into ``dest`` as ``tokenizer.json``) or ``"karlo"`` (a
+        diffusers ``UnCLIPPipeline`` folder, or its ``prior/`` or ``decoder/`` folder: written as
+        the runs ``dest/prior`` and ``dest/decoder``, of kinds ``karlo-prior`` and
+        ``karlo-decoder``, that :func:`jaxaigc.pipelines.unclip.load_stage` reads).
     """
     src = Path(src)
+    if kind == "karlo":
+        for stage, (model, variables) in load_karlo(src).items():
+            write_run(Path(dest) / stage, f"karlo-{stage}", model, variables, source=str(src))
+        return Path(dest)
     if kind == "clip":
         model, variables = load_clip(src)
     elif kind == "dvae":

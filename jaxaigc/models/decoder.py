@@ -10,6 +10,13 @@ Conditioning, as the paper modifies GLIDE:
   its last token is projected into the timestep embedding (GLIDE's ``transformer_proj``) and its
   tokens follow the CLIP tokens in the context that every UNet attention layer attends.
 
+Kakao Brain's Karlo (the released unCLIP reproduction; diffusers' ``UnCLIPTextProjModel`` and
+``UNet2DConditionModel``) reads CLIP's text features as its caption instead (``clip_text_width``):
+the per-token outputs of CLIP's text transformer, projected to ``context_width`` and
+LayerNormed, follow the CLIP tokens in the context, with padded tokens masked out of attention
+(``text_mask``); CLIP's text embedding is projected into the timestep embedding. It has no
+learned null caption: its guidance passes the empty caption's CLIP features as the caption.
+
 Guidance: 10% of image embeddings and 50% of captions are replaced by learned null embeddings in
 training (``image_drop``, ``text_drop``; rng "dropout"), independently; ``conditional`` False
 replaces both (the unconditional half of classifier-free guidance). The null image embedding
@@ -51,6 +58,13 @@ PRESETS: dict[str, tuple] = {
     # CPU: the shapes scenes' 32 px, the tiny CLIP presets' 64-d embeddings, the DALL-E tiny
     # preset's 16 caption tokens of 1024.
     "tiny": (32, 32, (1, 2, 2), 1, (16, 8), 16, 8, 64, 16, 1024, 64, 2, 4),
+    # Kakao Brain's released Karlo decoder (kakaobrain/karlo-v1-alpha, decoder/config.json and
+    # text_proj/config.json, as diffusers' scripts/convert_kakao_brain_unclip_to_diffusers.py
+    # writes them): sample_size 64, block_out_channels (320, 640, 960, 1280), layers_per_block 3,
+    # SimpleCrossAttn blocks on the three lower levels (32 / 16 / 8 px) and the middle,
+    # attention_head_dim 64, GroupNorm 32, cross_attention_dim 1536; UnCLIPTextProjModel's
+    # clip_embeddings_dim 768 and 77 CLIP ViT-L/14 caption tokens; no GLIDE text encoder.
+    "karlo-decoder": (64, 320, (1, 2, 3, 4), 3, (32, 16, 8), 64, 32, 768, 77, 0, 1536, 0, 1),
 }
 _PRESET_FIELDS = (
     "image_size", "model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
@@ -61,8 +75,14 @@ _PRESET_FIELDS = (
 # transformer. XLA:CPU's sizing shows no saving from the UNet's (BUILD_NOTES, "Paper-scale
 # sizing": a fixed ~20 GiB per device dominates); kept as the paper-scale default.
 _PRESET_COMPUTE = {
-    "paper-3.5b": dict(
-        dtype="bfloat16", scan_layers=True, remat_policy="full", unet_remat_policy="full"
+    name: dict(dtype="bfloat16", scan_layers=True, remat_policy="full", unet_remat_policy="full")
+    for name in ("paper-3.5b", "karlo-decoder")
+}
+# Karlo's options (module docstring): out_channels 6 (learned_range variances, its
+# UnCLIPScheduler's variance_type), clip_extra_context_tokens 4, the raw CLIP embeddings.
+_PRESET_OPTIONS = {
+    "karlo-decoder": dict(
+        clip_text_width=768, variance="learned_range", scale_embedding=False, text_drop=0.0
     )
 }
 
@@ -85,6 +105,7 @@ class DecoderConfig:
     text_len: int = 0
     text_vocab: int = 0
     text_layers: int = 0  # 0: no caption
+    clip_text_width: int = 0  # > 0: the caption is CLIP's text features of this width (Karlo)
     text_heads: int = 1
     pad_id: int = 0
     image_drop: float = 0.1  # probability of dropping the image embedding in training
@@ -120,6 +141,19 @@ class DecoderConfig:
             if channels % self.head_channels:
                 raise ValueError(
                     f"{channels} channels are not divisible into heads of {self.head_channels}"
+                )
+        if self.clip_text_width:
+            if self.text_layers:
+                raise ValueError(
+                    "give the caption as CLIP features (clip_text_width) or GLIDE "
+                    f"tokens (text_layers), not both: {self.text_layers} text layers"
+                )
+            if self.text_len < 1:
+                raise ValueError("CLIP caption features need text_len of at least 1")
+            if self.text_drop:
+                raise ValueError(
+                    f"text_drop {self.text_drop} needs a learned null caption, which a decoder "
+                    "reading CLIP caption features (clip_text_width) has not: set text_drop 0"
                 )
         if self.text_layers:
             if self.text_len < 1 or self.text_vocab < 1:
@@ -157,7 +191,8 @@ class DecoderConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown decoder model {name!r}; known: {list(PRESETS)}")
         fields = dict(zip(_PRESET_FIELDS, PRESETS[name], strict=True))
-        return cls(**{**fields, **_PRESET_COMPUTE.get(name, {}), **changes})
+        options = {**_PRESET_OPTIONS.get(name, {}), **_PRESET_COMPUTE.get(name, {})}
+        return cls(**{**fields, **options, **changes})
 
     def replace(self, **changes) -> DecoderConfig:
         return dataclasses.replace(self, **changes)
@@ -203,8 +238,11 @@ class Decoder(nn.Module):
     [b, clip_dim], text int [b, <= text_len] (when ``text_layers > 0``) -> eps / v / x0 (and
     variance channels) float32 [b, r, r, out_channels].
 
-    ``conditional`` bool [b] (False: null image embedding and caption) is optional;
-    ``train=True`` applies dropout and the conditioning dropout (rng "dropout").
+    With ``clip_text_width`` the caption is ``text_tokens`` float [b, text_len, clip_text_width]
+    and ``text_embedding`` [b, clip_dim] (CLIP's), ``text_mask`` bool [b, text_len] optional.
+    ``conditional`` bool [b] (False: null image embedding and caption; a decoder reading CLIP
+    caption features keeps the caption it is given) is optional; ``train=True`` applies dropout
+    and the conditioning dropout (rng "dropout").
     """
 
     config: DecoderConfig
@@ -217,6 +255,9 @@ class Decoder(nn.Module):
         image_embedding: jax.Array,
         text: jax.Array | None = None,
         *,
+        text_tokens: jax.Array | None = None,
+        text_embedding: jax.Array | None = None,
+        text_mask: jax.Array | None = None,
         conditional: jax.Array | None = None,
         train: bool = False,
     ) -> jax.Array:
@@ -247,7 +288,25 @@ class Decoder(nn.Module):
             cfg.clip_tokens * cfg.context_width, ("embed", "mlp"), dtype=dtype,
             name="clip_to_tokens",
         )(image_embedding).reshape(b, cfg.clip_tokens, cfg.context_width)  # fmt: skip
-        if cfg.text_layers:
+        context_mask = None
+        if cfg.clip_text_width:
+            tokens, text_embedding = self._clip_caption(text, text_tokens, text_embedding)
+            emb = emb + dense(time_dim, ("mlp", "embed"), dtype=dtype, name="text_to_time")(
+                (cfg.embedding_scale * text_embedding).astype(dtype)
+            )
+            tokens = dense(cfg.context_width, ("mlp", "embed"), dtype=dtype, name="text_proj")(
+                tokens.astype(dtype)
+            )
+            context = jnp.concatenate(
+                [context, layer_norm(dtype=dtype, name="text_norm")(tokens)], 1
+            )
+            if text_mask is not None:
+                context_mask = jnp.pad(
+                    text_mask, ((0, 0), (cfg.clip_tokens, 0)), constant_values=True
+                )
+        elif text_tokens is not None or text_embedding is not None:
+            raise ValueError("CLIP caption features given to a decoder without clip_text_width")
+        elif cfg.text_layers:
             tokens = self._encode_text(text, keep, train)  # (b, n, w)
             emb = emb + dense(time_dim, ("mlp", "embed"), dtype=dtype, name="text_to_time")(
                 tokens[:, -1]
@@ -270,8 +329,31 @@ class Decoder(nn.Module):
             remat_policy=cfg.unet_remat_policy,
             dtype=dtype,
             name="unet",
-        )(x, emb, context)
+        )(x, emb, context, context_mask)
         return out.astype(jnp.float32)
+
+    def _clip_caption(
+        self, text: jax.Array | None, tokens: jax.Array | None, embedding: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """The CLIP caption features, checked against the config."""
+        cfg = self.config
+        if text is not None:
+            raise ValueError(
+                "this decoder reads CLIP caption features: give text_tokens and "
+                "text_embedding, not text"
+            )
+        if tokens is None or embedding is None:
+            raise ValueError(
+                "this decoder reads CLIP caption features (clip_text_width): give "
+                "text_tokens [batch, text_len, clip_text_width] and text_embedding"
+            )
+        check_width("text_tokens", tokens, cfg.clip_text_width, "clip_text_width")
+        check_width("text_embedding", embedding, cfg.clip_dim, "clip_dim")
+        if tokens.shape[1] != cfg.text_len:
+            raise ValueError(
+                f"text_tokens has {tokens.shape[1]} tokens, the config's text_len is {cfg.text_len}"
+            )
+        return tokens, embedding
 
     def _encode_text(self, text: jax.Array | None, keep: jax.Array, train: bool) -> jax.Array:
         """Caption tokens [b, text_len, context_width], the null caption where dropped."""

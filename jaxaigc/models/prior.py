@@ -14,10 +14,16 @@ caption token of their position, as lucidrains' DALLE2-pytorch does.
 
 Scale. CLIP embeddings are L2-normalised, so each of their d components has variance about 1 / d,
 far below the unit-variance noise of the diffusion. Both z_t and z_i are multiplied by ``scale``
-(default sqrt(embed_dim), lucidrains' choice; the paper used 17.2 for ViT-L/14, karlo
-standardises per dimension): the diffusion variable is x0 = scale * z_i, whose components have
-about unit variance. The model takes the raw z_t and scales it itself; ``objectives.unclip`` and
-:func:`jaxaigc.sample.diffusion.sample_prior` convert z_i.
+(default sqrt(embed_dim), lucidrains' choice; the paper used 17.2 for ViT-L/14): the diffusion
+variable is x0 = scale * z_i, whose components have about unit variance. With ``clip_stats``
+(Karlo) z_i is standardised per dimension instead, x0 = (z_i - clip_mean) / clip_std, by two
+parameters of the prior. The model takes the raw z_t and scales it itself; ``objectives.unclip``
+and :func:`jaxaigc.sample.diffusion.sample_prior` convert z_i (:func:`embedding_to_latent`).
+
+Kakao Brain's Karlo (the released unCLIP reproduction; diffusers' ``PriorTransformer``) is this
+network with three options: padded caption tokens masked out of attention (``text_padding``
+"mask") rather than replaced by null tokens; no learned null caption (``null_caption`` False: its
+guidance encodes the empty caption with CLIP and passes that as the caption); ``clip_stats``.
 
 Guidance (Sec. 2.2: text conditioning dropped 10% of the time). ``conditional`` False, per
 example, replaces the caption tokens and z_t by learned null embeddings; in training
@@ -54,9 +60,25 @@ PRESETS: dict[str, tuple] = {
     "paper-1b": (768, 77, 768, 2048, 24, 32),
     # CPU: the tiny CLIP presets' 64-d embeddings and 128-wide text transformer, 16 tokens.
     "tiny": (64, 16, 128, 128, 4, 4),
+    # Kakao Brain's released Karlo prior (kakaobrain/karlo-v1-alpha, prior/config.json): diffusers'
+    # PriorTransformer defaults, which its conversion script (scripts/
+    # convert_kakao_brain_unclip_to_diffusers.py, PRIOR_CONFIG = {}) keeps: embedding_dim 768,
+    # num_embeddings 77, 32 heads of 64 (width 2048), num_layers 20; CLIP ViT-L/14's text features.
+    "karlo-prior": (768, 77, 768, 2048, 20, 32),
 }
 _PRESET_FIELDS = ("embed_dim", "text_len", "text_width", "width", "layers", "heads")
-_PRESET_COMPUTE = {"paper-1b": dict(dtype="bfloat16", scan_layers=True, remat_policy="full")}
+_PRESET_COMPUTE = {
+    name: dict(dtype="bfloat16", scan_layers=True, remat_policy="full")
+    for name in ("paper-1b", "karlo-prior")
+}
+# Karlo's options (module docstring); it feeds the raw CLIP text embedding (scale 1) and was
+# trained without a learned null caption, so no conditioning dropout here.
+_PRESET_OPTIONS = {
+    "karlo-prior": dict(
+        scale=1.0, text_padding="mask", null_caption=False, clip_stats=True, text_drop=0.0
+    )
+}
+TEXT_PADDINGS = ("null", "mask")
 EXTRA_TOKENS = 4  # z_t, timestep, z_i^(t), final query
 
 
@@ -73,6 +95,9 @@ class PriorConfig:
     dropout_rate: float = 0.0
     scale: float | None = None  # CLIP embeddings are multiplied by it; None: sqrt(embed_dim)
     text_drop: float = 0.1  # probability of dropping the text conditioning in training
+    text_padding: str = "null"  # padded caption tokens: "null" tokens or "mask"ed from attention
+    null_caption: bool = True  # learned null caption and z_t; False: the caller gives the empty one
+    clip_stats: bool = False  # x0 = (z_i - clip_mean) / clip_std (parameters), not scale * z_i
     num_timesteps: int = 1000  # of the cosine process the prior is trained on
     dtype: str = "float32"  # compute dtype; parameters stay float32
     scan_layers: bool = False
@@ -88,6 +113,17 @@ class PriorConfig:
             raise ValueError(f"text_drop {self.text_drop} is outside [0, 1]")
         if self.scale is not None and self.scale <= 0:
             raise ValueError(f"scale must be positive, got {self.scale}")
+        if self.text_padding not in TEXT_PADDINGS:
+            raise ValueError(
+                f"unknown text_padding {self.text_padding!r}; use one of {TEXT_PADDINGS}"
+            )
+        if self.text_padding == "null" and not self.null_caption:
+            raise ValueError('text_padding "null" needs the learned null caption (null_caption)')
+        if self.text_drop and not self.null_caption:
+            raise ValueError(
+                f"text_drop {self.text_drop} needs a learned null caption; with null_caption False "
+                "drop captions in the data (the empty caption) and set text_drop 0"
+            )
         check_remat_policy(self.remat_policy)
 
     @property
@@ -108,10 +144,26 @@ class PriorConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown prior model {name!r}; known: {list(PRESETS)}")
         fields = dict(zip(_PRESET_FIELDS, PRESETS[name], strict=True))
-        return cls(**{**fields, **_PRESET_COMPUTE.get(name, {}), **changes})
+        options = {**_PRESET_OPTIONS.get(name, {}), **_PRESET_COMPUTE.get(name, {})}
+        return cls(**{**fields, **options, **changes})
 
     def replace(self, **changes) -> PriorConfig:
         return dataclasses.replace(self, **changes)
+
+
+def embedding_to_latent(config: PriorConfig, params, z: jax.Array) -> jax.Array:
+    """CLIP image embeddings [b, embed_dim] -> the prior's diffusion variable x0 (module
+    docstring, "Scale"); ``params`` the prior's."""
+    if config.clip_stats:
+        return (z - params["clip_mean"]) / params["clip_std"]
+    return config.embedding_scale * z
+
+
+def latent_to_embedding(config: PriorConfig, params, x: jax.Array) -> jax.Array:
+    """The inverse of :func:`embedding_to_latent`."""
+    if config.clip_stats:
+        return x * params["clip_std"] + params["clip_mean"]
+    return x / config.embedding_scale
 
 
 def keep_conditioning(
@@ -139,8 +191,8 @@ class Prior(nn.Module):
     z_t) -> the predicted scaled z_i, float32 [b, embed_dim].
 
     ``text_mask`` bool [b, text_len] (True: a caption token) and ``conditional`` bool [b]
-    (False: the null caption) are optional; ``train=True`` applies dropout and conditioning
-    dropout (rng "dropout").
+    (False: the null caption; only with ``null_caption``) are optional; ``train=True`` applies
+    dropout and conditioning dropout (rng "dropout").
     """
 
     config: PriorConfig
@@ -167,6 +219,11 @@ class Prior(nn.Module):
                 f"text_tokens has {text_tokens.shape[1]} tokens, the config's text_len is "
                 f"{cfg.text_len}"
             )
+        if conditional is not None and not cfg.null_caption:
+            raise ValueError(
+                "this prior has no learned null caption (null_caption False): pass the empty "
+                "caption's CLIP features as the caption instead of conditional"
+            )
         dtype = jnp.dtype(cfg.dtype)
         keep = keep_conditioning(self, conditional, b, cfg.text_drop, train)[:, None, None]
 
@@ -177,17 +234,31 @@ class Prior(nn.Module):
             init = partitioned(nn.initializers.normal(0.02), axes)
             return self.param(name, init, shape, jnp.float32).astype(dtype)
 
-        null_tokens = embedding("null_text_tokens", (cfg.text_len, cfg.width), ("length", "embed"))
-        null_text = embedding("null_text_embedding", (cfg.width,), ("embed",))
         query = embedding("final_query", (cfg.width,), ("embed",))
         positions = embedding("positional_embedding", (cfg.length, cfg.width), ("length", "embed"))
+        if cfg.clip_stats:  # read by embedding_to_latent; Karlo's statistics of CLIP's z_i
+            for name, init in (
+                ("clip_mean", nn.initializers.zeros),
+                ("clip_std", nn.initializers.ones),
+            ):
+                self.param(name, partitioned(init, ("embed",)), (cfg.embed_dim,), jnp.float32)
 
         caption = project("text_proj", text_tokens.astype(dtype))  # (b, n, w)
-        if text_mask is not None:
-            caption = jnp.where(text_mask[..., None], caption, null_tokens)
-        caption = jnp.where(keep, caption, null_tokens)
         z_t = project("text_embedding_proj", cfg.embedding_scale * text_embedding.astype(dtype))
-        z_t = jnp.where(keep[:, 0], z_t, null_text)
+        if cfg.null_caption:
+            null_tokens = embedding(
+                "null_text_tokens", (cfg.text_len, cfg.width), ("length", "embed")
+            )
+            if text_mask is not None and cfg.text_padding == "null":
+                caption = jnp.where(text_mask[..., None], caption, null_tokens)
+            caption = jnp.where(keep, caption, null_tokens)
+            z_t = jnp.where(
+                keep[:, 0], z_t, embedding("null_text_embedding", (cfg.width,), ("embed",))
+            )
+        attention_mask = None
+        if text_mask is not None and cfg.text_padding == "mask":  # keys of padded tokens masked
+            keys = jnp.pad(text_mask, ((0, 0), (0, EXTRA_TOKENS)), constant_values=True)
+            attention_mask = keys[:, None, None, :]  # (b, 1, 1, n + 4)
         time = timestep_embedding(t, cfg.width).astype(dtype)
         time = project("time_proj", nn.silu(project("time_fc", time)))
         noised = project("x_proj", x.astype(dtype))
@@ -208,7 +279,7 @@ class Prior(nn.Module):
             dtype=dtype,
             residual_init_scale=(2 * cfg.layers) ** -0.5,
             name="transformer",
-        )(h)
+        )(h, attention_mask)
         h = layer_norm(dtype=dtype, name="ln_final")(h[:, -1])
         out = dense(cfg.embed_dim, ("embed", "mlp"), dtype=dtype, name="out_proj")(h)
         return out.astype(jnp.float32)

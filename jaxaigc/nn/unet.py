@@ -124,7 +124,8 @@ class AttentionBlock(nn.Module):
         h = norm(x) [b, hw, c];  q, k, v = proj(h);  k, v = [proj_kv(context); k, v]
         out = x + proj_out_zero(attention(q, k, v))
 
-    x [b, h, w, c], context [b, n, d] or None -> [b, h, w, c]. Heads of ``head_channels``.
+    x [b, h, w, c], context [b, n, d] or None, context_mask bool [b, n] or None (False: a padded
+    context token no pixel attends) -> [b, h, w, c]. Heads of ``head_channels``.
     """
 
     head_channels: int = 64
@@ -132,7 +133,9 @@ class AttentionBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, context: jax.Array | None = None, context_mask: jax.Array | None = None
+    ) -> jax.Array:
         b, height, width, c = x.shape
         if c % self.head_channels:
             raise ValueError(f"{c} channels are not divisible into heads of {self.head_channels}")
@@ -143,19 +146,23 @@ class AttentionBlock(nn.Module):
             return HeadsDense(heads, "in", dtype=self.dtype, name=name)(inputs)
 
         q, k, v = project("query", h), project("key", h), project("value", h)  # (b, hw, h, k)
+        mask = None
         if context is not None:
             context = context.astype(self.dtype)
             k = jnp.concatenate([project("context_key", context), k], axis=1)
             v = jnp.concatenate([project("context_value", context), v], axis=1)
+            if context_mask is not None:  # the pixels' own keys always attended
+                keys = jnp.pad(context_mask, ((0, 0), (0, height * width)), constant_values=True)
+                mask = keys[:, None, None, :]  # (b, 1, 1, n + hw)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-        out = jax.nn.dot_product_attention(q, k, v)  # (b, hw, h, k)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (b, hw, h, k)
         out = HeadsDense((c,), "out", dtype=self.dtype, init_scale=0.0, name="out")(out)
         return x + out.reshape(b, height, width, c)
 
 
 class UNet(nn.Module):
     """ADM's UNet trunk: x [b, r, r, c_in], emb [b, e] (timestep and conditioning), context
-    [b, n, d] or None -> [b, r, r, out_channels].
+    [b, n, d] or None, context_mask bool [b, n] or None -> [b, r, r, out_channels].
 
     Levels ``channel_mult`` (channels ``model_channels * mult``), ``num_res_blocks`` residual
     blocks per level going down and one more going up; between levels the resolution halves
@@ -180,7 +187,13 @@ class UNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        emb: jax.Array,
+        context: jax.Array | None = None,
+        context_mask: jax.Array | None = None,
+    ) -> jax.Array:
         check_remat_policy(self.remat_policy)
         res_block, attention_block = ResBlock, AttentionBlock
         if self.remat_policy != "none":
@@ -200,7 +213,9 @@ class UNet(nn.Module):
         def attend(h: jax.Array, ds: int, name: str) -> jax.Array:
             if ds not in self.attention_ds:
                 return h
-            return attention_block(self.head_channels, **common, name=name)(h, context)
+            return attention_block(self.head_channels, **common, name=name)(
+                h, context, context_mask
+            )
 
         def downsample(h: jax.Array, name: str) -> jax.Array:
             if self.resblock_updown:
@@ -229,7 +244,9 @@ class UNet(nn.Module):
                 skips.append(h)
 
         h = res_block(h.shape[-1], **block, name="middle_0")(h, emb)
-        h = attention_block(self.head_channels, **common, name="middle_attn")(h, context)
+        h = attention_block(self.head_channels, **common, name="middle_attn")(
+            h, context, context_mask
+        )
         h = res_block(h.shape[-1], **block, name="middle_1")(h, emb)
 
         for level, mult in reversed(list(enumerate(self.channel_mult))):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaigc.diffusion import Diffusion
+from jaxaigc.models.prior import embedding_to_latent, latent_to_embedding
 from jaxaigc.objectives.diffusion import (
     loss_by_quartile,
     loss_weights,
@@ -49,7 +50,8 @@ def prior_loss_fn(
     "image_embedding": [b, embed_dim]}`` (CLIP's per-token text features and unit-norm
     embeddings) and optional ``"text_mask"`` bool [b, text_len].
 
-    The target is x0 = scale * image_embedding. Metrics: ``mse`` (unweighted), ``loss_q0..3``,
+    The target is x0 = scale * image_embedding (standardised instead with the config's
+    ``clip_stats``, the statistics held fixed). Metrics: ``mse`` (unweighted), ``loss_q0..3``,
     ``cos`` (cosine of predicted and true z_i, the paper's figure of merit) and ``cos_text``
     (cosine of z_t and z_i: the baseline a prior must beat).
     """
@@ -57,11 +59,12 @@ def prior_loss_fn(
         loss_weights(diffusion, prediction="x0", weighting=weighting, min_snr_gamma=min_snr_gamma),
         jnp.float32,
     )
-    scale = model.config.embedding_scale
+    config = model.config
 
     def loss_fn(params, batch, rng):
         model_rng, t_rng, noise_rng = jax.random.split(rng, 3)
-        x0 = scale * batch["image_embedding"].astype(jnp.float32)  # [b, d]
+        z_i = batch["image_embedding"].astype(jnp.float32)  # [b, d]
+        x0 = embedding_to_latent(config, jax.lax.stop_gradient(params), z_i)
         t = sample_timesteps(t_rng, x0.shape[0], diffusion.num_timesteps)
         xt = diffusion.q_sample(x0, t, jax.random.normal(noise_rng, x0.shape, jnp.float32))
         pred = model.apply(
@@ -72,7 +75,8 @@ def prior_loss_fn(
         mse = mean_flat(jnp.square(pred - x0))
         return _loss_and_metrics(
             weights[t] * mse, mse, t, diffusion.num_timesteps,
-            cos=_cosine(pred, x0), cos_text=_cosine(batch["text_embedding"], x0),
+            cos=_cosine(latent_to_embedding(config, params, pred), z_i),
+            cos_text=_cosine(batch["text_embedding"], z_i),
         )  # fmt: skip
 
     return loss_fn
@@ -93,7 +97,9 @@ def decoder_loss_fn(
 ) -> LossFn:
     """``loss_fn(params, batch, rng) -> (loss, metrics)`` for the decoder, with batch
     ``{"image": float [b, r, r, 3] in [-1, 1], "image_embedding": [b, clip_dim]}`` and
-    ``"text_tokens"`` int [b, <= text_len] when the decoder encodes captions.
+    ``"text_tokens"`` int [b, <= text_len] when the decoder encodes captions; a decoder reading
+    CLIP's caption features (``clip_text_width``) takes ``"text_tokens"`` float [b, text_len,
+    clip_text_width], ``"text_embedding"`` [b, clip_dim] and ``"text_mask"`` bool [b, text_len].
 
     Loss: the (weighted) MSE on the config's ``prediction`` target (eps: DDPM's L_simple), plus
     ``vlb_weight * T * L_t`` when the config's variance is "learned_range". Metrics: ``mse``,
@@ -107,6 +113,7 @@ def decoder_loss_fn(
         jnp.float32,
     )
     learned = model.config.variance == "learned_range"
+    clip_caption = ("text_tokens", "text_embedding", "text_mask")
 
     def loss_fn(params, batch, rng):
         model_rng, t_rng, noise_rng = jax.random.split(rng, 3)
@@ -114,9 +121,13 @@ def decoder_loss_fn(
         t = sample_timesteps(t_rng, x0.shape[0], diffusion.num_timesteps)
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
         xt = diffusion.q_sample(x0, t, noise)
+        if model.config.clip_text_width:
+            caption = {"text": None, **{k: batch.get(k) for k in clip_caption}}
+        else:
+            caption = {"text": batch.get("text_tokens")}
         out = model.apply(
             {"params": params}, xt, diffusion.model_timesteps(t), batch["image_embedding"],
-            batch.get("text_tokens"), train=True, rngs={"dropout": model_rng},
+            **caption, train=True, rngs={"dropout": model_rng},
         )  # fmt: skip
         pred, frac = jnp.split(out, 2, axis=-1) if learned else (out, None)
         target = prediction_target(diffusion, x0, t, noise, prediction=prediction)

@@ -73,9 +73,15 @@ def decoder_init(model: Decoder):
     def init(rng: jax.Array):
         r = cfg.image_size
         text = jnp.zeros((1, cfg.text_len), jnp.int32) if cfg.text_layers else None
+        caption = {}
+        if cfg.clip_text_width:  # CLIP's caption features (Karlo)
+            caption = dict(
+                text_tokens=jnp.zeros((1, cfg.text_len, cfg.clip_text_width)),
+                text_embedding=jnp.zeros((1, cfg.clip_dim)),
+            )
         return model.init(
             rng, jnp.zeros((1, r, r, cfg.in_channels)), jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, cfg.clip_dim)), text,
+            jnp.zeros((1, cfg.clip_dim)), text, **caption,
         )  # fmt: skip
 
     return init

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from jaxaigc.diffusion.schedules import VARIANCES, Diffusion, check_prediction, spaced_timesteps
 from jaxaigc.models.decoder import Decoder, DecoderConfig
-from jaxaigc.models.prior import Prior, PriorConfig
+from jaxaigc.models.prior import Prior, PriorConfig, latent_to_embedding
 
 ModelFn = Callable[..., jax.Array]
 
@@ -296,8 +296,8 @@ def sample_prior(
       eta: DDIM's noise (0: deterministic given x_T).
 
     Returns:
-      float32 [b, embed_dim]: the chosen embeddings, unscaled (divided by ``scale``), not
-      renormalised.
+      float32 [b, embed_dim]: the chosen embeddings, unscaled (divided by ``scale``, or
+      unstandardised with ``clip_stats``), not renormalised.
     """
     cfg = model.config
     check_guidance(guidance_scale, cfg.text_drop, "text_drop")
@@ -315,7 +315,7 @@ def sample_prior(
         diffusion, fn, (candidates * b, cfg.embed_dim), rng, steps=steps, eta=eta,
         prediction="x0", guidance_scale=None if guidance_scale == 1 else guidance_scale,
     )  # fmt: skip
-    x = x.reshape(candidates, b, cfg.embed_dim) / cfg.embedding_scale
+    x = latent_to_embedding(cfg, params, x.reshape(candidates, b, cfg.embed_dim))
     score = jnp.einsum("cbd,bd->cb", x, text_embedding.astype(jnp.float32))
     return jnp.take_along_axis(x, jnp.argmax(score, axis=0)[None, :, None], axis=0)[0]
 

@@ -133,7 +133,8 @@ def make_decoder_task(config: ml_collections.ConfigDict) -> tuple[Decoder, loop.
 
 def decoder_batch_spec(config: ml_collections.ConfigDict) -> dict:
     """One decoder example's ``{name: (shape, dtype)}``: an image in [-1, 1], its CLIP image
-    embedding and (with a caption encoder) the caption's CLIP tokens."""
+    embedding and (with a caption encoder) the caption's tokens, or (reading CLIP's caption
+    features, Karlo) the caption's CLIP token features, their mask and its CLIP embedding."""
     m = config.decoder.model
     spec = {
         "image": ((m.image_size, m.image_size, 3), jnp.float32),
@@ -141,6 +142,10 @@ def decoder_batch_spec(config: ml_collections.ConfigDict) -> dict:
     }
     if m.text_layers:
         spec["text_tokens"] = ((m.text_len,), jnp.int32)
+    if m.get("clip_text_width"):
+        spec["text_tokens"] = ((m.text_len, m.clip_text_width), jnp.float32)
+        spec["text_mask"] = ((m.text_len,), jnp.bool_)
+        spec["text_embedding"] = ((m.clip_dim,), jnp.float32)
     return spec
 
 

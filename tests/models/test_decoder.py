@@ -91,7 +91,8 @@ def text_encoder_count(c: DecoderConfig) -> int:
     return c.text_layers * block + (c.text_vocab + 2 * c.text_len) * d + 2 * d
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+# Karlo's presets: counted against diffusers' modules in tests/convert/test_karlo.py.
+@pytest.mark.parametrize("name", [name for name in PRESETS if not name.startswith("karlo")])
 def test_preset_parameter_counts(name):
     config = DecoderConfig.from_name(name)
     params = abstract_init(config)
@@ -104,7 +105,7 @@ def test_preset_parameter_counts(name):
         assert 3.5e9 < count(params) < 3.6e9  # 3,562,488,579
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", [name for name in PRESETS if not name.startswith("karlo")])
 def test_every_parameter_has_logical_axis_names(name):
     params = abstract_init(DecoderConfig.from_name(name))
     assert_logical_axes(params)

@@ -1,0 +1,280 @@
+"""Karlo (Kakao Brain's released unCLIP) conversion against diffusers' modules: the prior, the
+text projection with the 64 px decoder UNet, on random weights in fp32, and the released
+configurations' parameter counts.
+
+The equivalence tests shrink the released configs (width, depth, image size) and keep every block
+type, option and head pattern: the prior keeps its prd token, causal and padding masks and CLIP
+statistics; the decoder keeps ResnetDownsample / SimpleCrossAttn blocks on the same levels (4 of
+them), the SimpleCrossAttn middle, scale-shift norm, the identity class embedding that carries
+the CLIP embeddings, learned variances (6 channels) and 4 extra context tokens.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxaigc import cli, plan
+from jaxaigc.configs.saved import load_run
+from jaxaigc.convert.karlo import decoder_from_diffusers, load_karlo, prior_from_diffusers
+from jaxaigc.models.decoder import Decoder, DecoderConfig
+from jaxaigc.models.prior import Prior, PriorConfig, embedding_to_latent, latent_to_embedding
+from jaxaigc.pipelines.unclip import decoder_init, load_stage, prior_init
+from tests.helpers import assert_logical_axes
+
+torch = pytest.importorskip("torch", reason="the Karlo reference needs torch (the reference extra)")
+diffusers = pytest.importorskip("diffusers", reason="the Karlo reference needs diffusers")
+
+# The released decoder/config.json and text_proj/config.json (kakaobrain/karlo-v1-alpha, as
+# diffusers' scripts/convert_kakao_brain_unclip_to_diffusers.py writes them); the released prior
+# is PriorTransformer's defaults.
+KARLO_UNET = {
+    "sample_size": 64,
+    "layers_per_block": 3,
+    "down_block_types": [
+        "ResnetDownsampleBlock2D",
+        "SimpleCrossAttnDownBlock2D",
+        "SimpleCrossAttnDownBlock2D",
+        "SimpleCrossAttnDownBlock2D",
+    ],
+    "up_block_types": [
+        "SimpleCrossAttnUpBlock2D",
+        "SimpleCrossAttnUpBlock2D",
+        "SimpleCrossAttnUpBlock2D",
+        "ResnetUpsampleBlock2D",
+    ],
+    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+    "block_out_channels": [320, 640, 960, 1280],
+    "in_channels": 3,
+    "out_channels": 6,
+    "cross_attention_dim": 1536,
+    "class_embed_type": "identity",
+    "attention_head_dim": 64,
+    "resnet_time_scale_shift": "scale_shift",
+}
+KARLO_TEXT_PROJ = {"clip_embeddings_dim": 768, "time_embed_dim": 1280, "cross_attention_dim": 1536}
+# Reduced for CPU: channels / 5 (64-wide heads kept), 2 blocks a level, 16 px, context 48.
+SMALL_UNET = {
+    **KARLO_UNET,
+    "sample_size": 16,
+    "layers_per_block": 2,
+    "block_out_channels": [64, 128, 192, 256],
+    "cross_attention_dim": 48,
+}
+SMALL_TEXT_PROJ = {"clip_embeddings_dim": 24, "time_embed_dim": 256, "cross_attention_dim": 48}
+# Reduced: 4 heads of 8 (released 32 of 64), 2 blocks (20), 24-d CLIP (768), 7 tokens (77).
+SMALL_PRIOR = {
+    "num_attention_heads": 4,
+    "attention_head_dim": 8,
+    "num_layers": 2,
+    "embedding_dim": 24,
+    "num_embeddings": 7,
+}
+
+
+def _randomise(module, seed: int):
+    """Every parameter random, so a zero-initialised one (positions, prd token, CLIP statistics,
+    the guidance embedding) or a swapped pair could not go unnoticed; norm scales around 1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            norm = "norm" in name and p.ndim == 1
+            p.copy_(noise * 0.1 + 1.0 if norm else noise * (0.5 if p.ndim == 1 else 0.2))
+            if name == "clip_std":
+                p.abs_().add_(0.5)
+    return module.eval()
+
+
+def _padding(batch: int, length: int) -> np.ndarray:
+    """bool [batch, length]: row i keeps its first length - 2 i tokens (at least 2)."""
+    return np.arange(length)[None] < np.maximum(length - 2 * np.arange(batch), 2)[:, None]
+
+
+def _close(got, want, tol=1e-4):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() / np.abs(want).max() <= tol
+
+
+def test_prior_matches_diffusers():
+    reference = _randomise(diffusers.PriorTransformer(**SMALL_PRIOR), seed=0)
+    config, variables = prior_from_diffusers(reference.state_dict(), SMALL_PRIOR)
+    assert (config.width, config.layers, config.text_len) == (32, 2, 7)
+    rng = np.random.default_rng(0)
+    b, d, n = 3, 24, 7
+    x, z_t = rng.normal(size=(b, d)), rng.normal(size=(b, d))
+    tokens, mask = rng.normal(size=(b, n, d)), _padding(b, n)
+    t = np.array([0, 417, 999])
+    with torch.no_grad():
+        want = reference(
+            torch.tensor(x, dtype=torch.float32),
+            torch.tensor(t),
+            proj_embedding=torch.tensor(z_t, dtype=torch.float32),
+            encoder_hidden_states=torch.tensor(tokens, dtype=torch.float32),
+            attention_mask=torch.tensor(mask),
+        ).predicted_image_embedding.numpy()
+        want_embedding = reference.post_process_latents(torch.tensor(want)).numpy()
+    model = Prior(config)
+    got = model.apply(variables, x, t, tokens, z_t, text_mask=jnp.asarray(mask))
+    _close(got, want)
+    params = variables["params"]
+    _close(latent_to_embedding(config, params, got), want_embedding)
+    _close(embedding_to_latent(config, params, want_embedding), want)
+    # The padding matters: unmasked, the padded rows change.
+    unmasked = model.apply(variables, x, t, tokens, z_t)
+    assert np.abs(np.asarray(unmasked - got))[1:].max() > 1e-3
+
+
+def test_decoder_matches_diffusers():
+    unet = _randomise(diffusers.UNet2DConditionModel(**SMALL_UNET), seed=1)
+    text_proj_cls = diffusers.pipelines.deprecated.unclip.text_proj.UnCLIPTextProjModel
+    text_proj = _randomise(text_proj_cls(**SMALL_TEXT_PROJ), seed=2)
+    n = 5
+    config, variables = decoder_from_diffusers(
+        unet.state_dict(), SMALL_UNET, text_proj.state_dict(), SMALL_TEXT_PROJ, text_len=n
+    )
+    assert config.attention_resolutions == (8, 4, 2)
+    assert (config.channel_mult, config.out_channels) == ((1, 2, 3, 4), 6)
+    rng = np.random.default_rng(1)
+    b, d = 2, 24
+    x = rng.normal(size=(b, 16, 16, 3))
+    z_i, z_t = rng.normal(size=(b, d)), rng.normal(size=(b, d))
+    tokens, mask = rng.normal(size=(b, n, d)), _padding(b, n)
+    t = np.array([3, 870])
+
+    def f32(a):
+        return torch.tensor(np.asarray(a), dtype=torch.float32)
+
+    with torch.no_grad():
+        # Karlo's guidance: the unconditional half is the learned embedding for z_i.
+        context, time = text_proj(
+            image_embeddings=f32(z_i),
+            prompt_embeds=f32(np.concatenate([z_t, z_t])),
+            text_encoder_hidden_states=f32(np.concatenate([tokens, tokens])),
+            do_classifier_free_guidance=True,
+        )
+        keep = torch.tensor(np.concatenate([mask, mask]))
+        want = unet(
+            f32(np.concatenate([x, x]).transpose(0, 3, 1, 2)),
+            torch.tensor(np.concatenate([t, t])),
+            encoder_hidden_states=context,
+            class_labels=time,
+            attention_mask=torch.nn.functional.pad(keep, (config.clip_tokens, 0), value=True),
+        ).sample.numpy()
+    model = Decoder(config)
+    got = jax.jit(model.apply)(
+        variables,
+        jnp.concatenate([x, x]),
+        jnp.concatenate([t, t]),
+        jnp.concatenate([z_i, z_i]),
+        text_tokens=jnp.concatenate([tokens, tokens]),
+        text_embedding=jnp.concatenate([z_t, z_t]),
+        text_mask=jnp.concatenate([mask, mask]),
+        conditional=jnp.array([False] * b + [True] * b),
+    )
+    _close(got, want.transpose(0, 2, 3, 1))
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("component", ["prior", "decoder"])
+def test_released_parameter_counts(component):
+    """The presets at the released sizes, on abstract shapes, against diffusers' modules built
+    on torch's meta device: equal but for the prior's key biases (dropped, see convert.karlo)."""
+    with torch.device("meta"):
+        if component == "prior":
+            references = [diffusers.PriorTransformer()]
+            model = Prior(PriorConfig.from_name("karlo-prior"))
+            dropped = model.config.layers * model.config.width
+            init = prior_init(model)
+        else:
+            text_proj_cls = diffusers.pipelines.deprecated.unclip.text_proj.UnCLIPTextProjModel
+            references = [
+                diffusers.UNet2DConditionModel(**KARLO_UNET),
+                text_proj_cls(**KARLO_TEXT_PROJ),
+            ]
+            model = Decoder(DecoderConfig.from_name("karlo-decoder"))
+            dropped = 0
+            init = decoder_init(model)
+    want = sum(p.numel() for r in references for p in r.parameters())
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    assert _count(shapes["params"]) == want - dropped
+    assert_logical_axes(shapes["params"])
+    assert want > (1_000_000_000 if component == "prior" else 600_000_000)
+
+
+def _save_component(folder, module, config: dict, class_name: str) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": class_name, **config}))
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+
+
+def test_convert_karlo_pipeline_folder(tmp_path, capsys):
+    """``jaxaigc convert karlo`` on a pipeline folder writes a prior run and a decoder run that
+    load_stage reads back; component folders convert alone; wrong folders are named."""
+    src = tmp_path / "karlo"
+    prior = _randomise(diffusers.PriorTransformer(**SMALL_PRIOR), seed=3)
+    text_proj_cls = diffusers.pipelines.deprecated.unclip.text_proj.UnCLIPTextProjModel
+    text_proj = _randomise(text_proj_cls(**SMALL_TEXT_PROJ), seed=4)
+    unet = _randomise(diffusers.UNet2DConditionModel(**SMALL_UNET), seed=5)
+    _save_component(src / "prior", prior, SMALL_PRIOR, "PriorTransformer")
+    _save_component(src / "text_proj", text_proj, SMALL_TEXT_PROJ, "UnCLIPTextProjModel")
+    _save_component(src / "decoder", unet, SMALL_UNET, "UNet2DConditionModel")
+    cli.main(["convert", "karlo", str(src), str(tmp_path / "out")])
+    for stage, (config, expected) in {
+        "prior": prior_from_diffusers(prior.state_dict(), SMALL_PRIOR),
+        "decoder": decoder_from_diffusers(
+            unet.state_dict(), SMALL_UNET, text_proj.state_dict(), SMALL_TEXT_PROJ
+        ),
+    }.items():
+        assert load_run(tmp_path / "out" / stage)[0] == f"karlo-{stage}"
+        model, params, _ = load_stage(tmp_path / "out" / stage, stage)
+        assert model.config == config
+        jax.tree.map(np.testing.assert_array_equal, params, expected["params"])
+    assert set(load_karlo(src / "decoder")) == {"decoder"}
+
+    def refused(folder) -> str:
+        with pytest.raises(SystemExit) as exit:
+            cli.main(["convert", "karlo", str(folder), str(tmp_path / "refused")])
+        assert exit.value.code == 2
+        return capsys.readouterr().err
+
+    assert "names class 'UnCLIPTextProjModel'" in refused(src / "text_proj")
+    assert "no such folder" in refused(src / "prior" / "config.json")
+    (src / "text_proj" / "config.json").unlink()
+    assert "has no config.json" in refused(src / "decoder")
+
+
+@pytest.mark.slow
+def test_karlo_prior_plans_on_8_devices(devices):
+    """``jaxaigc plan karlo-prior``: the released prior's training step compiled for 8 emulated
+    devices (47 s here); its FLOPs are about 6 per parameter per token, and more for the
+    attention and the full remat's second forward."""
+    result = plan.plan("karlo-prior", devices=8, batch=16, chip="h100", device_list=devices)
+    config = PriorConfig.from_name("karlo-prior")
+    assert result["params"] == 1_021_989_120 and result["fits"]
+    assert 1.0 < result["flops_per_example"] / (6 * result["params"] * config.length) < 1.5
+
+
+def test_karlo_decoder_training_step_traces():
+    """``jaxaigc plan karlo-decoder`` prepares the released decoder's step, whose loss traces on
+    its batch spec (abstract shapes: compiling it for 8 CPU devices takes 11 minutes here)."""
+    prepared = plan.prepare("karlo-decoder", devices=8)
+    assert prepared.config.train.batch_size == 2048
+    rng = jax.random.key(0)
+    variables = jax.eval_shape(prepared.task.init, rng)
+    batch = {
+        name: jax.ShapeDtypeStruct((2, *shape), dtype)
+        for name, (shape, dtype) in prepared.spec.items()
+    }
+    assert batch["text_tokens"].shape == (2, 77, 768) and batch["text_mask"].dtype == jnp.bool_
+    loss, metrics = jax.eval_shape(prepared.task.loss_fn, variables["params"], batch, rng)
+    assert loss.shape == () and "vlb" in metrics
