@@ -6,7 +6,7 @@
     jaxaigc generate WORKDIR "a red circle" ... [--n 16] [--seed 0] [--out grid.png]
     jaxaigc zero-shot CLIP IMAGE ... --labels cat,dog [--templates "a photo of a {}."]
     jaxaigc respond WORKDIR "prompt" ... [--temperature 0] [--max-tokens 64]
-    jaxaigc convert {clip,dvae,gpt2} SRC DEST
+    jaxaigc convert {clip,dvae,gpt2,karlo} SRC DEST
     jaxaigc plan RECIPE_OR_PRESET --devices N [--mesh fsdp=N] [--batch B] [--chip tpu-v5e]
                  [--sample]
     jaxaigc bench NAME [ARGS ...]
@@ -237,7 +237,10 @@ def cmd_respond(args: argparse.Namespace, extra: list[str]) -> None:
 def cmd_convert(args: argparse.Namespace, extra: list[str]) -> None:
     from jaxaigc.convert.checkpoints import convert
 
-    if not Path(args.src).is_file():
+    if args.kind == "karlo":
+        if not Path(args.src).is_dir():
+            raise UsageError(f"no such folder: {args.src} (karlo converts a diffusers folder)")
+    elif not Path(args.src).is_file():
         raise UsageError(f"no such checkpoint file: {args.src}")
     if Path(args.dest).exists() and any(Path(args.dest).iterdir()):
         raise UsageError(f"{args.dest} exists and is not empty; choose a new directory")
@@ -361,11 +364,12 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_respond)
 
     p = sub.add_parser("convert", help="a PyTorch checkpoint file -> a checkpoint jaxaigc loads")
-    p.add_argument("kind", choices=("clip", "dvae", "gpt2"))
+    p.add_argument("kind", choices=("clip", "dvae", "gpt2", "karlo"))
     p.add_argument(
         "src",
-        help="OpenAI CLIP .pt, DALL-E encoder.pkl, or a Hugging Face GPT-2 folder's "
-        "pytorch_model.bin / model.safetensors (its tokenizer files beside it)",
+        help="OpenAI CLIP .pt, DALL-E encoder.pkl, a Hugging Face GPT-2 folder's "
+        "pytorch_model.bin / model.safetensors (its tokenizer files beside it), or Karlo's "
+        "diffusers UnCLIPPipeline folder (or its prior/ or decoder/ folder)",
     )
     p.add_argument("dest", help="a new directory")
     p.add_argument(
