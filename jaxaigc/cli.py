@@ -4,6 +4,7 @@
     jaxaigc train RECIPE --workdir DIR [--quick] [--config.train.steps=100 ...]
     jaxaigc eval WORKDIR [--config.stages.clip=OTHER_CLIP ...]
     jaxaigc generate WORKDIR "a red circle" ... [--n 16] [--seed 0] [--out grid.png]
+                     [--prior PRIOR_RUN]
     jaxaigc zero-shot CLIP IMAGE ... --labels cat,dog [--templates "a photo of a {}."]
     jaxaigc respond WORKDIR "prompt" ... [--temperature 0] [--max-tokens 64]
     jaxaigc convert {clip,dvae,gpt2,karlo} SRC DEST
@@ -182,11 +183,22 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> None:
     if args.n < 1:
         raise UsageError(f"--n={args.n}: needs at least 1")
     recipe = _recipe_of(args.workdir)
-    if recipe not in ("dalle", "unclip", "dalle-12b"):
+    if recipe == "unclip-prior-1b":
         raise UsageError(
-            f"{args.workdir} is a {recipe} run; generate takes a dalle, dalle-12b or unclip run"
+            f"{args.workdir} is a full-size unCLIP prior: generate with its decoder run, "
+            f"`jaxaigc generate DECODER_RUN --prior {args.workdir} ...`"
         )
-    pipe = pipelines.load(args.workdir)
+    if args.prior is not None:
+        if recipe != "unclip-decoder-3.5b":
+            raise UsageError(f"--prior goes with an unclip-decoder-3.5b run, not a {recipe} one")
+        _existing_dir(args.prior, "prior run directory")
+    if recipe not in ("dalle", "unclip", "dalle-12b", "unclip-decoder-3.5b"):
+        raise UsageError(
+            f"{args.workdir} is a {recipe} run; generate takes a dalle, dalle-12b, unclip or "
+            "unclip-decoder-3.5b run"
+        )
+    _join(args)
+    pipe = pipelines.load(args.workdir, prior=args.prior)
     out = Path(args.out or Path(args.workdir) / "generated.png")
     result = pipe(args.captions, n=args.n, seed=args.seed)
     write_grid(out, result.images, captions=args.captions, scale=args.scale)
@@ -342,6 +354,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=3, help="pixel upscaling in the grid")
     p.add_argument("--out", help="the grid's PNG path (default WORKDIR/generated.png)")
+    p.add_argument(
+        "--prior",
+        help="with an unclip-decoder-3.5b run: the unclip-prior-1b run to sample from "
+        "(default: the decoder's config.stages.prior)",
+    )
+    _add_distributed(p)
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("zero-shot", help="classify images among labels with a CLIP")
