@@ -79,14 +79,16 @@ def convert(kind: str, src: str | Path, dest: str | Path, *, trust_pickle: bool 
         ``trust_pickle``) or ``"gpt2"`` (a Hugging Face ``pytorch_model.bin`` or
         ``model.safetensors``, with the tokenizer's ``tokenizer.json`` or ``vocab.json`` and
         ``merges.txt`` beside it, saved into ``dest`` as ``tokenizer.json``) or ``"karlo"`` (a
-        diffusers ``UnCLIPPipeline`` folder, or its ``prior/`` or ``decoder/`` folder: written as
-        the runs ``dest/prior`` and ``dest/decoder``, of kinds ``karlo-prior`` and
-        ``karlo-decoder``, that :func:`jaxaigc.pipelines.unclip.load_stage` reads).
+        diffusers ``UnCLIPPipeline`` folder, or one component's: written as the runs
+        ``dest/prior`` and ``dest/decoder`` (kinds ``karlo-prior``, ``karlo-decoder``, which
+        :func:`jaxaigc.pipelines.unclip.load_stage` reads) and ``dest/super_res_first``,
+        ``dest/super_res_last`` (kind ``karlo-super-res``, an ``UpsamplerConfig``)).
     """
     src = Path(src)
     if kind == "karlo":
         for stage, (model, variables) in load_karlo(src).items():
-            write_run(Path(dest) / stage, f"karlo-{stage}", model, variables, source=str(src))
+            kind = "karlo-super-res" if stage.startswith("super_res") else f"karlo-{stage}"
+            write_run(Path(dest) / stage, kind, model, variables, source=str(src))
         return Path(dest)
     if kind == "clip":
         model, variables = load_clip(src)

@@ -5,7 +5,8 @@ Components: ``prior`` (``PriorTransformer``) -> :class:`~jaxaigc.models.prior.Pr
 options (masked caption padding, no learned null caption, ``clip_mean`` / ``clip_std``);
 ``decoder`` (``UNet2DConditionModel``) and ``text_proj`` (``UnCLIPTextProjModel``) together ->
 :class:`~jaxaigc.models.decoder.Decoder` reading CLIP's caption features (``clip_text_width``).
-The super-resolution UNets (``UNet2DModel``) have no jaxaigc model and are not converted.
+``super_res_first`` and ``super_res_last`` (``UNet2DModel``, Karlo's 64 -> 256 px upsampler for
+all but the last step and for the last) -> :class:`~jaxaigc.models.upsampler.Upsampler`.
 
 Layouts: Linear weights [out, in] -> kernels [in, out]; convolutions OIHW -> HWIO; attention
 projections -> query / key / value kernels [d, heads, head_dim] and out kernels [heads,
@@ -32,8 +33,13 @@ from jaxaigc.convert.clip import _to_numpy
 from jaxaigc.convert.gpt2 import _contiguous
 from jaxaigc.models.decoder import DecoderConfig
 from jaxaigc.models.prior import EXTRA_TOKENS, PriorConfig
+from jaxaigc.models.upsampler import UpsamplerConfig
 
 CLIP_TEXT_LEN = 77  # CLIP's context: Karlo's tokenizer pads captions to it
+# Karlo's pipeline runs both upsamplers at 256 px on its 64 px decoder's images (4x);
+# super_res_last's config.json has no sample_size.
+SUPER_RES_SIZE, SUPER_RES_FACTOR = 256, 4
+SUPER_RES_STAGES = ("super_res_first", "super_res_last")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 # config.json fields whose value must be this one (diffusers' default when absent).
@@ -69,6 +75,17 @@ _UNET_FIXED = {
     "center_input_sample": False,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
+}
+_SUPER_RES_FIXED = {
+    "add_attention": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "act_fn": "silu",
+    "norm_eps": 1e-5,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "time_embedding_type": "positional",
+    "center_input_sample": False,
 }
 _DOWN, _ATTN_DOWN = "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"
 _UP, _ATTN_UP = "ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D"
@@ -187,11 +204,13 @@ def prior_from_diffusers(
     return prior, {"params": _contiguous(params)}
 
 
-def _unet_levels(config: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(channel_mult, attention levels)`` of a ``UNet2DConditionModel`` config."""
-    where = "decoder config.json"
+def _unet_levels(
+    config: Mapping[str, Any], where: str, *, attention: bool = True
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(channel_mult, attention levels)`` of a ``UNet2DConditionModel`` (``UNet2DModel``
+    without ``attention``) config."""
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
-    known = {_DOWN: _UP, _ATTN_DOWN: _ATTN_UP}
+    known = {_DOWN: _UP, _ATTN_DOWN: _ATTN_UP} if attention else {_DOWN: _UP}
     for block in down:
         if block not in known:
             raise ValueError(f"{where}: down block {block!r}; only {list(known)} convert")
@@ -217,7 +236,7 @@ def decoder_from_diffusers(
 
     ``text_len``: the CLIP caption's tokens (no weight depends on it)."""
     _check(unet_config, _UNET_FIXED, "decoder config.json")
-    channel_mult, attention_levels = _unet_levels(unet_config)
+    channel_mult, attention_levels = _unet_levels(unet_config, "decoder config.json")
     layers, head_dim = unet_config["layers_per_block"], unet_config["attention_head_dim"]
     for key, value in (("layers_per_block", layers), ("attention_head_dim", head_dim)):
         if not isinstance(value, int):
@@ -276,6 +295,63 @@ def decoder_from_diffusers(
     sd = _StateDict(unet_state_dict, "decoder")
     params["time_fc"] = sd.linear("time_embedding.linear_1")
     params["time_proj"] = sd.linear("time_embedding.linear_2")
+    params["unet"] = _unet_params(sd, channel_mult, layers, attention_levels, head_dim)
+    sd.done()
+    return decoder, {"params": _contiguous(params)}
+
+
+def super_res_from_diffusers(
+    state_dict: Mapping[str, Any], config: Mapping[str, Any]
+) -> tuple[UpsamplerConfig, dict]:
+    """A Karlo upsampler's ``UNet2DModel`` state dict and ``config.json`` -> ``(UpsamplerConfig,
+    {"params": ...})`` for ``Upsampler``, float32, upsampling 4x as Karlo's pipeline does."""
+    where = "super-res config.json"
+    _check(config, _SUPER_RES_FIXED, where)
+    shift = config.get("resnet_time_scale_shift", "default")
+    if shift not in ("default", "scale_shift"):
+        raise ValueError(f"{where}: resnet_time_scale_shift={shift!r}; 'default' or 'scale_shift'")
+    channel_mult, _ = _unet_levels(config, where, attention=False)
+    in_channels, out_channels = config.get("in_channels", 3), config.get("out_channels", 3)
+    image_channels = in_channels // 2  # the noised image and the resized low-res one
+    if in_channels % 2 or out_channels not in (image_channels, 2 * image_channels):
+        raise ValueError(
+            f"{where}: in_channels {in_channels}, out_channels {out_channels}: an upsampler "
+            "reads the noised and the low-res image (2c channels) and predicts c or 2c"
+        )
+    layers, model_channels = config["layers_per_block"], config["block_out_channels"][0]
+    image_size = config.get("sample_size") or SUPER_RES_SIZE
+    upsampler = UpsamplerConfig(
+        image_size=image_size,
+        low_res_size=image_size // SUPER_RES_FACTOR,
+        in_channels=image_channels,
+        model_channels=model_channels,
+        channel_mult=channel_mult,
+        num_res_blocks=layers,
+        groups=config.get("norm_num_groups", 32),
+        scale_shift=shift == "scale_shift",
+        middle_attention=False,
+        dropout_rate=config.get("dropout", 0.0),
+        variance="learned_range" if out_channels == in_channels else "fixed_small",
+    )
+    sd = _StateDict(state_dict, "super-res")
+    params = {
+        "time_fc": sd.linear("time_embedding.linear_1"),
+        "time_proj": sd.linear("time_embedding.linear_2"),
+        "unet": _unet_params(sd, channel_mult, layers, (), head_dim=None),
+    }
+    sd.done()
+    return upsampler, {"params": _contiguous(params)}
+
+
+def _unet_params(
+    sd: _StateDict,
+    channel_mult: tuple[int, ...],
+    layers: int,
+    attention_levels: tuple[int, ...],
+    head_dim: int | None,
+) -> dict:
+    """The UNet trunk's parameters (:class:`jaxaigc.nn.unet.UNet`) from diffusers' down / mid /
+    up blocks; a middle attention block when ``head_dim`` is given."""
 
     def resnet(prefix: str) -> dict:
         out = {
@@ -311,7 +387,8 @@ def decoder_from_diffusers(
         if level < levels - 1:
             unet[f"down_{level}_resample"] = resnet(f"{p}.downsamplers.0")
     unet["middle_0"] = resnet("mid_block.resnets.0")
-    unet["middle_attn"] = attention("mid_block.attentions.0")
+    if head_dim is not None:
+        unet["middle_attn"] = attention("mid_block.attentions.0")
     unet["middle_1"] = resnet("mid_block.resnets.1")
     for level in range(levels):
         p = f"up_blocks.{levels - 1 - level}"
@@ -323,9 +400,7 @@ def decoder_from_diffusers(
             unet[f"up_{level}_resample"] = resnet(f"{p}.upsamplers.0")
     unet["out_norm"] = sd.norm("conv_norm_out")
     unet["out_conv"] = sd.conv("conv_out")
-    params["unet"] = unet
-    sd.done()
-    return decoder, {"params": _contiguous(params)}
+    return unet
 
 
 def read_component(folder: Path) -> tuple[dict, Mapping[str, Any]]:
@@ -348,9 +423,10 @@ def component_class(folder: Path) -> str | None:
 
 
 def load_karlo(src: str | Path) -> dict[str, tuple[Any, dict]]:
-    """``{"prior": (config, variables), "decoder": (config, variables)}`` from ``src``: an
-    ``UnCLIPPipeline`` folder (its ``prior/``, ``decoder/`` and ``text_proj/``), or one component
-    folder: ``prior/``, or ``decoder/`` with ``text_proj/`` beside it."""
+    """``{stage: (config, variables)}`` from ``src``: an ``UnCLIPPipeline`` folder (stages
+    ``prior``, ``decoder`` from ``decoder/`` with ``text_proj/``, and ``super_res_first``,
+    ``super_res_last`` when present), or one component folder: ``prior/``, ``decoder/`` (with
+    ``text_proj/`` beside it) or an upsampler's (the stage named after the folder)."""
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is not a folder: give an UnCLIPPipeline folder")
@@ -359,27 +435,33 @@ def load_karlo(src: str | Path) -> dict[str, tuple[Any, dict]]:
         missing = [str(p) for p in parts.values() if not p.is_dir()]
         if missing:
             raise FileNotFoundError(f"{src} is not a whole UnCLIPPipeline folder: no {missing}")
+        parts.update({stage: src / stage for stage in SUPER_RES_STAGES if (src / stage).is_dir()})
     else:
         kinds = {"PriorTransformer": "prior", "UNet2DConditionModel": "decoder"}
         name = component_class(src)
-        if name not in kinds:
+        if name == "UNet2DModel":
+            parts = {src.name if src.name in SUPER_RES_STAGES else "super_res": src}
+        elif name in kinds:
+            parts = {kinds[name]: src}
+        else:
             raise ValueError(
                 f"{src / 'config.json'} names class {name!r}; convert an UnCLIPPipeline folder, a "
-                f"PriorTransformer's or a UNet2DConditionModel's (with text_proj/ beside it)"
+                "PriorTransformer's, a UNet2DConditionModel's (with text_proj/ beside it) or a "
+                "UNet2DModel's"
             )
-        parts = {kinds[name]: src}
     out = {}
-    if "prior" in parts:
-        prior_config, prior_sd = read_component(parts["prior"])
-        out["prior"] = prior_from_diffusers(prior_sd, prior_config)
-    if "decoder" in parts:
-        text_proj = parts["decoder"].parent / "text_proj"
-        if not text_proj.is_dir():
-            raise FileNotFoundError(
-                f"the decoder needs its UnCLIPTextProjModel: no {text_proj} beside "
-                f"{parts['decoder']}"
-            )
-        unet_config, unet_sd = read_component(parts["decoder"])
-        proj_config, proj_sd = read_component(text_proj)
-        out["decoder"] = decoder_from_diffusers(unet_sd, unet_config, proj_sd, proj_config)
+    for stage, folder in parts.items():
+        if stage == "decoder":
+            text_proj = folder.parent / "text_proj"
+            if not text_proj.is_dir():
+                raise FileNotFoundError(
+                    f"the decoder needs its UnCLIPTextProjModel: no {text_proj} beside {folder}"
+                )
+            unet_config, unet_sd = read_component(folder)
+            proj_config, proj_sd = read_component(text_proj)
+            out[stage] = decoder_from_diffusers(unet_sd, unet_config, proj_sd, proj_config)
+        else:
+            config, state_dict = read_component(folder)
+            convert = prior_from_diffusers if stage == "prior" else super_res_from_diffusers
+            out[stage] = convert(state_dict, config)
     return out

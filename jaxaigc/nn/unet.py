@@ -87,10 +87,14 @@ class ResBlock(nn.Module):
         scale, shift = dense(silu(emb))
         h = conv_zero(dropout(silu(norm(h) * (1 + scale) + shift)))
         out = skip(resample(x)) + h        (skip: a 1x1 convolution if the channels change)
+
+    Without ``scale_shift`` (ADM's ``use_scale_shift_norm=False``) the embedding is added
+    instead: ``h = conv_zero(dropout(silu(norm(h + dense(silu(emb))))))``.
     """
 
     out_channels: int
     groups: int = 32
+    scale_shift: bool = True
     resample: str = "none"
     dropout_rate: float = 0.0
     deterministic: bool = True
@@ -105,11 +109,14 @@ class ResBlock(nn.Module):
         h = resample(h, self.resample)
         x = resample(x, self.resample)
         h = conv3x3(self.out_channels, dtype=self.dtype, name="in_conv")(h)
-        e = dense(2 * self.out_channels, ("embed", "conv_out"), dtype=self.dtype, name="emb_proj")(
-            nn.silu(emb)
-        )
-        scale, shift = jnp.split(e[:, None, None, :], 2, axis=-1)
-        h = group_norm(self.groups, dtype=self.dtype, name="out_norm")(h) * (1 + scale) + shift
+        features = (2 if self.scale_shift else 1) * self.out_channels
+        e = dense(features, ("embed", "conv_out"), dtype=self.dtype, name="emb_proj")(nn.silu(emb))
+        norm = group_norm(self.groups, dtype=self.dtype, name="out_norm")
+        if self.scale_shift:
+            scale, shift = jnp.split(e[:, None, None, :], 2, axis=-1)
+            h = norm(h) * (1 + scale) + shift
+        else:
+            h = norm(h + e[:, None, None, :])
         h = nn.Dropout(self.dropout_rate)(nn.silu(h), deterministic=self.deterministic)
         h = conv3x3(self.out_channels, zero=True, dtype=self.dtype, name="out_conv")(h)
         if x.shape[-1] != self.out_channels:
@@ -168,7 +175,8 @@ class UNet(nn.Module):
     blocks per level going down and one more going up; between levels the resolution halves
     (a ``ResBlock(resample="down")`` with ``resblock_updown``, else a stride-2 convolution) and
     doubles on the way up. Attention after each residual block whose feature map has been
-    downsampled by a factor in ``attention_ds`` (1 = full resolution), and in the middle.
+    downsampled by a factor in ``attention_ds`` (1 = full resolution), and in the middle unless
+    not ``middle_attention``. ``scale_shift``: see :class:`ResBlock`.
     ``r`` must be divisible by 2^(levels - 1). ``remat_policy`` rematerialises each residual and
     attention block (see the module docstring).
     """
@@ -181,6 +189,8 @@ class UNet(nn.Module):
     head_channels: int = 64
     groups: int = 32
     resblock_updown: bool = True
+    scale_shift: bool = True
+    middle_attention: bool = True
     dropout_rate: float = 0.0
     deterministic: bool = True
     remat_policy: str = "none"
@@ -208,7 +218,12 @@ class UNet(nn.Module):
                 f"({levels} levels of channel_mult): it must be divisible by {factor}"
             )
         common = dict(groups=self.groups, dtype=self.dtype)
-        block = dict(dropout_rate=self.dropout_rate, deterministic=self.deterministic, **common)
+        block = dict(
+            scale_shift=self.scale_shift,
+            dropout_rate=self.dropout_rate,
+            deterministic=self.deterministic,
+            **common,
+        )
 
         def attend(h: jax.Array, ds: int, name: str) -> jax.Array:
             if ds not in self.attention_ds:
@@ -244,9 +259,10 @@ class UNet(nn.Module):
                 skips.append(h)
 
         h = res_block(h.shape[-1], **block, name="middle_0")(h, emb)
-        h = attention_block(self.head_channels, **common, name="middle_attn")(
-            h, context, context_mask
-        )
+        if self.middle_attention:
+            h = attention_block(self.head_channels, **common, name="middle_attn")(
+                h, context, context_mask
+            )
         h = res_block(h.shape[-1], **block, name="middle_1")(h, emb)
 
         for level, mult in reversed(list(enumerate(self.channel_mult))):

@@ -1,12 +1,13 @@
 """Karlo (Kakao Brain's released unCLIP) conversion against diffusers' modules: the prior, the
-text projection with the 64 px decoder UNet, on random weights in fp32, and the released
-configurations' parameter counts.
+text projection with the 64 px decoder UNet and the 256 px upsampler, on random weights in fp32,
+and the released configurations' parameter counts.
 
 The equivalence tests shrink the released configs (width, depth, image size) and keep every block
 type, option and head pattern: the prior keeps its prd token, causal and padding masks and CLIP
 statistics; the decoder keeps ResnetDownsample / SimpleCrossAttn blocks on the same levels (4 of
 them), the SimpleCrossAttn middle, scale-shift norm, the identity class embedding that carries
-the CLIP embeddings, learned variances (6 channels) and 4 extra context tokens.
+the CLIP embeddings, learned variances (6 channels) and 4 extra context tokens; the upsampler
+keeps its Resnet blocks, no attention, the added timestep embedding and 6 input channels.
 """
 
 import json
@@ -18,9 +19,15 @@ import pytest
 
 from jaxaigc import cli, plan
 from jaxaigc.configs.saved import load_run
-from jaxaigc.convert.karlo import decoder_from_diffusers, load_karlo, prior_from_diffusers
+from jaxaigc.convert.karlo import (
+    decoder_from_diffusers,
+    load_karlo,
+    prior_from_diffusers,
+    super_res_from_diffusers,
+)
 from jaxaigc.models.decoder import Decoder, DecoderConfig
 from jaxaigc.models.prior import Prior, PriorConfig, embedding_to_latent, latent_to_embedding
+from jaxaigc.models.upsampler import Upsampler, UpsamplerConfig
 from jaxaigc.pipelines.unclip import decoder_init, load_stage, prior_init
 from tests.helpers import assert_logical_axes
 
@@ -62,6 +69,24 @@ SMALL_UNET = {
     "layers_per_block": 2,
     "block_out_channels": [64, 128, 192, 256],
     "cross_attention_dim": 48,
+}
+# super_res_first/config.json (super_res_last's is the same without sample_size).
+KARLO_SUPER_RES = {
+    "sample_size": 256,
+    "layers_per_block": 3,
+    "down_block_types": ["ResnetDownsampleBlock2D"] * 4,
+    "up_block_types": ["ResnetUpsampleBlock2D"] * 4,
+    "block_out_channels": [320, 640, 960, 1280],
+    "in_channels": 6,
+    "out_channels": 3,
+    "add_attention": False,
+}
+# Reduced: channels / 10, 2 blocks a level, 16 px.
+SMALL_SUPER_RES = {
+    **KARLO_SUPER_RES,
+    "sample_size": 16,
+    "layers_per_block": 2,
+    "block_out_channels": [32, 64, 96, 128],
 }
 SMALL_TEXT_PROJ = {"clip_embeddings_dim": 24, "time_embed_dim": 256, "cross_attention_dim": 48}
 # Reduced: 4 heads of 8 (released 32 of 64), 2 blocks (20), 24-d CLIP (768), 7 tokens (77).
@@ -178,11 +203,25 @@ def test_decoder_matches_diffusers():
     _close(got, want.transpose(0, 2, 3, 1))
 
 
+def test_super_res_matches_diffusers():
+    reference = _randomise(diffusers.UNet2DModel(**SMALL_SUPER_RES), seed=6)
+    config, variables = super_res_from_diffusers(reference.state_dict(), SMALL_SUPER_RES)
+    assert (config.scale_shift, config.middle_attention, config.out_channels) == (False, False, 3)
+    rng = np.random.default_rng(2)
+    x, low_res = rng.normal(size=(2, 16, 16, 3)), rng.normal(size=(2, 16, 16, 3))
+    t = np.array([5, 640])
+    with torch.no_grad():
+        sample = torch.tensor(np.concatenate([x, low_res], -1).transpose(0, 3, 1, 2))
+        want = reference(sample.float(), torch.tensor(t)).sample.numpy()
+    got = jax.jit(Upsampler(config).apply)(variables, x, t, low_res)
+    _close(got, want.transpose(0, 2, 3, 1))
+
+
 def _count(tree) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("component", ["prior", "decoder"])
+@pytest.mark.parametrize("component", ["prior", "decoder", "super_res"])
 def test_released_parameter_counts(component):
     """The presets at the released sizes, on abstract shapes, against diffusers' modules built
     on torch's meta device: equal but for the prior's key biases (dropped, see convert.karlo)."""
@@ -192,6 +231,13 @@ def test_released_parameter_counts(component):
             model = Prior(PriorConfig.from_name("karlo-prior"))
             dropped = model.config.layers * model.config.width
             init = prior_init(model)
+        elif component == "super_res":
+            references = [diffusers.UNet2DModel(**KARLO_SUPER_RES)]
+            model, dropped = Upsampler(UpsamplerConfig.from_name("karlo-super-res")), 0
+
+            def init(rng):
+                image = jnp.zeros((1, 256, 256, 3))
+                return model.init(rng, image, jnp.zeros((1,), jnp.int32), image)
         else:
             text_proj_cls = diffusers.pipelines.deprecated.unclip.text_proj.UnCLIPTextProjModel
             references = [
@@ -228,7 +274,11 @@ def test_convert_karlo_pipeline_folder(tmp_path, capsys):
     _save_component(src / "prior", prior, SMALL_PRIOR, "PriorTransformer")
     _save_component(src / "text_proj", text_proj, SMALL_TEXT_PROJ, "UnCLIPTextProjModel")
     _save_component(src / "decoder", unet, SMALL_UNET, "UNet2DConditionModel")
+    super_res = _randomise(diffusers.UNet2DModel(**SMALL_SUPER_RES), seed=6)
+    _save_component(src / "super_res_last", super_res, SMALL_SUPER_RES, "UNet2DModel")
     cli.main(["convert", "karlo", str(src), str(tmp_path / "out")])
+    assert load_run(tmp_path / "out" / "super_res_last")[0] == "karlo-super-res"
+    assert set(load_karlo(src / "super_res_last")) == {"super_res_last"}
     for stage, (config, expected) in {
         "prior": prior_from_diffusers(prior.state_dict(), SMALL_PRIOR),
         "decoder": decoder_from_diffusers(
