@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxaigc.models.gpt import GPT
 from jaxaigc.objectives.autoregressive import next_token_nll
@@ -31,13 +32,21 @@ class PPOConfig:
     top_p: float = 1.0
     eos_id: int = 0
     pad_id: int = 0
-    epochs: int = 1  # passes over each rollout batch (paper: 1)
+    epochs: int = 1  # passes over each rollout batch (paper: 1; lm-human-preferences: 4)
     minibatches: int = 1  # updates per pass (paper: batch 512 / minibatch 64 = 8)
+    # The rollout (sampling and scoring) runs over this many chunks of the batch one after the
+    # other, so a batch of hundreds of prompts fits in memory; the samples do not depend on it.
+    rollout_chunks: int = 1
     gamma: float = 1.0
     lam: float = 0.95
     clip_ratio: float = 0.2
     value_clip: float = 0.2
+    # The value loss's weight (lm-human-preferences: 0.1). Policy and value are separate networks
+    # with their own clipping and Adam, so it scales only the value's gradient before its clip.
     vf_coef: float = 1.0
+    # The value's learning rate over the policy's (lm-human-preferences: 1, one Adam; OpenRLHF's
+    # defaults: 9e-6 / 5e-7 = 18).
+    value_lr_scale: float = 1.0
     gamma_ptx: float = 0.0  # 0: plain PPO (paper's PPO-ptx: 27.8)
     kl_coef: float = 0.02  # the initial beta (paper: 0.02)
     kl_target: float | None = None  # None: fixed beta; else Ziegler et al.'s adaptive controller
@@ -48,9 +57,11 @@ class PPOConfig:
         check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         if self.temperature == 0:
             raise ValueError("PPO samples: temperature must be > 0 (0 is greedy)")
-        for name in ("response_length", "epochs", "minibatches", "kl_horizon"):
+        for name in ("response_length", "epochs", "minibatches", "rollout_chunks", "kl_horizon"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.value_lr_scale <= 0:
+            raise ValueError(f"value_lr_scale must be positive; got {self.value_lr_scale}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ValueError(f"kl_target must be positive (or None); got {self.kl_target}")
 
@@ -143,6 +154,36 @@ def value_loss(
     clipped = old_values + jnp.clip(values - old_values, -clip, clip)
     losses = jnp.maximum(jnp.square(values - returns), jnp.square(clipped - returns))
     return 0.5 * masked_mean(losses, mask)
+
+
+def token_entropy(logits: jax.Array, temperature: float) -> jax.Array:
+    """The entropy [...] of softmax(logits / temperature) [..., vocab], in nats: the policy's
+    uncertainty where it drew each token (top-k / top-p do not enter, as in the log-probs)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature)
+    return -(jnp.exp(logp) * logp).sum(-1)
+
+
+def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:
+    """1 - Var[returns - values] / Var[returns] over the valid tokens: 1 for a value model that
+    predicts the returns, 0 for one no better than their mean; NaN when the returns are constant."""
+
+    def var(x):
+        return masked_mean(jnp.square(x - masked_mean(x, mask)), mask)
+
+    return 1.0 - var(returns - values) / var(returns)
+
+
+def fit_reward_normalizer(scores: np.ndarray) -> tuple[float, float]:
+    """``(gain, bias)`` with ``gain * scores + bias`` of mean 0 and standard deviation 1: Ziegler
+    et al.'s normalisation of the reward model on samples of the initial policy, so beta weighs
+    the KL against a score of unit scale."""
+    scores = np.asarray(scores, np.float64).ravel()
+    if scores.size < 2 or not np.all(np.isfinite(scores)):
+        raise ValueError(f"need at least 2 finite scores to fit a normaliser; got {scores}")
+    std = scores.std()
+    if std == 0:
+        raise ValueError(f"the {scores.size} scores are all {scores[0]}: no scale to normalise")
+    return float(1.0 / std), float(-scores.mean() / std)
 
 
 def adaptive_kl_beta(

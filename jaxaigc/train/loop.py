@@ -12,7 +12,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,7 +47,9 @@ class Task:
     A step that is more than one gradient update (PPO: a rollout, then epochs of minibatch
     updates of ``loss_fn``) comes from ``make_step(tx, *, rng, schedule) -> step(state, batch)
     -> (state, metrics)`` instead of :func:`make_train_step`; the learning-rate schedule then
-    spans ``steps * updates_per_step`` updates.
+    spans ``steps * updates_per_step`` updates. ``lr_scales`` (``{name: scale}`` over the
+    top-level keys of the parameters) gives each of those subtrees its own gradient clipping and
+    AdamW at the configured rate times its scale (:func:`~jaxaigc.train.optim.make_optimizer`).
     """
 
     init: Callable[[jax.Array], Any]
@@ -57,6 +59,7 @@ class Task:
     constrain_params: Callable[[Any], Any] | None = None
     make_step: Callable[..., Callable] | None = None
     updates_per_step: int = 1
+    lr_scales: Mapping[str, float] | None = None
 
 
 class Batches(Protocol):
@@ -169,6 +172,7 @@ def optimizer(task: Task, config: ml_collections.ConfigDict):
         eps=oc.eps,
         weight_decay=oc.weight_decay,
         clip_norm=oc.clip_norm,
+        lr_scales=task.lr_scales,
     )
 
 

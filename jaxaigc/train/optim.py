@@ -1,7 +1,9 @@
-"""Optimizer factory: AdamW with masked weight decay, warmup + cosine schedule, clipping."""
+"""Optimizer factory: AdamW with masked weight decay, warmup + cosine schedule, clipping, and
+optionally one such optimizer per top-level parameter subtree."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -51,8 +53,41 @@ def make_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     clip_norm: float | None = 1.0,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (decoupled weight decay masked by :func:`decay_mask`) after global-norm clipping."""
+    """AdamW (decoupled weight decay masked by :func:`decay_mask`) after global-norm clipping.
+
+    With ``lr_scales`` (``{name: scale}`` over the top-level keys of the parameters) each of those
+    subtrees is optimised on its own: clipped to its own global norm, its rate ``peak_lr * scale``
+    (PPO's policy and value: one network's gradient no longer sets the other's step). The
+    schedule returned is the unscaled one.
+    """
+    if lr_scales is not None:
+        options = dict(
+            total_steps=total_steps,
+            warmup_steps=warmup_steps,
+            end_lr_ratio=end_lr_ratio,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            weight_decay=weight_decay,
+            clip_norm=clip_norm,
+        )
+        groups = {
+            name: make_optimizer(peak_lr=peak_lr * scale, **options)[0]
+            for name, scale in lr_scales.items()
+        }
+
+        def labels(params: Any) -> dict:
+            if set(params) != set(lr_scales):
+                raise ValueError(
+                    f"lr_scales names {sorted(lr_scales)}; the parameters' top-level keys are "
+                    f"{sorted(params)}"
+                )
+            return {name: name for name in params}
+
+        _, schedule = make_optimizer(peak_lr=peak_lr, **options)
+        return optax.multi_transform(groups, labels), schedule
     schedule = make_schedule(
         peak_lr=peak_lr,
         warmup_steps=warmup_steps,

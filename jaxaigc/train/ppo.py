@@ -4,12 +4,14 @@ A step takes a batch of left-padded prompts (and as many pretraining rows for th
 in one jitted program: samples a response per prompt from the policy with the KV cache (a fresh
 key per row and iteration), scores the sequences with the frozen reward model at each EOS and
 with the frozen SFT reference and the value model at every token, turns the per-token KL penalty
-and the score into GAE advantages, then runs ``epochs`` passes of ``minibatches`` PPO updates
-(each :func:`~jaxaigc.train.step.make_train_step`'s update of
-:func:`~jaxaigc.objectives.ppo.ppo_loss_fn`). The ``TrainState`` holds ``params = {"policy",
-"value"}`` (trained together by one optimizer) and ``model_state = {"frozen": {"reference",
-"reward"}, "kl": {"beta"}}``, so checkpoints, resume, SIGTERM, metrics and sharding are the
-loop's; ``state.step`` counts updates.
+and the normalised score into GAE advantages, then runs ``epochs`` passes of ``minibatches`` PPO
+updates over a fresh shuffle each (each :func:`~jaxaigc.train.step.make_train_step`'s update of
+:func:`~jaxaigc.objectives.ppo.ppo_loss_fn`). The rollout runs over ``rollout_chunks`` chunks of
+the batch in turn, so a batch of hundreds of prompts fits in memory. The ``TrainState`` holds
+``params = {"policy", "value"}`` (each clipped to its own gradient norm and stepped by its own
+Adam, the value's rate ``value_lr_scale`` times the policy's) and ``model_state = {"frozen":
+{"reference", "reward", "reward_normalizer": {"gain", "bias"}}, "kl": {"beta"}}``, so
+checkpoints, resume, SIGTERM, metrics and sharding are the loop's; ``state.step`` counts updates.
 """
 
 from __future__ import annotations
@@ -20,39 +22,21 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxaigc.models.gpt import GPT, GPTConfig
 from jaxaigc.objectives.ppo import (
     PPOConfig,
     adaptive_kl_beta,
+    explained_variance,
     gae,
     kl_penalty_rewards,
+    masked_mean,
     ppo_loss_fn,
     whiten,
 )
-from jaxaigc.objectives.reward import score_at_eos
-from jaxaigc.sample.decode import generate, token_logprobs
 from jaxaigc.train.loop import Task
+from jaxaigc.train.rollout import check_models, make_sampler, split_rows
 from jaxaigc.train.step import make_train_step
-
-
-def _check_models(policy: GPTConfig, reward: GPTConfig, ppo: PPOConfig) -> None:
-    if policy.head != "lm" or reward.head != "scalar":
-        raise ValueError(
-            f"the policy needs head='lm' (got {policy.head!r}), the reward model head='scalar' "
-            f"(got {reward.head!r})"
-        )
-    if policy.vocab_size != reward.vocab_size:
-        raise ValueError(
-            f"the policy's vocabulary ({policy.vocab_size}) and the reward model's "
-            f"({reward.vocab_size}) differ: they must share a tokenizer"
-        )
-    for name in ("eos_id", "pad_id"):
-        if not 0 <= getattr(ppo, name) < policy.vocab_size:
-            raise ValueError(
-                f"{name} {getattr(ppo, name)} is outside the vocabulary of {policy.vocab_size}"
-            )
 
 
 def load_params(boxed: Any, params: Any | None, name: str) -> Any:
@@ -78,20 +62,6 @@ def load_params(boxed: Any, params: Any | None, name: str) -> Any:
     )
 
 
-def _minibatches(tree: Any, count: int, order: jax.Array | None = None) -> Any:
-    """[B, ...] -> [count, B / count, ...], rows in ``order`` (default: strided, as
-    ``make_train_step``'s microbatches), each minibatch spread over the batch shards."""
-
-    def split(x):
-        if x.shape[0] % count:
-            raise ValueError(f"batch size {x.shape[0]} is not divisible by {count} minibatches")
-        x = x if order is None else x[order]
-        x = x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
-        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
-
-    return jax.tree.map(split, tree)
-
-
 def make_ppo_task(
     policy_config: GPTConfig,
     reward_config: GPTConfig,
@@ -100,6 +70,8 @@ def make_ppo_task(
     policy_params: Any | None = None,
     reward_params: Any | None = None,
     reward_fn: Callable[..., Any] | None = None,
+    reward_gain: float = 1.0,
+    reward_bias: float = 0.0,
 ) -> Task:
     """The :class:`~jaxaigc.train.loop.Task` of PPO(-ptx) for ``train.loop.train``.
 
@@ -114,8 +86,13 @@ def make_ppo_task(
     arrays called through ``jax.pure_callback``, scores the rollouts in place of the reward model
     (e.g. a programmatic gold scorer: the most any reward model can give PPO); the value model
     still starts from ``reward_params``.
+
+    The score PPO maximises is ``reward_gain * raw + reward_bias`` of either's raw score (Ziegler
+    et al.: fit them with :func:`~jaxaigc.objectives.ppo.fit_reward_normalizer` on scores of the
+    SFT policy's samples, e.g. from :func:`~jaxaigc.train.rollout.sample_scores`); they live in
+    the checkpointed ``model_state["frozen"]["reward_normalizer"]``.
     """
-    _check_models(policy_config, reward_config, ppo)
+    check_models(policy_config, reward_config, ppo)
     policy, scorer = GPT(policy_config), GPT(reward_config)
     loss_fn = ppo_loss_fn(policy, scorer, ppo)
 
@@ -125,15 +102,23 @@ def make_ppo_task(
         pi = load_params(policy.init(policy_rng, example)["params"], policy_params, "policy")
         example = jnp.zeros((1, reward_config.context_length), jnp.int32)
         rm = load_params(scorer.init(reward_rng, example)["params"], reward_params, "reward")
+        normalizer = {
+            "gain": jnp.asarray(reward_gain, jnp.float32),
+            "bias": jnp.asarray(reward_bias, jnp.float32),
+        }
         return {
             "params": {"policy": pi, "value": rm},  # the value model starts as the RM
-            "frozen": {"reference": pi, "reward": rm},
+            "frozen": {"reference": pi, "reward": rm, "reward_normalizer": normalizer},
             "kl": {"beta": jnp.asarray(ppo.kl_coef, jnp.float32)},
         }
 
+    sample_and_score = make_sampler(policy_config, reward_config, ppo, reward_fn)
+
     def make_step(tx, *, rng: jax.Array, schedule=None):
         update_rng, rollout_rng, shuffle_rng = jax.random.split(rng, 3)
-        update = make_train_step(loss_fn, tx, rng=update_rng, schedule=schedule)
+        update = make_train_step(
+            loss_fn, tx, rng=update_rng, schedule=schedule, norm_groups=("policy", "value")
+        )
 
         def step(state, batch):
             prompt, prompt_valid = batch["prompt"], batch["prompt_valid"]
@@ -145,14 +130,20 @@ def make_ppo_task(
                         f"{ppo.response_length} exceeds the {name}'s context "
                         f"{config.context_length}"
                     )
+            for name in ("minibatches", "rollout_chunks"):
+                if prompt.shape[0] % getattr(ppo, name):
+                    raise ValueError(
+                        f"the batch of {prompt.shape[0]} prompts does not divide into "
+                        f"{name}={getattr(ppo, name)}"
+                    )
             rollouts, metrics = _rollout(state, prompt, prompt_valid, rollout_rng)
             ptx = {k: batch[k] for k in ("ptx", "ptx_weights") if ppo.gamma_ptx}
 
             def epoch(state, index):
                 key = jax.random.fold_in(jax.random.fold_in(shuffle_rng, state.step), index)
                 order = jax.random.permutation(key, prompt.shape[0])
-                minibatches = _minibatches(rollouts, ppo.minibatches, order)
-                minibatches |= _minibatches(ptx, ppo.minibatches)
+                minibatches = split_rows(rollouts, ppo.minibatches, order)
+                minibatches |= split_rows(ptx, ppo.minibatches)
                 return jax.lax.scan(update, state, minibatches)
 
             state, updates = jax.lax.scan(epoch, state, jnp.arange(ppo.epochs))
@@ -171,67 +162,45 @@ def make_ppo_task(
 
         def _rollout(state, prompt, prompt_valid, key):
             """Samples, scores and advantages of one batch of prompts (no gradients)."""
-            params, frozen = state.params, state.model_state["frozen"]
+            frozen = state.model_state["frozen"]
             beta = state.model_state["kl"]["beta"]
             rows = jax.random.split(jax.random.fold_in(key, state.step), prompt.shape[0])
-            samples = generate(
-                policy_config,
-                params["policy"],
-                prompt,
-                valid=prompt_valid,
-                steps=ppo.response_length,
-                rng=rows,
-                temperature=ppo.temperature,
-                top_k=ppo.top_k,
-                top_p=ppo.top_p,
-                eos_id=ppo.eos_id,
-                pad_id=ppo.pad_id,
+            out = sample_and_score(
+                {**state.params, **frozen}, prompt, prompt_valid, rows, evaluate=True
             )
-            mask, r = samples.mask, ppo.response_length
-            tokens = jnp.concatenate([prompt, samples.tokens], axis=1)
-            valid = jnp.concatenate([prompt_valid, mask], axis=1)
-
-            def logprobs(pi_params):  # recomputed, as the loss computes them
-                logits = policy.apply({"params": pi_params}, tokens, valid=valid)
-                return token_logprobs(logits[:, -r - 1 : -1], samples.tokens, ppo.temperature)
-
-            old_logprobs = logprobs(params["policy"])
-            ref_logprobs = logprobs(frozen["reference"])
-            values = scorer.apply({"params": params["value"]}, tokens, valid=valid)[:, -r - 1 : -1]
-            if reward_fn is None:
-                scores = scorer.apply({"params": frozen["reward"]}, tokens, valid=valid)[:, -r:]
-                score = score_at_eos(scores, mask)
-            else:
-                shape = jax.ShapeDtypeStruct(prompt.shape[:1], jnp.float32)
-                score = jax.pure_callback(
-                    lambda *arrays: reward_fn(*map(np.asarray, arrays)),
-                    shape,
-                    prompt,
-                    prompt_valid,
-                    samples.tokens,
-                    mask,
-                )
-            rewards, kl = kl_penalty_rewards(old_logprobs, ref_logprobs, score, mask, beta)
-            advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
+            mask, raw = out["mask"], out["raw_score"]
+            normalizer = frozen["reward_normalizer"]
+            score = normalizer["gain"] * raw + normalizer["bias"]
+            rewards, kl = kl_penalty_rewards(
+                out["logprobs"], out["ref_logprobs"], score, mask, beta
+            )
+            advantages, returns = gae(rewards, out["values"], mask, ppo.gamma, ppo.lam)
             if ppo.whiten_advantages:
                 advantages = whiten(advantages, mask)
             rollouts = {
-                "tokens": tokens,
-                "valid": valid,
+                "tokens": jnp.concatenate([prompt, out["response"]], axis=1),
+                "valid": jnp.concatenate([prompt_valid, mask], axis=1),
                 "mask": mask,
-                "old_logprobs": old_logprobs,
-                "old_values": values,
+                "old_logprobs": out["logprobs"],
+                "old_values": out["values"],
                 "advantages": advantages,
                 "returns": returns,
             }
-            ended = jnp.any(mask & (samples.tokens == ppo.eos_id), axis=1)
+            ended = jnp.any(mask & (out["response"] == ppo.eos_id), axis=1)
+            gap = jnp.where(mask, jnp.abs(out["logprobs"] - out["sampler_logprobs"]), 0.0)
             metrics = {
                 "rollout/score": score.mean(),
+                "rollout/score_std": score.std(),
+                "rollout/raw_score": raw.mean(),  # before the normaliser
                 "rollout/kl": kl.sum(1).mean(),  # KL(policy || SFT) per response, in nats
                 "rollout/beta": beta,
                 "rollout/length": mask.sum(1).mean(),
                 "rollout/eos_fraction": ended.mean(),
                 "rollout/return": rewards.sum(1).mean(),
+                "rollout/entropy": masked_mean(out["entropy"], mask),  # nats per drawn token
+                "rollout/explained_variance": explained_variance(out["values"], returns, mask),
+                # The KV-cache sampler's log-probs against the full forward pass PPO's ratio uses.
+                "rollout/logprob_gap": gap.max(),
             }
             return rollouts, metrics
 
@@ -242,4 +211,5 @@ def make_ppo_task(
         loss_fn=loss_fn,
         make_step=make_step,
         updates_per_step=ppo.epochs * ppo.minibatches,
+        lr_scales={"policy": 1.0, "value": ppo.value_lr_scale},
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -72,6 +72,7 @@ def make_train_step(
     schedule: optax.Schedule | None = None,
     pass_step: bool = False,
     constrain_params: Callable[[Any], Any] | None = None,
+    norm_groups: Sequence[str] = (),
 ) -> StepFn:
     """Returns a pure ``step(state, batch) -> (state, metrics)``.
 
@@ -81,7 +82,9 @@ def make_train_step(
     ``metrics[LOSS_WEIGHT]`` where the objective reports it.
     With ``pass_step`` the objective is called with ``step=state.step`` (the updates applied so
     far) as a keyword argument. ``constrain_params(params) -> params`` runs after every update
-    (a projection onto the allowed set, e.g. CLIP's temperature range).
+    (a projection onto the allowed set, e.g. CLIP's temperature range). For each name in
+    ``norm_groups`` (top-level keys of the parameters) the gradient norm of that subtree is logged
+    too, as ``train/grad_norm/NAME``.
     """
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -139,6 +142,7 @@ def make_train_step(
             "train/update_norm": optax.tree.norm(updates),
             "train/param_norm": optax.tree.norm(params),
         }
+        metrics |= {f"train/grad_norm/{name}": optax.tree.norm(grads[name]) for name in norm_groups}
         if schedule is not None:
             metrics["train/lr"] = schedule(state.step)
         new_state = state.replace(

@@ -6,9 +6,12 @@ import pytest
 
 from jaxaigc.objectives.ppo import (
     adaptive_kl_beta,
+    explained_variance,
+    fit_reward_normalizer,
     gae,
     kl_penalty_rewards,
     policy_loss,
+    token_entropy,
     value_loss,
     whiten,
 )
@@ -92,3 +95,43 @@ def test_adaptive_kl_controller():
     np.testing.assert_allclose(beta, 0.1 * (1 + 0.2 * 0.1), rtol=1e-6)
     beta = adaptive_kl_beta(jnp.float32(0.1), jnp.float32(5.7), target=6, horizon=100, n_steps=10)
     np.testing.assert_allclose(beta, 0.1 * (1 - 0.05 * 0.1), rtol=1e-6)
+
+
+def test_entropy_at_the_rollout_temperature_matches_numpy():
+    logits = np.random.default_rng(3).normal(0, 3, (2, 5, 11))
+    for temperature in (1.0, 0.5):
+        p = np.exp(logits / temperature)
+        p /= p.sum(-1, keepdims=True)
+        want = -(p * np.log(p)).sum(-1)
+        got = token_entropy(jnp.asarray(logits, jnp.float32), temperature)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_explained_variance_over_valid_tokens():
+    rng = np.random.default_rng(4)
+    returns, noise = rng.normal(2.0, 3.0, (2, 3, 6))
+    mask = _right_padded_mask([6, 2, 4], 6)
+    values = returns + 0.5 * noise
+    want = 1 - np.var((returns - values)[mask]) / np.var(returns[mask])
+    padded = [np.where(mask, x, 1e6) for x in (values, returns)]  # pads must not count
+    got = explained_variance(*map(jnp.asarray, padded), jnp.asarray(mask))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    exact = explained_variance(jnp.asarray(returns), jnp.asarray(returns), jnp.asarray(mask))
+    assert float(exact) == 1.0
+    mean = np.full_like(returns, returns[mask].mean())
+    np.testing.assert_allclose(
+        explained_variance(jnp.asarray(mean), jnp.asarray(returns), jnp.asarray(mask)),
+        0.0,
+        atol=1e-6,
+    )
+
+
+def test_the_reward_normalizer_gives_mean_0_and_std_1_on_its_scores():
+    scores = np.random.default_rng(5).gamma(2.0, 3.0, 200) - 4.0
+    gain, bias = fit_reward_normalizer(scores)
+    normalised = gain * scores + bias
+    np.testing.assert_allclose([normalised.mean(), normalised.std()], [0.0, 1.0], atol=1e-12)
+    with pytest.raises(ValueError, match="the 3 scores are all 0.5: no scale"):
+        fit_reward_normalizer([0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="at least 2 finite scores"):
+        fit_reward_normalizer([1.0, np.nan])

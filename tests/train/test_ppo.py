@@ -1,20 +1,24 @@
 """One PPO-ptx iteration (rollout, scoring, GAE, PPO epochs) as one step of the generic loop."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxaigc.objectives.ppo as ppo_objective
+import jaxaigc.train.ppo as ppo_train
 from jaxaigc import parallel
 from jaxaigc.data.pipeline import BatchIterator
 from jaxaigc.models.gpt import GPT, GPTConfig
-from jaxaigc.objectives.ppo import PPOConfig, ppo_loss_fn
+from jaxaigc.objectives.ppo import PPOConfig, fit_reward_normalizer, ppo_loss_fn
 from jaxaigc.objectives.sft import left_pad
 from jaxaigc.train.loop import default_train_config, train
-from jaxaigc.train.metrics import read_metrics
 from jaxaigc.train.optim import make_optimizer
 from jaxaigc.train.ppo import make_ppo_task
+from jaxaigc.train.rollout import sample_scores
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import jit_train_step
 from tests.helpers import assert_one_step_matches_one_device, assert_trees_equal
@@ -29,8 +33,8 @@ PPO = PPOConfig(
 class _Rows:
     """Prompts of 1 to 8 tokens, left-padded, with pretraining rows for the ptx term."""
 
-    def __init__(self, n: int):
-        rng = np.random.default_rng(0)
+    def __init__(self, n: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
         prompts = [rng.integers(2, 16, rng.integers(1, 9)).tolist() for _ in range(n)]
         self.prompt, self.valid = left_pad(prompts, length=8, pad_id=0, vocab_size=16)
         self.ptx = rng.integers(2, 16, (n, 10)).astype(np.int32)
@@ -56,18 +60,47 @@ def _batch(n: int = 8) -> dict:
     return {k: np.stack([rows[i][k] for i in range(n)]) for k in rows[0]}
 
 
-def _run(mesh, rules, ppo=PPO, reward_fn=None):
-    task = make_ppo_task(POLICY, REWARD, ppo, reward_fn=reward_fn)
-    tx, schedule = make_optimizer(peak_lr=3e-3, total_steps=10 * task.updates_per_step)
+def _run(mesh, rules, ppo=PPO, reward_fn=None, *, steps=10, rng=1, **normalizer):
+    """``(state, jitted step, batch)`` of PPO with a schedule of ``steps`` iterations."""
+    task = make_ppo_task(POLICY, REWARD, ppo, reward_fn=reward_fn, **normalizer)
+    tx, schedule = make_optimizer(
+        peak_lr=3e-3, total_steps=steps * task.updates_per_step, lr_scales=task.lr_scales
+    )
     state, shardings, _ = create_sharded_state(task.init, tx, jax.random.key(0), mesh, rules)
-    step = task.make_step(tx, rng=jax.random.key(1), schedule=schedule)
+    step = task.make_step(tx, rng=jax.random.key(rng), schedule=schedule)
     batch = parallel.shard_batch(_batch(), mesh)
     return state, jit_train_step(step, mesh, rules, shardings, batch), batch
 
 
-def test_kl_is_zero_and_the_ratio_one_at_initialisation(mesh_1):
+def _fives(prompt, prompt_valid, response, mask):
+    """A programmatic reward: the share of token 5 among the drawn tokens."""
+    del prompt, prompt_valid
+    return ((response == 5) & mask).sum(1).astype(np.float32) / response.shape[1]
+
+
+def test_the_first_iteration_starts_at_the_sft_policy(mesh_1):
+    """KL 0, ratio 1, old log-probs equal to the sampler's, the score normalised on these very
+    samples of the SFT policy, and the policy's and the value's gradient norms apart."""
     ppo = PPOConfig(response_length=7, eos_id=1, epochs=1, minibatches=1, kl_coef=0.1)
-    state, step, batch = _run(mesh_1, parallel.make_rules(), ppo)
+    batch = _batch()
+    # The rollout's row keys (``make_step`` splits its key in 3; the second, folded with the
+    # step, draws the rollout): sample_scores draws the same responses.
+    rollout_key = jax.random.fold_in(jax.random.split(jax.random.key(1), 3)[1], 0)
+    sft = nn.meta.unbox(make_ppo_task(POLICY, REWARD, ppo).init(jax.random.key(0)))
+    raw = sample_scores(
+        POLICY,
+        REWARD,
+        ppo,
+        policy_params=sft["params"]["policy"],
+        prompt=batch["prompt"],
+        prompt_valid=batch["prompt_valid"],
+        rng=rollout_key,
+        reward_fn=_fives,
+    )
+    gain, bias = fit_reward_normalizer(raw)
+    state, step, batch = _run(
+        mesh_1, parallel.make_rules(), ppo, _fives, reward_gain=gain, reward_bias=bias
+    )
     state, metrics = step(state, batch)
     metrics = jax.device_get(metrics)
     assert metrics["rollout/kl"] == 0.0  # the policy is the SFT reference
@@ -75,11 +108,50 @@ def test_kl_is_zero_and_the_ratio_one_at_initialisation(mesh_1):
     # so the mean ratio is 1 in float32.
     assert metrics["train/ratio"] == 1.0 and metrics["train/approx_kl"] < 1e-12
     assert metrics["train/clip_fraction"] == 0.0
-    np.testing.assert_allclose(metrics["rollout/return"], metrics["rollout/score"], rtol=1e-6)
+    # The full forward pass's log-probs (the ratio's old log-probs) are the KV-cache sampler's.
+    assert metrics["rollout/logprob_gap"] < 1e-5
+    np.testing.assert_allclose(metrics["rollout/raw_score"], raw.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["rollout/score"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(metrics["rollout/score_std"], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(metrics["rollout/return"], metrics["rollout/score"], atol=1e-6)
+    norms = [metrics[f"train/grad_norm/{name}"] for name in ("policy", "value")]
+    np.testing.assert_allclose(np.hypot(*norms), metrics["train/grad_norm"], rtol=1e-5)
     assert int(state.step) == 1
     # After the update the policy has moved away from the frozen reference.
     _, metrics = step(state, batch)
     assert float(metrics["rollout/kl"]) != 0.0
+
+
+def test_policy_and_value_are_clipped_and_stepped_apart():
+    """Each subtree is clipped to its own norm and stepped by its own Adam (the value's rate
+    scaled): the policy's updates are those of an optimizer that never saw the value."""
+    params = {"policy": {"w": jnp.zeros(3)}, "value": {"w": jnp.zeros(2)}}
+    grads = [
+        {"policy": {"w": jnp.array([0.3, -0.2, 0.1])}, "value": {"w": jnp.array([40.0, -9.0])}},
+        {"policy": {"w": jnp.array([0.1, 0.4, -0.3])}, "value": {"w": jnp.array([2.0, 30.0])}},
+    ]
+    options = dict(total_steps=10, clip_norm=1.0)
+    grouped, _ = make_optimizer(peak_lr=0.1, lr_scales={"policy": 1.0, "value": 3.0}, **options)
+    apart = {
+        "policy": make_optimizer(peak_lr=0.1, **options)[0],
+        "value": make_optimizer(peak_lr=0.3, **options)[0],
+    }
+    shared, _ = make_optimizer(peak_lr=0.1, **options)
+
+    def run(tx, subtree=None):
+        tree = params if subtree is None else params[subtree]
+        state = tx.init(tree)
+        for g in grads:
+            update, state = tx.update(g if subtree is None else g[subtree], state, tree)
+        return update
+
+    update = run(grouped)
+    for name, tx in apart.items():
+        np.testing.assert_array_equal(update[name]["w"], run(tx, name)["w"])
+    # One clip over both: the value's large gradient scales the policy's step.
+    assert np.abs(run(shared)["policy"]["w"] - update["policy"]["w"]).max() > 1e-3
+    with pytest.raises(ValueError, match=r"lr_scales names \['policy'\]; .* \['policy', 'value'\]"):
+        make_optimizer(peak_lr=0.1, lr_scales={"policy": 1.0}, **options)[0].init(params)
 
 
 def test_no_gradient_from_padded_positions():
@@ -122,13 +194,13 @@ def test_no_gradient_from_padded_positions():
 
 
 def test_one_iteration_on_the_mesh_equals_one_device(mesh_1, mesh_2x2x2):
-    assert_one_step_matches_one_device(lambda mesh, rules: _run(mesh, rules), mesh_1, mesh_2x2x2)
-
-
-def _fives(prompt, prompt_valid, response, mask):
-    """A programmatic reward: the share of token 5 among the drawn tokens."""
-    del prompt, prompt_valid
-    return ((response == 5) & mask).sum(1).astype(np.float32) / response.shape[1]
+    """The same iteration on 8 devices with the rollout in 4 chunks as on one in one chunk."""
+    chunked = dataclasses.replace(PPO, rollout_chunks=4)
+    assert_one_step_matches_one_device(
+        lambda mesh, rules: _run(mesh, rules, PPO if mesh is mesh_1 else chunked),
+        mesh_1,
+        mesh_2x2x2,
+    )
 
 
 def test_a_programmatic_reward_on_the_mesh_equals_one_device(mesh_1, mesh_2x2x2):
@@ -137,17 +209,89 @@ def test_a_programmatic_reward_on_the_mesh_equals_one_device(mesh_1, mesh_2x2x2)
     )
 
 
-def test_ppo_raises_a_programmatic_reward(tmp_path, mesh_1):
-    config = default_train_config()
-    config.train.update(steps=25, batch_size=16, log_every=1)
-    config.optim.update(peak_lr=3e-3, warmup_steps=0)
-    ppo = PPOConfig(response_length=7, eos_id=1, minibatches=2, kl_coef=0.0)
+def _flipped_advantages(monkeypatch):
+    gae = ppo_train.gae
+
+    def flipped(*args):
+        advantages, returns = gae(*args)
+        return -advantages, returns
+
+    monkeypatch.setattr(ppo_train, "gae", flipped)
+
+
+def _ratio_without_old_logprobs(monkeypatch):
+    policy_loss = ppo_objective.policy_loss
+
+    def no_old(logprobs, old_logprobs, advantages, mask, *, clip):
+        return policy_loss(logprobs, jnp.zeros_like(old_logprobs), advantages, mask, clip=clip)
+
+    monkeypatch.setattr(ppo_objective, "policy_loss", no_old)
+
+
+LEARN = PPOConfig(
+    response_length=7, eos_id=1, epochs=2, minibatches=4, rollout_chunks=2, kl_coef=0.01
+)
+# Measured (8 iterations of 32 prompts, 256 held-out prompts): the update as built raises the
+# held-out reward from 0.026 to 0.65; a flipped advantage sign ends at 0.002, the ratio without
+# the old log-probs at 0.016, beta 1000 at 0.020.
+MARGIN = 0.3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("broken", "sabotage", "ppo"),
+    [
+        (False, None, LEARN),
+        (True, _flipped_advantages, LEARN),
+        (True, _ratio_without_old_logprobs, LEARN),
+        (True, None, dataclasses.replace(LEARN, kl_coef=1000.0)),
+    ],
+    ids=["as-built", "flipped-advantage-sign", "ratio-without-old-logprobs", "beta-1000"],
+)
+def test_ppo_beats_its_start_on_held_out_prompts_by_a_margin_a_broken_update_misses(
+    mesh_1, monkeypatch, broken, sabotage, ppo
+):
+    if sabotage is not None:
+        sabotage(monkeypatch)
+    rules, steps, batch_size = parallel.make_rules(), 8, 32
     task = make_ppo_task(POLICY, REWARD, ppo, reward_fn=_fives)
-    batches = BatchIterator(_Rows(64), global_batch_size=16, seed=0)
-    train(task, batches, config, tmp_path, mesh=mesh_1)
-    scores = [r["rollout/score"] for r in read_metrics(tmp_path) if "rollout/score" in r]
-    # From chance (token 5 is 1 of 14 drawable tokens) to most of each response.
-    assert scores[0] < 0.15 and np.mean(scores[-5:]) > 0.6, scores
+    tx, schedule = make_optimizer(
+        peak_lr=3e-3, total_steps=steps * task.updates_per_step, lr_scales=task.lr_scales
+    )
+    state, shardings, _ = create_sharded_state(task.init, tx, jax.random.key(0), mesh_1, rules)
+    rows = _Rows(steps * batch_size, seed=2)
+    batches = [
+        parallel.shard_batch(
+            {
+                "prompt": rows.prompt[i : i + batch_size],
+                "prompt_valid": rows.valid[i : i + batch_size],
+            },
+            mesh_1,
+        )
+        for i in range(0, len(rows), batch_size)
+    ]
+    make_step = task.make_step(tx, rng=jax.random.key(1), schedule=schedule)
+    step = jit_train_step(make_step, mesh_1, rules, shardings, batches[0])
+    for batch in batches:
+        state, metrics = step(state, batch)
+    held_out = _Rows(256, seed=1)  # prompts no iteration saw
+
+    def reward(policy_params):  # the mean over one sample per prompt at the rollout temperature
+        scores = sample_scores(
+            POLICY,
+            REWARD,
+            ppo,
+            policy_params=policy_params,
+            prompt=held_out.prompt,
+            prompt_valid=held_out.valid,
+            rng=jax.random.key(7),
+            reward_fn=_fives,
+        )
+        return float(scores.mean())
+
+    start, end = reward(state.model_state["frozen"]["reference"]), reward(state.params["policy"])
+    assert start < 0.05  # token 5 is 1 of 16 tokens, and responses end at EOS
+    assert (end - start < MARGIN) if broken else (end - start > MARGIN), (start, end)
 
 
 def test_ppo_trains_through_the_loop_and_resumes(tmp_path, mesh_1):
@@ -193,5 +337,11 @@ def test_bad_inputs_are_named(mesh_1):
     state, step, batch = _run(mesh_1, parallel.make_rules(), long)
     with pytest.raises(ValueError, match="prompt length 8 \\+ response length 9 exceeds"):
         step(state, batch)
+    chunks = PPOConfig(response_length=7, eos_id=1, rollout_chunks=3)
+    state, step, batch = _run(mesh_1, parallel.make_rules(), chunks)
+    with pytest.raises(ValueError, match="the batch of 8 prompts does not divide into rollout_ch"):
+        step(state, batch)
+    with pytest.raises(ValueError, match="value_lr_scale must be positive; got 0"):
+        PPOConfig(value_lr_scale=0)
     with pytest.raises(ValueError, match="prompt 0 has 9 tokens; the prompt length is 8"):
         left_pad([list(range(2, 11))], length=8, pad_id=0, vocab_size=16)
