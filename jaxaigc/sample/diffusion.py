@@ -238,23 +238,52 @@ def _sample_loop(
     return x
 
 
+Caption = tuple[jax.Array, jax.Array, jax.Array]  # CLIP text tokens, embedding, token mask
+
+
+def with_empty_caption(
+    caption: Caption, empty: Caption | None, conditional: jax.Array | None
+) -> tuple[Caption, jax.Array | None]:
+    """The unconditional rows (``conditional`` False) of a model without a learned null caption
+    (Karlo's) get the empty caption's CLIP features ``empty`` (each [1, ...]), as its guidance
+    does; returns the caption and the ``conditional`` left for the model (None once used)."""
+    if empty is None or conditional is None:
+        return caption, conditional
+    rows = []
+    for c, e in zip(caption, empty, strict=True):
+        if c is None:  # no mask given: every token a caption token
+            c = jnp.ones((conditional.shape[0], *e.shape[1:]), e.dtype)
+        rows.append(jnp.where(conditional.reshape(-1, *[1] * (c.ndim - 1)), c, e))
+    return tuple(rows), None
+
+
+def _check_empty_caption(guidance_scale: float, empty: Caption | None, what: str) -> None:
+    if guidance_scale != 1 and empty is None:
+        raise ValueError(
+            f"guidance_scale {guidance_scale}: this {what} has no learned null caption; give "
+            "empty_caption, the empty caption's CLIP (text_tokens, text_embedding, text_mask)"
+        )
+
+
 @functools.cache
 def _prior_fn(config: PriorConfig):
-    """``fn(params, text_tokens, text_embedding, text_mask, x, t, conditional=None)``; the
-    conditioning is tiled to x's batch (guidance runs cond and uncond as one batch). Cached per
-    config so that the sampler's jit sees the same function and reuses its compilation."""
+    """``fn(params, text_tokens, text_embedding, text_mask, empty, x, t, conditional=None)``; the
+    conditioning is tiled to x's batch (guidance runs cond and uncond as one batch), ``empty``
+    the empty caption (:func:`with_empty_caption`) or None. Cached per config so that the
+    sampler's jit sees the same function and reuses its compilation."""
     model = Prior(config)
 
-    def fn(params, text_tokens, text_embedding, text_mask, x, t, conditional=None):
+    def fn(params, text_tokens, text_embedding, text_mask, empty, x, t, conditional=None):
         reps = x.shape[0] // text_embedding.shape[0]
 
         def tile(a):
             return None if a is None else jnp.concatenate([a] * reps)
 
+        caption = (tile(text_tokens), tile(text_embedding), tile(text_mask))
+        (tokens, embedding, mask), conditional = with_empty_caption(caption, empty, conditional)
         return model.apply(
-            {"params": params}, x, t, tile(text_tokens), tile(text_embedding),
-            text_mask=tile(text_mask), conditional=conditional,
-        )  # fmt: skip
+            {"params": params}, x, t, tokens, embedding, text_mask=mask, conditional=conditional
+        )
 
     return fn
 
@@ -281,6 +310,7 @@ def sample_prior(
     guidance_scale: float = 1.0,
     candidates: int = 2,
     eta: float = 0.0,
+    empty_caption: Caption | None = None,
 ) -> jax.Array:
     """CLIP image embeddings for captions: ``candidates`` DDIM samples per caption, the one with
     the highest dot product with its text embedding kept (paper: 2 candidates, 64 steps).
@@ -294,13 +324,18 @@ def sample_prior(
       guidance_scale: classifier-free guidance (1: the conditional model).
       candidates: samples drawn per caption.
       eta: DDIM's noise (0: deterministic given x_T).
+      empty_caption: for a prior without a learned null caption (``null_caption`` False,
+        Karlo), the empty caption's CLIP features [1, ...], guidance's unconditional branch.
 
     Returns:
       float32 [b, embed_dim]: the chosen embeddings, unscaled (divided by ``scale``, or
       unstandardised with ``clip_stats``), not renormalised.
     """
     cfg = model.config
-    check_guidance(guidance_scale, cfg.text_drop, "text_drop")
+    if cfg.null_caption:
+        check_guidance(guidance_scale, cfg.text_drop, "text_drop")
+    else:
+        _check_empty_caption(guidance_scale, empty_caption, "prior")
     if candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
     b = text_embedding.shape[0]
@@ -309,8 +344,9 @@ def sample_prior(
         return None if a is None else jnp.concatenate([a] * candidates)
 
     fn = jax.tree_util.Partial(
-        _prior_fn(cfg), params, tile(text_tokens), tile(text_embedding), tile(text_mask)
-    )
+        _prior_fn(cfg), params, tile(text_tokens), tile(text_embedding), tile(text_mask),
+        None if cfg.null_caption else empty_caption,
+    )  # fmt: skip
     x = sample_ddim(
         diffusion, fn, (candidates * b, cfg.embed_dim), rng, steps=steps, eta=eta,
         prediction="x0", guidance_scale=None if guidance_scale == 1 else guidance_scale,
@@ -322,19 +358,27 @@ def sample_prior(
 
 @functools.cache
 def _decoder_fn(config: DecoderConfig):
-    """``fn(params, image_embedding, text, x, t, conditional=None)``, the conditioning tiled to
-    x's batch; cached per config so the sampler's compilation is reused."""
+    """``fn(params, image_embedding, text, caption, empty, x, t, conditional=None)``, the
+    conditioning tiled to x's batch (``caption``: CLIP's, for a decoder with
+    ``clip_text_width``; ``empty``: :func:`with_empty_caption`'s); cached per config so the
+    sampler's compilation is reused."""
     model = Decoder(config)
 
-    def fn(params, image_embedding, text, x, t, conditional=None):
+    def fn(params, image_embedding, text, caption, empty, x, t, conditional=None):
         reps = x.shape[0] // image_embedding.shape[0]
 
         def tile(a):
             return None if a is None else jnp.concatenate([a] * reps)
 
+        features = {}
+        if caption is not None:  # the null image embedding still follows conditional
+            caption, _ = with_empty_caption(tuple(map(tile, caption)), empty, conditional)
+            names = ("text_tokens", "text_embedding", "text_mask")
+            features = dict(zip(names, caption, strict=True))
         return model.apply(
-            {"params": params}, x, t, tile(image_embedding), tile(text), conditional=conditional
-        )
+            {"params": params}, x, t, tile(image_embedding), tile(text), **features,
+            conditional=conditional,
+        )  # fmt: skip
 
     return fn
 
@@ -347,12 +391,16 @@ def sample_decoder(
     rng: jax.Array,
     *,
     text: jax.Array | None = None,
+    caption: Caption | None = None,
+    empty_caption: Caption | None = None,
     steps: int | None = None,
     guidance_scale: float = 1.0,
     method: str = "ddpm",
     eta: float = 0.0,
 ) -> jax.Array:
-    """Images for CLIP image embeddings [b, clip_dim] (and captions int [b, <= text_len]):
+    """Images for CLIP image embeddings [b, clip_dim] (and captions int [b, <= text_len], or
+    for a decoder with ``clip_text_width`` (Karlo) ``caption``: CLIP's text_tokens, text_embedding
+    and text_mask [b, ...], with ``empty_caption`` [1, ...] the unconditional branch of guidance):
     ancestral DDPM ("ddpm") or DDIM ("ddim", with ``eta``) over ``steps`` strided steps (None:
     the whole process), x0 clipped to [-1, 1], classifier-free guidance at ``guidance_scale``.
 
@@ -362,9 +410,13 @@ def sample_decoder(
     # The unconditional half drops both, which training saw only if both were dropped.
     for name in ("image_drop", "text_drop") if cfg.text_layers else ("image_drop",):
         check_guidance(guidance_scale, getattr(cfg, name), name)
+    if cfg.clip_text_width:
+        _check_empty_caption(guidance_scale, empty_caption, "decoder")
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"unknown method {method!r}; use 'ddpm' or 'ddim'")
-    fn = jax.tree_util.Partial(_decoder_fn(cfg), params, image_embedding, text)
+    fn = jax.tree_util.Partial(
+        _decoder_fn(cfg), params, image_embedding, text, caption, empty_caption
+    )
     shape = (image_embedding.shape[0], cfg.image_size, cfg.image_size, cfg.in_channels)
     options = dict(
         steps=steps,

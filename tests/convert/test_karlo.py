@@ -12,6 +12,7 @@ keeps its Resnet blocks, no attention, the added timestep embedding and 6 input 
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +30,7 @@ from jaxaigc.models.decoder import Decoder, DecoderConfig
 from jaxaigc.models.prior import Prior, PriorConfig, embedding_to_latent, latent_to_embedding
 from jaxaigc.models.upsampler import Upsampler, UpsamplerConfig
 from jaxaigc.pipelines.unclip import decoder_init, load_stage, prior_init
+from jaxaigc.sample.diffusion import sample_decoder, sample_prior, with_empty_caption
 from tests.helpers import assert_logical_axes
 
 torch = pytest.importorskip("torch", reason="the Karlo reference needs torch (the reference extra)")
@@ -328,3 +330,77 @@ def test_karlo_decoder_training_step_traces():
     assert batch["text_tokens"].shape == (2, 77, 768) and batch["text_mask"].dtype == jnp.bool_
     loss, metrics = jax.eval_shape(prepared.task.loss_fn, variables["params"], batch, rng)
     assert loss.shape == () and "vlb" in metrics
+
+
+def _tiny_karlo():
+    """The Karlo presets' options on CPU-sized networks, randomly initialised."""
+    prior = Prior(
+        PriorConfig.from_name("karlo-prior").replace(
+            embed_dim=8, text_len=5, text_width=8, width=16, layers=1, heads=2,
+            dtype="float32", scan_layers=False, remat_policy="none",
+        )
+    )  # fmt: skip
+    decoder = Decoder(
+        DecoderConfig.from_name("karlo-decoder").replace(
+            image_size=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+            attention_resolutions=(4,), head_channels=16, clip_dim=8, text_len=5,
+            clip_text_width=8, context_width=16, dtype="float32", scan_layers=False,
+            remat_policy="none", unet_remat_policy="none",
+        )
+    )  # fmt: skip
+
+    def params(model, init):
+        return nn.meta.unbox(jax.jit(init(model))(jax.random.key(0))["params"])
+
+    return (prior, params(prior, prior_init)), (decoder, params(decoder, decoder_init))
+
+
+def _caption(rng, b: int, n: int = 5, d: int = 8):
+    tokens = jax.random.normal(rng, (b, n, d))
+    embedding = jax.random.normal(jax.random.fold_in(rng, 1), (b, d))
+    return tokens, embedding, jnp.asarray(_padding(b, n))
+
+
+@pytest.mark.slow
+def test_karlo_guidance_uses_the_empty_caption():
+    """Karlo has no learned null caption: guidance's unconditional rows read the empty caption's
+    CLIP features (the decoder's still take its learned null image embedding), and guiding
+    without them is a named error."""
+    (prior, prior_params), (decoder, decoder_params) = _tiny_karlo()
+    rng = jax.random.key(1)
+    caption, empty = _caption(rng, 2), _caption(jax.random.fold_in(rng, 2), 1)
+    conditional = jnp.array([True, False])
+    (tokens, embedding, mask), left = with_empty_caption(caption, empty, conditional)
+    assert left is None
+    np.testing.assert_array_equal(tokens[0], caption[0][0])
+    np.testing.assert_array_equal(tokens[1], empty[0][0])
+    np.testing.assert_array_equal(mask[1], empty[2][0])
+
+    # The decoder's unconditional rows: the null image embedding, the caption as given.
+    x, t = jax.random.normal(rng, (2, 8, 8, 3)), jnp.array([10, 500])
+    z_i = jax.random.normal(jax.random.fold_in(rng, 3), (2, 8))
+    features = dict(zip(("text_tokens", "text_embedding", "text_mask"), caption, strict=True))
+    apply = jax.jit(decoder.apply)
+    got = apply({"params": decoder_params}, x, t, z_i, conditional=conditional, **features)
+    null = jnp.stack([z_i[0], decoder_params["null_image_embedding"]])
+    want = apply({"params": decoder_params}, x, t, null, **features)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+    diffusion = prior.config.diffusion()
+    with pytest.raises(ValueError, match="give empty_caption"):
+        sample_prior(prior, prior_params, diffusion, *caption[:2], rng, guidance_scale=3.0)
+    guided = sample_prior(
+        prior, prior_params, diffusion, *caption[:2], rng, text_mask=caption[2], steps=3,
+        guidance_scale=3.0, empty_caption=empty,
+    )  # fmt: skip
+    assert guided.shape == (2, 8) and np.isfinite(guided).all()
+    images = sample_decoder(
+        decoder, decoder_params, decoder.config.diffusion(), guided, rng, caption=caption,
+        empty_caption=empty, steps=3, guidance_scale=4.0,
+    )  # fmt: skip
+    assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
+    with pytest.raises(ValueError, match="give empty_caption"):
+        sample_decoder(
+            decoder, decoder_params, decoder.config.diffusion(), guided, rng, caption=caption,
+            guidance_scale=4.0,
+        )  # fmt: skip
