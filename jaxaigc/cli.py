@@ -387,7 +387,7 @@ def parser() -> argparse.ArgumentParser:
         "src",
         help="OpenAI CLIP .pt, DALL-E encoder.pkl, a Hugging Face GPT-2 folder's "
         "pytorch_model.bin / model.safetensors (its tokenizer files beside it), or Karlo's "
-        "diffusers UnCLIPPipeline folder (or its prior/ or decoder/ folder)",
+        "diffusers UnCLIPPipeline folder (or one of its component folders)",
     )
     p.add_argument("dest", help="a new directory")
     p.add_argument(
@@ -404,7 +404,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "target",
         help="a recipe (lm, clip, ..., unclip.prior, or a full-size one: dalle-12b) or a preset "
-        "(ViT-B/16)",
+        "(ViT-B/16, karlo-prior)",
     )
     p.add_argument("--devices", type=int, required=True, help="devices of the mesh (emulated)")
     p.add_argument("--mesh", help="e.g. data=2,fsdp=4 (default: the recipe's; presets fsdp=N)")
