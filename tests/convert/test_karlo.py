@@ -404,3 +404,33 @@ def test_karlo_guidance_uses_the_empty_caption():
             decoder, decoder_params, decoder.config.diffusion(), guided, rng, caption=caption,
             guidance_scale=4.0,
         )  # fmt: skip
+
+
+def test_what_does_not_convert_is_named():
+    """Config values the models do not implement are named with their file before any weight
+    is read; impossible option pairs are named by the configs."""
+    cases = [
+        ({**SMALL_UNET, "resnet_time_scale_shift": "default"}, "resnet_time_scale_shift='default'"),
+        ({**SMALL_UNET, "up_block_types": SMALL_UNET["up_block_types"][::-1]}, "do not mirror"),
+        ({**SMALL_UNET, "down_block_types": ["DownBlock2D"] * 4}, "down block 'DownBlock2D'"),
+        ({**SMALL_UNET, "out_channels": 4}, "out_channels 4 is neither"),
+    ]
+    for config, message in cases:
+        with pytest.raises(ValueError, match=message):
+            decoder_from_diffusers({}, config, {}, SMALL_TEXT_PROJ)
+    with pytest.raises(ValueError, match="text_proj config.json: cross_attention_dim=64"):
+        decoder_from_diffusers({}, SMALL_UNET, {}, {**SMALL_TEXT_PROJ, "cross_attention_dim": 64})
+    with pytest.raises(ValueError, match="prior config.json: norm_in_type='layer'"):
+        prior_from_diffusers({}, {**SMALL_PRIOR, "norm_in_type": "layer"})
+    with pytest.raises(ValueError, match="the prior state dict has no 'time_embedding"):
+        prior_from_diffusers({}, SMALL_PRIOR)
+    with pytest.raises(ValueError, match="super-res config.json: add_attention=True"):
+        super_res_from_diffusers({}, {**SMALL_SUPER_RES, "add_attention": True})
+    with pytest.raises(ValueError, match="text_drop 0.1 needs a learned null caption"):
+        PriorConfig.from_name("karlo-prior", text_drop=0.1)
+    with pytest.raises(ValueError, match='text_padding "null" needs the learned null caption'):
+        PriorConfig.from_name("karlo-prior", text_padding="null")
+    with pytest.raises(ValueError, match="not both: 2 text layers"):
+        DecoderConfig.from_name("karlo-decoder", text_layers=2, text_vocab=10)
+    with pytest.raises(ValueError, match="text_drop 0.5 needs a learned null caption"):
+        DecoderConfig.from_name("karlo-decoder", text_drop=0.5)
