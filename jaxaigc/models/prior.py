@@ -23,7 +23,8 @@ and :func:`jaxaigc.sample.diffusion.sample_prior` convert z_i (:func:`embedding_
 Kakao Brain's Karlo (the released unCLIP reproduction; diffusers' ``PriorTransformer``) is this
 network with three options: padded caption tokens masked out of attention (``text_padding``
 "mask") rather than replaced by null tokens; no learned null caption (``null_caption`` False: its
-guidance encodes the empty caption with CLIP and passes that as the caption); ``clip_stats``.
+guidance encodes the empty caption with CLIP and passes that as the caption); ``clip_stats``. It
+reads CLIP's projected text embedding as it comes, not unit-normed (``scale`` 1).
 
 Guidance (Sec. 2.2: text conditioning dropped 10% of the time). ``conditional`` False, per
 example, replaces the caption tokens and z_t by learned null embeddings; in training

@@ -11,8 +11,11 @@ import optax
 
 # Parameters named like this are never decayed: every vector-shaped parameter that is not a weight
 # matrix, as open_clip exempts all parameters with fewer than 2 dimensions (biases, norm scales,
-# CLIP's temperature and class token, SigLIP's logit bias).
-NO_DECAY_NAMES = frozenset({"bias", "scale", "logit_scale", "logit_bias", "class_embedding"})
+# CLIP's temperature and class token, SigLIP's logit bias), and the CLIP statistics of Karlo's
+# prior, held fixed (the prior loss stops their gradient; decay alone would shrink them).
+NO_DECAY_NAMES = frozenset(
+    {"bias", "scale", "logit_scale", "logit_bias", "class_embedding", "clip_mean", "clip_std"}
+)
 
 
 def decay_mask(params: Any) -> Any:

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxaigc import cli, plan
@@ -29,8 +30,10 @@ from jaxaigc.convert.karlo import (
 from jaxaigc.models.decoder import Decoder, DecoderConfig
 from jaxaigc.models.prior import Prior, PriorConfig, embedding_to_latent, latent_to_embedding
 from jaxaigc.models.upsampler import Upsampler, UpsamplerConfig
+from jaxaigc.objectives.unclip import prior_loss_fn
 from jaxaigc.pipelines.unclip import decoder_init, load_stage, prior_init
 from jaxaigc.sample.diffusion import sample_decoder, sample_prior, with_empty_caption
+from jaxaigc.train.optim import make_optimizer
 from tests.helpers import assert_logical_axes
 
 torch = pytest.importorskip("torch", reason="the Karlo reference needs torch (the reference extra)")
@@ -332,14 +335,19 @@ def test_karlo_decoder_training_step_traces():
     assert loss.shape == () and "vlb" in metrics
 
 
-def _tiny_karlo():
-    """The Karlo presets' options on CPU-sized networks, randomly initialised."""
+def _tiny_prior() -> tuple[Prior, dict]:
+    """The Karlo preset's options on a CPU-sized prior, randomly initialised."""
     prior = Prior(
         PriorConfig.from_name("karlo-prior").replace(
             embed_dim=8, text_len=5, text_width=8, width=16, layers=1, heads=2,
             dtype="float32", scan_layers=False, remat_policy="none",
         )
     )  # fmt: skip
+    return prior, nn.meta.unbox(jax.jit(prior_init(prior))(jax.random.key(0))["params"])
+
+
+def _tiny_decoder() -> tuple[Decoder, dict]:
+    """The Karlo preset's options on a CPU-sized decoder, randomly initialised."""
     decoder = Decoder(
         DecoderConfig.from_name("karlo-decoder").replace(
             image_size=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -348,11 +356,7 @@ def _tiny_karlo():
             remat_policy="none", unet_remat_policy="none",
         )
     )  # fmt: skip
-
-    def params(model, init):
-        return nn.meta.unbox(jax.jit(init(model))(jax.random.key(0))["params"])
-
-    return (prior, params(prior, prior_init)), (decoder, params(decoder, decoder_init))
+    return decoder, nn.meta.unbox(jax.jit(decoder_init(decoder))(jax.random.key(0))["params"])
 
 
 def _caption(rng, b: int, n: int = 5, d: int = 8):
@@ -366,7 +370,7 @@ def test_karlo_guidance_uses_the_empty_caption():
     """Karlo has no learned null caption: guidance's unconditional rows read the empty caption's
     CLIP features (the decoder's still take its learned null image embedding), and guiding
     without them is a named error."""
-    (prior, prior_params), (decoder, decoder_params) = _tiny_karlo()
+    (prior, prior_params), (decoder, decoder_params) = _tiny_prior(), _tiny_decoder()
     rng = jax.random.key(1)
     caption, empty = _caption(rng, 2), _caption(jax.random.fold_in(rng, 2), 1)
     conditional = jnp.array([True, False])
@@ -434,3 +438,23 @@ def test_what_does_not_convert_is_named():
         DecoderConfig.from_name("karlo-decoder", text_layers=2, text_vocab=10)
     with pytest.raises(ValueError, match="text_drop 0.5 needs a learned null caption"):
         DecoderConfig.from_name("karlo-decoder", text_drop=0.5)
+
+
+def test_fine_tuning_keeps_the_clip_statistics():
+    """The prior's loss standardises z_i with clip_mean / clip_std and an AdamW step with weight
+    decay leaves them as converted (no gradient, no decay) while it moves the rest."""
+    prior, params = _tiny_prior()
+    params = {**params, "clip_mean": jnp.full((8,), 0.3), "clip_std": jnp.full((8,), 2.0)}
+    rng = jax.random.key(4)
+    tokens, embedding, mask = _caption(rng, 4)
+    batch = dict(text_tokens=tokens, text_embedding=embedding, text_mask=mask)
+    batch["image_embedding"] = jax.random.normal(jax.random.fold_in(rng, 5), (4, 8))
+    loss_fn = prior_loss_fn(prior, prior.config.diffusion())
+    grads, _ = jax.jit(jax.grad(loss_fn, has_aux=True))(params, batch, rng)
+    assert not np.any(grads["clip_mean"]) and not np.any(grads["clip_std"])
+    optimizer, _ = make_optimizer(peak_lr=1e-2, total_steps=10, weight_decay=0.5)
+    updates, _ = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(new["clip_mean"], params["clip_mean"])
+    np.testing.assert_array_equal(new["clip_std"], params["clip_std"])
+    assert np.abs(np.asarray(new["x_proj"]["kernel"] - params["x_proj"]["kernel"])).max() > 0
