@@ -34,11 +34,14 @@ def get_config(*, quick: bool = False) -> ml_collections.ConfigDict:
             prompt_length=100,  # bytes of prompt + SEPARATOR, left-padded (the longest: 99)
             response_length=60,  # the most bytes a response takes, EOS included (longest: 60)
             demonstrations=20_000,
+            rl_demonstrations=0,  # more of the RL tasks
             sft_corpus=0,  # pretraining lines replayed in SFT
             # Synthetic responses: gold, corrupted gold, other tasks' answers. The experiment's
             # 32,000 (with rm.steps 4,800) gave 65 / 81% against gold (held-out / training
             # templates); the demo halves both to stay within 6 minutes.
             comparisons=16_000,
+            # Synthetic comparisons of the RL tasks on top: what PPO's reward rests on.
+            rl_comparisons=0,
             # Prompts whose K responses are the SFT policy's samples (temperature 1): the paper's
             # comparison data, and where PPO's rollouts start.
             sft_comparisons=0,

@@ -273,14 +273,11 @@ def center_rewards(params, demonstration_scores: jax.Array):
     return {**params, "score": {**score, "bias": bias}}
 
 
-def normalize_rewards(params, policy_scores: jax.Array):
-    """``params`` with the score head scaled and shifted so that ``policy_scores`` (the model's
-    scores of samples of the policy PPO starts from [n]) have mean 0 and standard deviation 1:
-    Ziegler et al. 2019's gain and bias, which give the KL coefficient beta a fixed meaning."""
-    gain = jax.lax.rsqrt(jnp.var(policy_scores) + 1e-12)
+def normalize_rewards(params, gain: float, bias: float):
+    """``params`` with the score head giving ``gain * score + bias``: with
+    :func:`~jaxaigc.objectives.ppo.fit_reward_normalizer`'s values on samples of the policy PPO
+    starts from, Ziegler et al. 2019's normalisation, folded into the head so that the value
+    model, which starts as the reward model, predicts normalised scores too."""
     score = params["score"]
-    scaled = {
-        "kernel": score["kernel"] * gain,
-        "bias": (score["bias"] - jnp.mean(policy_scores)) * gain,
-    }
+    scaled = {"kernel": score["kernel"] * gain, "bias": score["bias"] * gain + bias}
     return {**params, "score": {**score, **scaled}}

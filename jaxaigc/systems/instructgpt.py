@@ -32,7 +32,7 @@ from jaxaigc.data.pipeline import ArrayRecords, BatchIterator
 from jaxaigc.data.text import pack
 from jaxaigc.models.gpt import GPT, GPTConfig
 from jaxaigc.objectives.autoregressive import lm_loss_fn, next_token_nll
-from jaxaigc.objectives.ppo import PPOConfig
+from jaxaigc.objectives.ppo import PPOConfig, fit_reward_normalizer
 from jaxaigc.objectives.reward import (
     encode_comparison,
     normalize_rewards,
@@ -173,6 +173,10 @@ def build_sft(config, pretrained_params) -> tuple[loop.Task, BatchIterator]:
     demos = instructions.demonstrations(
         config.data.demonstrations, seed=config.data.seed, tasks=config.data.tasks
     )
+    if config.data.rl_demonstrations:
+        demos += instructions.demonstrations(
+            config.data.rl_demonstrations, seed=config.data.seed + 2, tasks=config.data.rl_tasks
+        )
     task = loop.Task(
         init=_init(model, config.model.context_length, pretrained_params, "pretrained"),
         loss_fn=sft_loss_fn(model),
@@ -240,7 +244,8 @@ def sft_comparisons(
 
 def build_rm(config, sft_params) -> tuple[loop.Task, BatchIterator]:
     """The reward model: the SFT transformer with a scalar head in place of the unembedding,
-    trained on synthetic comparisons (and ``data.sft_comparisons`` rankings of SFT samples)."""
+    trained on synthetic comparisons of every task, ``data.rl_comparisons`` more of the RL tasks,
+    and ``data.sft_comparisons`` rankings of SFT samples of the RL tasks."""
     model = GPT(reward_config(config))
     comparisons = instructions.comparisons(
         config.data.comparisons,
@@ -249,6 +254,14 @@ def build_rm(config, sft_params) -> tuple[loop.Task, BatchIterator]:
         temperature=config.data.labeller_temperature,
         tasks=config.data.tasks,
     )
+    if config.data.rl_comparisons:
+        comparisons += instructions.comparisons(
+            config.data.rl_comparisons,
+            seed=config.data.seed + 4,
+            k=(4, config.data.max_k),
+            temperature=config.data.labeller_temperature,
+            tasks=config.data.rl_tasks,
+        )
     if config.data.sft_comparisons:
         comparisons += sft_comparisons(
             config, sft_params, config.data.sft_comparisons, seed=config.data.seed + 3
@@ -297,7 +310,7 @@ def normalized_reward_params(config, rm_params, sft_params):
     samples = sample_and_score(
         config, sft_params, sft_params, rm_params, prompts, seed=config.data.seed + 5
     )
-    return normalize_rewards(rm_params, jnp.asarray(samples.reward))
+    return normalize_rewards(rm_params, *fit_reward_normalizer(samples.reward))
 
 
 @dataclasses.dataclass(frozen=True)

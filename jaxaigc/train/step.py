@@ -135,6 +135,10 @@ def make_train_step(
 
             ema_params = jax.tree.map(average, ema_params, params)
             ema_model_state = jax.tree.map(average, ema_model_state, model_state)
+            if isinstance(model_state, dict) and "frozen" in model_state:
+                # Frozen models are never updated: their own weights, not an average that drifts
+                # in the last place.
+                ema_model_state = {**ema_model_state, "frozen": model_state["frozen"]}
         metrics = {f"train/{k}": v for k, v in metrics.items()}
         metrics |= {
             "train/loss": loss,
