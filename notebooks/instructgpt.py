@@ -27,7 +27,8 @@
 # InstructGPT (Ouyang et al. 2022) on the library's synthetic instruction tasks, whose
 # programmatic gold scorer stands in for human labellers: a byte-level GPT pretrained on a text
 # corpus, fine-tuned on demonstrations (SFT), a reward model trained on rankings of responses,
-# then PPO against that reward model, with (PPO-ptx) and without pretraining gradients mixed in.
+# then PPO against that reward model, with (PPO-ptx) and without pretraining gradients mixed in,
+# on the preference a small model can learn (Ziegler et al. 2019's stylistic continuation).
 # The quick recipe runs every stage for two steps (a few minutes on 2 CPU cores, most of it
 # compiling): the answers show the API, not what training reaches. Nothing is downloaded after
 # the first cell.
@@ -132,8 +133,9 @@ for figure in report["figures"][:6]:
 #
 # `pipelines.load_policy(run_directory, stage)` reads the policy a stage trained, whose
 # `respond(prompts)` answers instructions (greedily by default). Prompts of the held-out template
-# of each task (phrasings training never saw), each answered by the SFT, PPO and PPO-ptx
-# policies, with the gold scorer's score (0-1) of each answer.
+# (phrasings training never saw) of the preference PPO trains on ("cheer": continue a text on a
+# happy note, judged by a sentiment lexicon) and of three hard tasks, each answered by the SFT,
+# PPO and PPO-ptx policies, with the gold scorer's score (0-1) of each answer.
 
 # %%
 import html
@@ -143,7 +145,10 @@ from IPython.display import HTML
 from jaxaigc import pipelines
 from jaxaigc.data import instructions
 
-prompts = instructions.make_prompts(6, seed=1, split="held_out")
+prompts = [
+    *instructions.make_prompts(3, seed=1, split="held_out", tasks=instructions.STYLE_TASKS),
+    *instructions.make_prompts(3, seed=1, split="held_out", tasks=instructions.HARD_TASKS),
+]
 stages = ("sft", "ppo", "ppo_ptx")
 answers = {
     stage: pipelines.load_policy(RUNS / "instructgpt", stage).respond([p.text for p in prompts])

@@ -222,7 +222,10 @@ def test_notebooks_run_top_to_bottom_on_one_runs_folder(tmp_path):
     _reports_shown(instructgpt, quick, ["instructgpt"])
     table = _cell(instructgpt, "<table>").outputs[-1].data["text/html"]
     rows = [re.findall(r"<td>(.*?)</td>", r, re.S) for r in re.findall(r"<tr><td>.*?</tr>", table)]
-    prompts = instructions.make_prompts(6, seed=1, split="held_out")
+    prompts = [
+        *instructions.make_prompts(3, seed=1, split="held_out", tasks=instructions.STYLE_TASKS),
+        *instructions.make_prompts(3, seed=1, split="held_out", tasks=instructions.HARD_TASKS),
+    ]
     assert [html.unescape(row[0]) for row in rows] == [p.text for p in prompts]
     for prompt, row in zip(prompts, rows, strict=True):
         assert len(row) == 7  # the prompt, then three answers each with its gold score

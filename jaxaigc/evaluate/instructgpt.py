@@ -308,20 +308,19 @@ def write_ppo_curves(path: Path, report: dict) -> None:
         ax.plot([b["kl"] for b in best], [b[key] for b in best], marker="s", color="k",
                 label="best-of-n (n = 1, 2, 4, ...; analytic KL)")  # fmt: skip
         ax.set(xlabel="KL(policy || SFT), nats per response")
-    sft_gold = report["sampled"]["train_templates"]["sft_gold"]
-    gold_step.axhline(sft_gold, color="grey", linestyle="--", label=f"SFT {sft_gold:.3f}")
-    sft_nll = report["pretraining_nll"]["sft"]
-    nll_step.axhline(sft_nll, color="grey", linestyle="--", label=f"SFT {sft_nll:.3f}")
     gold_kl.set(
         title="gold of samples (held-out prompts, rollout temperature)", ylabel="gold (0-1)"
     )
     reward_kl.set(title="reward of the same samples (normalised on SFT samples)", ylabel="reward")
     gold_step.set(
-        title=f"gold of the fixed evaluation batch ({report['curve_prompts']} held-out prompts)",
+        title=f"gold of the fixed evaluation batch ({report['curve_prompts']} held-out prompts; "
+        "iteration 0: SFT)",
         xlabel="PPO iteration", ylabel="gold (0-1)",
     )  # fmt: skip
-    nll_step.set(title="pretraining NLL, held-out corpus lines", xlabel="PPO iteration",
-                 ylabel="nats per byte")  # fmt: skip
+    nll_step.set(
+        title="pretraining NLL, held-out corpus lines (iteration 0: SFT)",
+        xlabel="PPO iteration", ylabel="nats per byte",
+    )  # fmt: skip
     for ax in (gold_kl, reward_kl, gold_step, nll_step):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
