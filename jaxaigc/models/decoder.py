@@ -233,6 +233,27 @@ class TextEncoder(nn.Module):
         return layer_norm(dtype=dtype, name="ln_final")(x)
 
 
+def config_unet(cfg, *, train: bool, **options) -> UNet:
+    """The ``unet`` of a decoder-style config (:class:`DecoderConfig`, the upsampler's), with
+    ``options`` for the UNet fields only some configs set."""
+    return UNet(
+        model_channels=cfg.model_channels,
+        out_channels=cfg.out_channels,
+        channel_mult=cfg.channel_mult,
+        num_res_blocks=cfg.num_res_blocks,
+        attention_ds=tuple(cfg.image_size // side for side in cfg.attention_resolutions),
+        head_channels=cfg.head_channels,
+        groups=cfg.groups,
+        resblock_updown=cfg.resblock_updown,
+        dropout_rate=cfg.dropout_rate,
+        deterministic=not train,
+        remat_policy=cfg.unet_remat_policy,
+        dtype=jnp.dtype(cfg.dtype),
+        name="unet",
+        **options,
+    )
+
+
 class Decoder(nn.Module):
     """x [b, r, r, in_channels] (noised image), t int [b] (model timesteps), image_embedding
     [b, clip_dim], text int [b, <= text_len] (when ``text_layers > 0``) -> eps / v / x0 (and
@@ -315,21 +336,7 @@ class Decoder(nn.Module):
         elif text is not None:
             raise ValueError("text given to a decoder without a text encoder (text_layers 0)")
 
-        out = UNet(
-            model_channels=cfg.model_channels,
-            out_channels=cfg.out_channels,
-            channel_mult=cfg.channel_mult,
-            num_res_blocks=cfg.num_res_blocks,
-            attention_ds=tuple(cfg.image_size // side for side in cfg.attention_resolutions),
-            head_channels=cfg.head_channels,
-            groups=cfg.groups,
-            resblock_updown=cfg.resblock_updown,
-            dropout_rate=cfg.dropout_rate,
-            deterministic=not train,
-            remat_policy=cfg.unet_remat_policy,
-            dtype=dtype,
-            name="unet",
-        )(x, emb, context, context_mask)
+        out = config_unet(cfg, train=train)(x, emb, context, context_mask)
         return out.astype(jnp.float32)
 
     def _clip_caption(

@@ -20,10 +20,11 @@ import jax.numpy as jnp
 
 from jaxaigc.diffusion import VARIANCES, Diffusion, cosine_betas
 from jaxaigc.diffusion.schedules import check_prediction
+from jaxaigc.models.decoder import config_unet
 from jaxaigc.models.prior import check_width
 from jaxaigc.nn import dense
 from jaxaigc.nn.transformer import check_remat_policy
-from jaxaigc.nn.unet import UNet, timestep_embedding
+from jaxaigc.nn.unet import timestep_embedding
 
 # name: (image_size, low_res_size, model_channels, channel_mult, num_res_blocks,
 #        attention_resolutions, scale_shift, middle_attention)
@@ -133,21 +134,8 @@ class Upsampler(nn.Module):
         emb = timestep_embedding(t, cfg.model_channels).astype(dtype)
         emb = dense(time_dim, ("embed", "mlp"), dtype=dtype, name="time_fc")(emb)
         emb = dense(time_dim, ("mlp", "embed"), dtype=dtype, name="time_proj")(nn.silu(emb))
-        out = UNet(
-            model_channels=cfg.model_channels,
-            out_channels=cfg.out_channels,
-            channel_mult=cfg.channel_mult,
-            num_res_blocks=cfg.num_res_blocks,
-            attention_ds=tuple(cfg.image_size // side for side in cfg.attention_resolutions),
-            head_channels=cfg.head_channels,
-            groups=cfg.groups,
-            resblock_updown=cfg.resblock_updown,
-            scale_shift=cfg.scale_shift,
-            middle_attention=cfg.middle_attention,
-            dropout_rate=cfg.dropout_rate,
-            deterministic=not train,
-            remat_policy=cfg.unet_remat_policy,
-            dtype=dtype,
-            name="unet",
-        )(jnp.concatenate([x, low_res], axis=-1), emb)
+        unet = config_unet(
+            cfg, train=train, scale_shift=cfg.scale_shift, middle_attention=cfg.middle_attention
+        )
+        out = unet(jnp.concatenate([x, low_res], axis=-1), emb)
         return out.astype(jnp.float32)
