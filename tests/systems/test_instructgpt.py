@@ -64,6 +64,7 @@ def test_packed_stages_hold_every_sequence_once():
     Comparisons hold each prompt once and every response once, in a seventh of the bytes."""
     config = get_config()
     config.data.update(corpus=300, demonstrations=300, comparisons=300, pack=False)
+    config.data.update(sft_corpus=0, rl_demonstrations=0, rl_comparisons=0, sft_comparisons=0)
     plain = {s: b(ig.stage_config(config, s), *a) for s, b, a in _builders()}
     config.data.pack = True
     packed = {s: b(ig.stage_config(config, s), *a) for s, b, a in _builders()}
@@ -85,7 +86,7 @@ def test_sft_replays_corpus_lines_as_targets():
     """data.sft_corpus: pretraining lines join the demonstrations; every byte of a line but its
     first is a target, and no target is the first byte of a packed sequence."""
     config = get_config()
-    config.data.update(demonstrations=100, sft_corpus=0)
+    config.data.update(demonstrations=100, rl_demonstrations=0, sft_corpus=0)
     plain = ig.build_sft(ig.stage_config(config, "sft"), None)[1].source.arrays
     config.data.sft_corpus = 50
     mixed = ig.build_sft(ig.stage_config(config, "sft"), None)[1].source.arrays
@@ -100,6 +101,7 @@ def test_reward_model_extra_layers_sit_above_the_sft_trunk():
     config = get_config()
     config.model.update(width=32, layers=1, heads=2)
     config.data.comparisons = 16  # packed: at least one batch of 8 rows
+    config.data.update(rl_comparisons=0, sft_comparisons=0)
     config.rm.extra_layers = 2
     model = GPT(policy_config(config))
     tokens = jnp.zeros((1, config.model.context_length), jnp.int32)
