@@ -87,6 +87,29 @@ _PRESET_OPTIONS = {
 }
 
 
+def check_unet_fields(cfg) -> None:
+    """Checks the UNet fields of a decoder-style config (:class:`DecoderConfig`, the
+    upsampler's) in its ``__post_init__``, and makes its list fields tuples (hashable)."""
+    for name in ("channel_mult", "attention_resolutions"):
+        if isinstance(getattr(cfg, name), list):
+            object.__setattr__(cfg, name, tuple(getattr(cfg, name)))
+    levels = len(cfg.channel_mult)
+    factor = 2 ** (levels - 1)
+    if cfg.image_size < 1 or cfg.image_size % factor:
+        raise ValueError(
+            f"image_size {cfg.image_size} cannot be halved {levels - 1} times ({levels} "
+            f"levels of channel_mult): it must be a multiple of {factor}"
+        )
+    sides = [cfg.image_size // 2**i for i in range(levels)]
+    for side in cfg.attention_resolutions:
+        if side not in sides:
+            raise ValueError(f"attention resolution {side} is not a UNet level's side {sides}")
+    for mult in cfg.channel_mult:
+        channels = cfg.model_channels * mult
+        if channels % cfg.groups:
+            raise ValueError(f"{channels} channels are not divisible into {cfg.groups} groups")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
     image_size: int
@@ -120,24 +143,9 @@ class DecoderConfig:
     unet_remat_policy: str = "none"  # the UNet's residual and attention blocks'
 
     def __post_init__(self):
-        for name in ("channel_mult", "attention_resolutions"):
-            if isinstance(getattr(self, name), list):  # keep the config hashable
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-        levels = len(self.channel_mult)
-        factor = 2 ** (levels - 1)
-        if self.image_size < 1 or self.image_size % factor:
-            raise ValueError(
-                f"image_size {self.image_size} cannot be halved {levels - 1} times ({levels} "
-                f"levels of channel_mult): it must be a multiple of {factor}"
-            )
-        sides = [self.image_size // 2**i for i in range(levels)]
-        for side in self.attention_resolutions:
-            if side not in sides:
-                raise ValueError(f"attention resolution {side} is not a UNet level's side {sides}")
+        check_unet_fields(self)
         for mult in self.channel_mult:
             channels = self.model_channels * mult
-            if channels % self.groups:
-                raise ValueError(f"{channels} channels are not divisible into {self.groups} groups")
             if channels % self.head_channels:
                 raise ValueError(
                     f"{channels} channels are not divisible into heads of {self.head_channels}"

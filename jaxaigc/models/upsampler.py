@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxaigc.diffusion import VARIANCES, Diffusion, cosine_betas
 from jaxaigc.diffusion.schedules import check_prediction
-from jaxaigc.models.decoder import config_unet
+from jaxaigc.models.decoder import check_unet_fields, config_unet
 from jaxaigc.models.prior import check_width
 from jaxaigc.nn import dense
 from jaxaigc.nn.transformer import check_remat_policy
@@ -64,30 +64,11 @@ class UpsamplerConfig:
     unet_remat_policy: str = "none"
 
     def __post_init__(self):
-        for name in ("channel_mult", "attention_resolutions"):
-            if isinstance(getattr(self, name), list):  # keep the config hashable
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-        levels = len(self.channel_mult)
-        factor = 2 ** (levels - 1)
-        if self.image_size < 1 or self.image_size % factor:
-            raise ValueError(
-                f"image_size {self.image_size} cannot be halved {levels - 1} times ({levels} "
-                f"levels of channel_mult): it must be a multiple of {factor}"
-            )
+        check_unet_fields(self)
         if not 0 < self.low_res_size <= self.image_size:
             raise ValueError(
                 f"low_res_size {self.low_res_size} is not in (0, image_size {self.image_size}]"
             )
-        sides = [self.image_size // 2**i for i in range(levels)]
-        for side in self.attention_resolutions:
-            if side not in sides:
-                raise ValueError(f"attention resolution {side} is not a UNet level's side {sides}")
-        for mult in self.channel_mult:
-            if self.model_channels * mult % self.groups:
-                raise ValueError(
-                    f"{self.model_channels * mult} channels are not divisible into {self.groups} "
-                    "groups"
-                )
         if self.variance not in VARIANCES:
             raise ValueError(f"unknown variance {self.variance!r}; use one of {VARIANCES}")
         check_prediction(self.prediction)
