@@ -412,6 +412,11 @@ def sample_decoder(
         check_guidance(guidance_scale, getattr(cfg, name), name)
     if cfg.clip_text_width:
         _check_empty_caption(guidance_scale, empty_caption, "decoder")
+    if cfg.text_layers and text is None:
+        raise ValueError(
+            f"this decoder reads captions ({cfg.text_layers} text layers): give text "
+            f"int [batch, <= {cfg.text_len}]"
+        )
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"unknown method {method!r}; use 'ddpm' or 'ddim'")
     fn = jax.tree_util.Partial(

@@ -14,7 +14,7 @@ from jaxaigc import parallel
 from jaxaigc.models.decoder import PRESETS, Decoder, DecoderConfig
 from jaxaigc.objectives.diffusion import sample_timesteps
 from jaxaigc.objectives.unclip import decoder_loss_fn
-from jaxaigc.sample.diffusion import sample_decoder
+from jaxaigc.sample.diffusion import _decoder_fn, classifier_free_guidance, guided, sample_decoder
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import jit_train_step, make_train_step
 from tests.helpers import (
@@ -319,6 +319,36 @@ def test_sampling_gives_images_in_range(small_params):
         )  # fmt: skip
         assert images.shape == (2, 16, 16, 3)
         assert np.all(np.abs(np.asarray(images)) <= 1.0 + 1e-6)
+
+
+def test_guided_decoding_mixes_the_captioned_and_the_null_prediction(small_params):
+    """The sampler's guided model of a caption-reading decoder is uncond + s (cond - uncond),
+    with uncond the null image embedding and the null caption: any embedding and caption give
+    the same unconditional half."""
+    x, t, embedding, text = model_inputs(SMALL)
+    _, _, other_embedding, other_text = model_inputs(SMALL, seed=5)
+    apply = jax.jit(Decoder(SMALL).apply)
+    variables = {"params": small_params}
+    cond = apply(variables, x, t, embedding, text)
+    uncond = apply(variables, x, t, other_embedding, other_text, conditional=np.zeros(4, bool))
+    fn = jax.tree_util.Partial(_decoder_fn(SMALL), small_params, embedding, text, None, None)
+    out = jax.jit(guided(fn, 3.0))(x, t)
+    np.testing.assert_allclose(out, classifier_free_guidance(cond, uncond, 3.0), atol=1e-4)
+    assert max_relative_difference(out, cond) > 1e-2  # the null half moved it
+
+
+def test_a_caption_reading_decoder_samples_from_its_caption(small_params):
+    config = SMALL.replace(num_timesteps=20)
+    _, _, embedding, text = model_inputs(config, batch=2)
+    _, _, _, other_text = model_inputs(config, batch=2, seed=5)
+    sample = functools.partial(
+        sample_decoder, Decoder(config), small_params, config.diffusion(), embedding, KEY,
+        steps=4, method="ddim",
+    )  # fmt: skip
+    images = sample(text=text)
+    assert max_relative_difference(images, sample(text=other_text)) > 1e-3
+    with pytest.raises(ValueError, match="reads captions .* give text"):
+        sample()
 
 
 def train_state(mesh, rules):
