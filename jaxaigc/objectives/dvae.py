@@ -10,11 +10,22 @@ Dividing the summed ELBO by the constant D keeps beta's meaning (its weight rela
 NLL, as in the paper) while the loss no longer grows with the image size. beta rises 0 -> 6.6 over
 5k updates and the temperature falls 1 -> 1/16 over 150k updates, both on cosine schedules.
 
-Not in the paper: ``likelihood="gaussian"`` replaces the logit-Laplace with a fixed-scale Gaussian
-on the mapped pixels (a squared error). The logit-Laplace is L1-like: while the codes carry little
-information the decoder's best guess for a pixel is its median, which weak information does not
-move, so the encoder gets no consistent signal. On flat synthetic images (most pixels background)
-short runs stay stuck there; the Gaussian's mean moves with any information and trains in minutes.
+The likelihood is the paper's logit-Laplace of the pixels mapped into (eps, 1 - eps) (App. A.3,
+:func:`jaxaigc.models.dvae.map_pixels`). It is an L1 in logit space: the decoder's best location
+for a pixel is its median given the codes, which weak information does not move (a code that sees
+a red shape a third of the time still decodes to the black background, or to a grey), and the
+learned scale b lets the decoder widen where it is unsure, so the encoder gets little signal. On
+flat synthetic images (most pixels black, flat saturated shapes) the codes then learn where a shape
+is but not its colour or outline. Two departures, off by default, get it going:
+
+- ``gaussian_warmup_steps``: the NLL trained on is ``(1 - w) NLL_laplace + w NLL_gaussian``, w
+  falling 1 -> 0 (cosine), a fixed-scale Gaussian on the mapped pixels (a squared error) whose
+  mean moves with any information, like the KL weight's warm-up from 0; after it, the paper's
+  objective alone. The reported NLL is the logit-Laplace's throughout.
+- ``log_scale_floor``: ln b held above a floor, so the density stays bounded where the decoder is
+  exact (the flat background, where ln b would otherwise fall without limit).
+
+``likelihood="gaussian"`` (not in the paper) trains with the Gaussian alone.
 """
 
 from __future__ import annotations
@@ -50,6 +61,12 @@ class DVAEObjectiveConfig:
     temperature_steps: int = 150_000  # the paper found a linear (not cosine) annealing diverged
     straight_through: bool = False  # the paper does not use it
     likelihood: str = "logit_laplace"  # or "gaussian" (not in the paper; see the module doc)
+    # Not in the paper: ln b is held above this floor (softly, see floor_log_scale); None leaves
+    # the scale free, as the paper does.
+    log_scale_floor: float | None = None
+    # Not in the paper: the logit-Laplace NLL is blended with the Gaussian's, the Gaussian's weight
+    # falling 1 -> 0 over these updates (cosine); see the module doc.
+    gaussian_warmup_steps: int = 0
     gaussian_scale: float = 0.1  # the Gaussian's standard deviation, in mapped-pixel units
 
     def __post_init__(self):
@@ -82,6 +99,11 @@ def temperature_schedule(config: DVAEObjectiveConfig) -> Callable[[jax.Array], j
     return cosine_schedule(start, end, config.temperature_steps)
 
 
+def gaussian_weight_schedule(config: DVAEObjectiveConfig) -> Callable[[jax.Array], jax.Array]:
+    """The Gaussian NLL's weight in the logit-Laplace's warm-up: 1 -> 0, then 0."""
+    return cosine_schedule(1.0, 0.0, config.gaussian_warmup_steps)
+
+
 def gumbel_softmax(
     rng: jax.Array,
     logits: jax.Array,
@@ -110,13 +132,27 @@ def kl_to_uniform(logits: jax.Array) -> jax.Array:
     return kl.reshape(kl.shape[0], -1).sum(-1)
 
 
-def logit_laplace_nll(x: jax.Array, stats: jax.Array) -> jax.Array:
-    """Negative log-likelihood of mapped pixels under the decoder's logit-Laplace distribution.
+def floor_log_scale(log_b: jax.Array, floor: float | None) -> jax.Array:
+    """``floor + softplus(log_b - floor)``: above ``floor`` everywhere, ``log_b`` where it is well
+    above, with a nonzero gradient everywhere (``log_b`` itself when ``floor`` is None)."""
+    if floor is None:
+        return log_b
+    return floor + jax.nn.softplus(log_b - floor)
+
+
+def logit_laplace_nll(
+    x: jax.Array,
+    stats: jax.Array,
+    log_scale_floor: float | None = None,
+) -> jax.Array:
+    """Negative log-likelihood of mapped pixels under the decoder's logit-Laplace distribution,
+    its ln b passed through :func:`floor_log_scale`.
 
     Args: x mapped pixels [b, H, W, c] in (eps, 1 - eps); stats decoder output [b, H, W, 2c].
     Returns: [b], summed over pixels and channels, in nats.
     """
     mu, log_b = split_stats(stats)
+    log_b = floor_log_scale(log_b, log_scale_floor)
     return -logit_laplace_log_prob(x, mu, log_b).reshape(x.shape[0], -1).sum(-1)
 
 
@@ -136,7 +172,23 @@ def reconstruction_nll(objective: DVAEObjectiveConfig, x: jax.Array, stats: jax.
     """The NLL [b] in nats of mapped pixels x [b, H, W, c] under ``objective.likelihood``."""
     if objective.likelihood == "gaussian":
         return gaussian_nll(x, stats, objective.gaussian_scale)
-    return logit_laplace_nll(x, stats)
+    return logit_laplace_nll(x, stats, objective.log_scale_floor)
+
+
+def warmup_nll(
+    objective: DVAEObjectiveConfig,
+    x: jax.Array,
+    stats: jax.Array,
+    nll: jax.Array,
+    gaussian_weight: jax.Array,
+) -> jax.Array:
+    """The NLL [b] trained on: ``nll``, the logit-Laplace's of mapped pixels x given ``stats``,
+    blended with the Gaussian's, ``(1 - w) nll + w gaussian_nll`` (``nll`` as it is for the
+    Gaussian likelihood or without a warm-up)."""
+    if objective.likelihood != "logit_laplace" or objective.gaussian_warmup_steps <= 0:
+        return nll
+    gaussian = gaussian_nll(x, stats, objective.gaussian_scale)
+    return (1 - gaussian_weight) * nll + gaussian_weight * gaussian
 
 
 def bits_per_dim(nll: jax.Array, dims: int) -> jax.Array:
@@ -175,11 +227,13 @@ def make_loss_fn(
     in bits per 8-bit subpixel (continuous density on [0, 1] + 8 bits of discretisation),
     ``kl_per_token`` in nats,
     ``psnr`` of the relaxed reconstruction, codebook ``perplexity`` and ``codes_used`` of the
-    encoder's argmax tokens, and the scheduled ``beta`` and ``temperature``.
+    encoder's argmax tokens, and the scheduled ``beta``, ``temperature`` and ``gaussian_weight``
+    (the Gaussian NLL's share of the NLL trained on, see :func:`warmup_nll`).
     """
     objective = objective or DVAEObjectiveConfig()
     encoder, decoder = Encoder(config), Decoder(config)
     beta_at, temperature_at = beta_schedule(objective), temperature_schedule(objective)
+    gaussian_weight_at = gaussian_weight_schedule(objective)
 
     def loss_fn(params, batch, rng, *, step):
         images = to_unit_range(batch["images"])  # [b, H, W, c]
@@ -198,7 +252,9 @@ def make_loss_fn(
         dims = math.prod(images.shape[1:])
         nll = reconstruction_nll(objective, x, stats)  # [b]
         kl = kl_to_uniform(logits)  # [b]
-        loss = jnp.mean((nll + beta * kl) / dims)  # the negative ELBO per dimension
+        gaussian_weight = gaussian_weight_at(step)
+        trained_nll = warmup_nll(objective, x, stats, nll, gaussian_weight)
+        loss = jnp.mean((trained_nll + beta * kl) / dims)  # the negative ELBO per dimension
 
         perplexity, codes_used = codebook_usage(jnp.argmax(logits, -1), config.vocab_size)
         metrics = {
@@ -209,6 +265,7 @@ def make_loss_fn(
             "codes_used": codes_used,
             "beta": beta,
             "temperature": temperature,
+            "gaussian_weight": gaussian_weight,
         }
         return loss, metrics
 

@@ -8,6 +8,7 @@ import pytest
 
 from jaxaigc.convert.dvae import dvae_from_torch, dvae_to_torch, load_dvae_pickle
 from jaxaigc.models.dvae import (
+    LOGIT_LAPLACE_EPS,
     PRESETS,
     Decoder,
     DVAEConfig,
@@ -164,10 +165,20 @@ def test_encode_decode_round_trip_shapes():
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 
 
-def test_map_and_unmap_pixels_are_inverse():
-    x = jnp.linspace(0.0, 1.0, 11)
-    np.testing.assert_allclose(unmap_pixels(map_pixels(x)), x, atol=1e-6)
-    assert float(map_pixels(x).min()) == pytest.approx(0.1)
+def test_map_and_unmap_pixels_are_inverse_to_float_precision():
+    # Every 8-bit level, and points of the mapped interval [eps, 1 - eps].
+    x = jnp.arange(256, dtype=jnp.float32) / 255
+    mapped = map_pixels(x)
+    float_eps = float(jnp.finfo(jnp.float32).eps)
+    np.testing.assert_allclose(unmap_pixels(mapped), x, rtol=0, atol=float_eps)
+    np.testing.assert_array_equal(np.round(np.asarray(unmap_pixels(mapped)) * 255), np.arange(256))
+    assert float(mapped[0]) == pytest.approx(LOGIT_LAPLACE_EPS, abs=1e-7)
+    assert float(mapped[-1]) == pytest.approx(1 - LOGIT_LAPLACE_EPS, abs=1e-7)
+    np.testing.assert_allclose(np.diff(mapped), (1 - 2 * LOGIT_LAPLACE_EPS) / 255, rtol=1e-4)
+    y = jnp.linspace(LOGIT_LAPLACE_EPS, 1 - LOGIT_LAPLACE_EPS, 1001, dtype=jnp.float32)
+    np.testing.assert_allclose(map_pixels(unmap_pixels(y)), y, rtol=0, atol=float_eps)
+    # unmap clips what lies outside the mapped interval (a decoder's sigmoid can reach it).
+    np.testing.assert_array_equal(unmap_pixels(jnp.array([0.0, 0.05, 0.95, 1.0])), [0, 0, 1, 1])
 
 
 def test_bad_inputs_are_named():

@@ -1,10 +1,13 @@
 """The dVAE objective: its terms against NumPy, the schedules, the relaxation, short training."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.integrate
 
 from jaxaigc import parallel
 from jaxaigc.models.dvae import (
@@ -62,10 +65,64 @@ def test_unknown_likelihood_is_an_error():
         dvae.DVAEObjectiveConfig(likelihood="laplace")
 
 
-def test_logit_laplace_density_integrates_to_one():
-    x = np.linspace(1e-7, 1 - 1e-7, 2_000_001)
-    log_f = dvae.logit_laplace_log_prob(jnp.float32(x), jnp.float32(0.3), jnp.float32(-1.0))
-    assert np.trapezoid(np.exp(np.float64(log_f)), x) == pytest.approx(1.0, abs=1e-3)
+def logit_laplace_density(x: float, mu: float, b: float) -> float:
+    """f(x | mu, b) of App. A.3, in float64."""
+    return math.exp(-abs(math.log(x / (1 - x)) - mu) / b) / (2 * b * x * (1 - x))
+
+
+@pytest.mark.parametrize("mu, log_b", [(0.3, -1.0), (-2.0, -3.0), (1.5, 0.5)])
+def test_logit_laplace_density_integrates_to_one(mu, log_b):
+    b = math.exp(log_b)
+    # The density peaks sharply at sigmoid(mu) when b is small: quad is told where.
+    integral, _ = scipy.integrate.quad(
+        logit_laplace_density, 0, 1, args=(mu, b), points=[1 / (1 + math.exp(-mu))], limit=200
+    )
+    assert integral == pytest.approx(1.0, abs=1e-6)
+    x = np.linspace(0.01, 0.99, 99)
+    log_f = dvae.logit_laplace_log_prob(jnp.float32(x), jnp.float32(mu), jnp.float32(log_b))
+    expected = np.log([logit_laplace_density(v, mu, b) for v in x])
+    np.testing.assert_allclose(log_f, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_log_scale_floor_is_honoured_and_passes_gradients():
+    log_b = jnp.linspace(-20.0, 5.0, 101)
+    floored = dvae.floor_log_scale(log_b, -2.0)
+    assert float(floored.min()) >= -2.0
+    np.testing.assert_allclose(floored[-1], 5.0, atol=1e-3)  # far above the floor: unchanged
+    assert bool(jnp.all(jnp.diff(floored) >= 0))  # monotone
+    grad = jax.grad(lambda v: dvae.floor_log_scale(v, -2.0).sum())(log_b)
+    assert bool(jnp.all(grad > 0)) and float(grad[-1]) == pytest.approx(1.0, abs=1e-3)
+    np.testing.assert_array_equal(dvae.floor_log_scale(log_b, None), log_b)
+    # The NLL of a pixel decoded exactly is bounded below by the floor's density.
+    x = jnp.full((1, 1, 1, 3), 0.1)
+    mu = jnp.log(x / (1 - x))
+    stats = jnp.concatenate([mu, jnp.full_like(mu, -30.0)], -1)
+    bound = 3 * (-2.0 + math.log(2.0) + math.log(0.1) + math.log(0.9))
+    assert float(dvae.logit_laplace_nll(x, stats, -2.0)[0]) == pytest.approx(bound, abs=1e-4)
+    assert float(dvae.logit_laplace_nll(x, stats)[0]) < -50  # unbounded without it
+
+
+def test_the_gaussian_warmup_hands_the_nll_to_the_logit_laplace():
+    rng = np.random.default_rng(0)
+    x = jnp.float32(map_pixels(rng.uniform(size=(2, 4, 4, 3))))
+    stats = jnp.float32(rng.normal(size=(2, 4, 4, 6)))
+    warmup = dvae.DVAEObjectiveConfig(gaussian_warmup_steps=100, log_scale_floor=-2.0)
+    gaussian = dvae.gaussian_nll(x, stats, warmup.gaussian_scale)
+    laplace = dvae.reconstruction_nll(warmup, x, stats)
+    weight = dvae.gaussian_weight_schedule(warmup)
+    assert [float(weight(s)) for s in (0, 50, 100, 1_000)] == pytest.approx([1, 0.5, 0, 0])
+
+    def trained(step):
+        return dvae.warmup_nll(warmup, x, stats, laplace, weight(step))
+
+    np.testing.assert_allclose(trained(0), gaussian, rtol=1e-6)
+    np.testing.assert_allclose(trained(50), (gaussian + laplace) / 2, rtol=1e-6)
+    np.testing.assert_allclose(trained(100), laplace, rtol=1e-6)
+    assert float(jnp.abs(gaussian - laplace).min()) > 1.0
+    # The Gaussian likelihood and a zero-length warm-up train on the NLL given.
+    no_warmup = (warmup.replace(likelihood="gaussian"), warmup.replace(gaussian_warmup_steps=0))
+    for objective in no_warmup:
+        np.testing.assert_array_equal(dvae.warmup_nll(objective, x, stats, laplace, 0.5), laplace)
 
 
 def test_schedules_hit_their_endpoints():
