@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import re
 
 import numpy as np
@@ -109,9 +110,13 @@ _TWO_RES = [
 ]
 
 
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
 def parse_caption(text: str) -> Scene:
     """Invert :func:`caption`; raises ``ValueError`` for text no template produces."""
-    text = " ".join(text.lower().strip().rstrip(".").split())
+    text = _normalise(text)
     for pattern in _ONE_RES:
         if m := pattern.match(text):
             g = m.groups()
@@ -125,6 +130,59 @@ def parse_caption(text: str) -> Scene:
             relation = next(k for k, ps in _RELATION_PHRASES.items() if g[3] in ps)
             return Scene((Obj(g[2], g[1], g[0]), Obj(g[6], g[5], g[4])), relation)
     raise ValueError(f"no caption template matches {text!r}")
+
+
+REBINDABLE = ("colour", "shape", "size", "relation")
+_GROUPS = {"size": (1, 5), "colour": (2, 6), "shape": (3, 7)}  # of a _TWO_RES match
+_REVERSED = {  # each relation phrase -> the reversed relation's phrase of the same style
+    p: q
+    for a, b in _FLIP.items()
+    for p, q in zip(_RELATION_PHRASES[a], _RELATION_PHRASES[b], strict=True)
+}
+
+
+def rebindings(text: str, *, fields: tuple[str, ...] = REBINDABLE) -> list[str]:
+    """The captions naming the words of the two-object caption ``text`` bound differently: each
+    subset of ``fields`` exchanged between the two objects (``"relation"``: the relation reversed),
+    in ``text``'s template, one per scene other than ``text``'s; [] for a one-object caption.
+
+    A sample that binds the caption's attributes wrongly shows one of these scenes.
+    """
+    unknown = set(fields) - set(REBINDABLE)
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}; rebindable: {REBINDABLE}")
+    text = _normalise(text)
+    match = next((m for pattern in _TWO_RES if (m := pattern.match(text))), None)
+    if match is None:
+        parse_caption(text)  # a one-object caption, or a ValueError naming the text
+        return []
+    seen, out = {parse_caption(text).canonical()}, []
+    for exchanged in itertools.product((False, True), repeat=len(fields)):
+        words = {k: match.group(k) for k in range(1, 8)}
+        for field, flip in zip(fields, exchanged, strict=True):
+            if flip and field == "relation":
+                words[4] = _REVERSED[words[4]]
+            elif flip:
+                a, b = _GROUPS[field]
+                words[a], words[b] = words[b], words[a]
+        pieces, end = [], 0
+        for k in range(1, 8):
+            pieces += [text[end : match.start(k)], words[k]]
+            end = match.end(k)
+        rebound = "".join(pieces) + text[end:]
+        if (scene := parse_caption(rebound).canonical()) not in seen:
+            seen.add(scene)
+            out.append(rebound)
+    return out
+
+
+def colours_and_shapes_differ(scene: Scene) -> bool:
+    """Whether ``scene`` has two objects of different colours and different shapes: the scenes
+    where a sample can bind either attribute to the wrong object."""
+    if len(scene.objects) != 2:
+        return False
+    a, b = scene.objects
+    return a.colour != b.colour and a.shape != b.shape
 
 
 @functools.cache
@@ -230,6 +288,20 @@ def generate(
         captions.append(caption(scene, rng))
         scenes.append(scene)
     return images, captions, scenes
+
+
+def generate_binding(
+    n: int, size: int = 64, *, seed: int = 0, split: str = "test", held_out=HELD_OUT
+) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """The first ``n`` scenes of :func:`generate`'s stream for ``(seed, split)`` for which
+    :func:`colours_and_shapes_differ` holds (about a third of its scenes), as it returns them."""
+    drawn = 3 * n
+    while True:
+        images, captions, scenes = generate(drawn, size, seed=seed, split=split, held_out=held_out)
+        keep = [i for i, scene in enumerate(scenes) if colours_and_shapes_differ(scene)][:n]
+        if len(keep) == n:
+            return images[keep], [captions[i] for i in keep], [scenes[i] for i in keep]
+        drawn *= 2
 
 
 def perturb(scene: Scene, rng: np.random.Generator) -> Scene:

@@ -112,3 +112,65 @@ def test_attributes_judge_each_attribute_on_its_own():
     assert got == dict(count=True, colours=True, shapes=True, sizes=False, position=False)
     got = shapes.attributes(np.zeros((32, 32, 3), np.uint8), one)
     assert not any(got.values())
+
+
+def test_rebindings_are_captions_of_the_same_words_bound_otherwise():
+    _, captions, scenes = shapes.generate(200, 32, seed=2, split="test")
+    for text, scene in zip(captions, scenes, strict=True):
+        rebound = shapes.rebindings(text)
+        if len(scene.objects) == 1:
+            assert rebound == []
+            continue
+        # Every distinct binding but the caption's own: 2 ** 4 exchanges, less the ones that
+        # exchange equal attributes, halved (exchanging every object attribute and reversing the
+        # relation states the same scene).
+        same = sum(getattr(scene.objects[0], f) == getattr(scene.objects[1], f) for f in _FIELDS)
+        assert len(rebound) == 2 ** (4 - same) // 2 - 1, (text, rebound)
+        seen = {scene.canonical()}
+        for other in rebound:
+            parsed = shapes.parse_caption(other)  # a valid caption
+            assert parsed.relation in (scene.relation, shapes._FLIP[scene.relation])
+            assert parsed.canonical() not in seen  # differs from the caption and the others
+            seen.add(parsed.canonical())
+            for field in _FIELDS:  # the same attributes, maybe on the other object
+                assert sorted(getattr(o, field) for o in parsed.objects) == sorted(
+                    getattr(o, field) for o in scene.objects
+                )
+            # The template is kept: only attribute words and the relation's direction change.
+            assert len(other.split()) == len(text.split())
+    colour_only = shapes.rebindings(
+        "a small red circle left of a small blue circle", fields=("colour",)
+    )
+    assert colour_only == ["a small blue circle left of a small red circle"]
+    assert shapes.rebindings(
+        "there is a large purple triangle above a small blue diamond", fields=("shape", "relation")
+    ) == [  # fmt: skip
+        "there is a large purple triangle below a small blue diamond",
+        "there is a large purple diamond above a small blue triangle",
+        "there is a large purple diamond below a small blue triangle",
+    ]
+    assert shapes.rebindings("a picture of a large red cross at the top") == []
+    with pytest.raises(ValueError, match="no caption template"):
+        shapes.rebindings("a red circle near a blue square")
+    with pytest.raises(ValueError, match="unknown fields"):
+        shapes.rebindings("a small red circle left of a small blue circle", fields=("texture",))
+
+
+_FIELDS = ("colour", "shape", "size")
+
+
+def test_binding_scenes_differ_in_colour_and_shape():
+    images, captions, scenes = shapes.generate_binding(50, 32, seed=1)
+    assert len(captions) == len(scenes) == 50 and images.shape == (50, 32, 32, 3)
+    for image, text, scene in zip(images, captions, scenes, strict=True):
+        a, b = shapes.parse_caption(text).objects
+        assert a.colour != b.colour and a.shape != b.shape and scene == shapes.parse_caption(text)
+        assert shapes.check(image, text)
+    # The first of generate's stream that qualify, in its order (a longer set extends it).
+    _, all_captions, all_scenes = shapes.generate(400, 32, seed=1, split="test")
+    kept = [c for c, s in zip(all_captions, all_scenes, strict=True)
+            if shapes.colours_and_shapes_differ(s)]  # fmt: skip
+    assert captions == kept[:50] and shapes.generate_binding(60, 32, seed=1)[1][:50] == captions
+    assert not shapes.colours_and_shapes_differ(
+        shapes.parse_caption("a small red circle on the left")
+    )
