@@ -38,7 +38,6 @@ from jaxaigc.objectives.reward import (
     normalize_rewards,
     pack_comparisons,
     reward_loss_fn,
-    score_at_eos,
     sequence_scores,
 )
 from jaxaigc.objectives.sft import encode_example, left_pad, sft_loss_fn
@@ -54,9 +53,9 @@ from jaxaigc.pipelines.instructgpt import (
     response_bytes,
     response_text,
 )
-from jaxaigc.sample.decode import generate, token_logprobs
 from jaxaigc.train import checkpoint, loop
 from jaxaigc.train.ppo import load_params, make_ppo_task
+from jaxaigc.train.rollout import score_samples
 
 SECTIONS = ("pretrain", "sft", "rm", "ppo")  # the config sections of the stages' schedules
 
@@ -326,37 +325,14 @@ class ScoredSamples:
     gold: np.ndarray
 
 
-@functools.cache
-def _sampler(policy: GPTConfig, scorer: GPTConfig, steps: int, temperature: float):
-    model, reward_model = GPT(policy), GPT(scorer)
-
-    @jax.jit
-    def sample(params, sft_params, rm_params, prompt, valid, key):
-        rows = jax.random.split(key, prompt.shape[0])
-        drawn = generate(
-            policy, params, prompt, valid=valid, steps=steps, rng=rows,
-            temperature=temperature, eos_id=EOS, pad_id=PAD,
-        )  # fmt: skip
-        tokens = jnp.concatenate([prompt, drawn.tokens], axis=1)
-        mask = jnp.concatenate([valid, drawn.mask], axis=1)
-        logits = model.apply({"params": sft_params}, tokens, valid=mask)[:, -steps - 1 : -1]
-        ref = token_logprobs(logits, drawn.tokens, temperature)
-        kl = jnp.where(drawn.mask, drawn.logprobs - ref, 0.0).sum(1)
-        scores = reward_model.apply({"params": rm_params}, tokens, valid=mask)[:, -steps:]
-        return drawn.tokens, drawn.mask, kl, score_at_eos(scores, drawn.mask)
-
-    return sample
-
-
 def sample_and_score(
     config, params, sft_params, rm_params, prompts, *, seed: int, batch_size: int = 64
 ) -> ScoredSamples:
-    """One response per prompt sampled at PPO's rollout temperature (row i with key
-    ``fold_in(key(seed), i)``), scored by KL to SFT, the reward model and the gold scorer."""
-    temperature = config.ppo.algorithm.temperature
-    sample = _sampler(
-        policy_config(config), reward_config(config), config.data.response_length, temperature
-    )
+    """One response per prompt sampled as PPO's rollouts are (row i of the batch from i with
+    key ``fold_in(key(seed), i)``), scored by KL to SFT, the reward model and the gold scorer."""
+    models = {"policy": params, "reward": rm_params}
+    if params is not sft_params:  # SFT's own KL is 0: no reference pass
+        models["reference"] = sft_params
     tokens, valid = left_pad(
         [prompt_bytes(p) for p in prompts],
         length=config.data.prompt_length,
@@ -367,12 +343,20 @@ def sample_and_score(
     for i in range(0, len(prompts), batch_size):
         # The last batch padded with copies of its first row: one compiled shape.
         rows = np.resize(np.arange(i, min(i + batch_size, len(prompts))), batch_size)
-        key = jax.random.fold_in(jax.random.key(seed), i)
-        out = sample(params, sft_params, rm_params, tokens[rows], valid[rows], key)
-        drawn, mask, kl_rows, reward_rows = (np.asarray(x)[: len(set(rows))] for x in out)
+        out = score_samples(
+            policy_config(config),
+            reward_config(config),
+            ppo_config(config),
+            params=models,
+            prompt=tokens[rows],
+            prompt_valid=valid[rows],
+            rng=jax.random.fold_in(jax.random.key(seed), i),
+        )
+        n = len(set(rows))
+        drawn, mask = (np.asarray(out[k])[:n] for k in ("response", "mask"))
         responses += [response_text(t, m) for t, m in zip(drawn, mask, strict=True)]
-        kl.append(kl_rows)
-        reward.append(reward_rows)
+        kl.append(np.asarray(out["kl"])[:n] if "kl" in out else np.zeros(n, np.float32))
+        reward.append(np.asarray(out["raw_score"])[:n])
     return ScoredSamples(
         list(prompts),
         responses,

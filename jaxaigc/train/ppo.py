@@ -89,7 +89,7 @@ def make_ppo_task(
 
     The score PPO maximises is ``reward_gain * raw + reward_bias`` of either's raw score (Ziegler
     et al.: fit them with :func:`~jaxaigc.objectives.ppo.fit_reward_normalizer` on scores of the
-    SFT policy's samples, e.g. from :func:`~jaxaigc.train.rollout.sample_scores`); they live in
+    SFT policy's samples, e.g. from :func:`~jaxaigc.train.rollout.score_samples`); they live in
     the checkpointed ``model_state["frozen"]["reward_normalizer"]``.
     """
     check_models(policy_config, reward_config, ppo)

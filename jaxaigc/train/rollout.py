@@ -141,27 +141,28 @@ def make_sampler(
     return sample_and_score
 
 
-def sample_scores(
+def score_samples(
     policy_config: GPTConfig,
     reward_config: GPTConfig,
     ppo: PPOConfig,
     *,
-    policy_params: Any,
+    params: dict[str, Any],
     prompt: jax.Array,
     prompt_valid: jax.Array,
     rng: jax.Array,
-    reward_params: Any | None = None,
     reward_fn: Callable[..., Any] | None = None,
-) -> jax.Array:
-    """The raw scores float32 [B] (before any normaliser) by the reward model ``reward_params``
-    (or ``reward_fn``) of one response per prompt drawn from the policy as a PPO rollout draws it
-    (the same samples as a rollout with the row keys ``split(rng, B)``): what
-    :func:`~jaxaigc.objectives.ppo.fit_reward_normalizer` fits on, with the SFT policy."""
+) -> dict[str, jax.Array]:
+    """One response per prompt drawn from ``params["policy"]`` as a PPO rollout draws it (the
+    same samples as a rollout with the row keys ``split(rng, B)``) and its scores: ``response``,
+    ``mask``, ``sampler_logprobs``, the ``raw_score`` [B] by ``params["reward"]`` (or
+    ``reward_fn``) before any normaliser (what
+    :func:`~jaxaigc.objectives.ppo.fit_reward_normalizer` fits on, with the SFT policy), and with
+    ``params["reference"]`` the ``kl`` [B], KL(policy || reference) per response in nats as PPO's
+    penalty counts it."""
     check_models(policy_config, reward_config, ppo)
-    if (reward_params is None) == (reward_fn is None):
-        raise ValueError("sample_scores takes either reward_params or reward_fn (not both)")
-    params = {"policy": policy_params, "reward": reward_params}
-    return _sample_scores(
+    if ("reward" in params) == (reward_fn is not None):
+        raise ValueError("score_samples takes either params['reward'] or reward_fn (not both)")
+    return _score_samples(
         params,
         jnp.asarray(prompt, jnp.int32),
         jnp.asarray(prompt_valid, bool),
@@ -172,7 +173,15 @@ def sample_scores(
 
 
 @functools.partial(jax.jit, static_argnames=("configs", "reward_fn"))
-def _sample_scores(params, prompt, prompt_valid, rng, *, configs, reward_fn):
+def _score_samples(params, prompt, prompt_valid, rng, *, configs, reward_fn):
+    policy_config, _, ppo = configs
     rows = jax.random.split(rng, prompt.shape[0])
-    sample_and_score = make_sampler(*configs, reward_fn)
-    return sample_and_score(params, prompt, prompt_valid, rows, evaluate=False)["raw_score"]
+    out = make_sampler(*configs, reward_fn)(params, prompt, prompt_valid, rows, evaluate=False)
+    if "reference" in params:
+        r = ppo.response_length
+        tokens = jnp.concatenate([prompt, out["response"]], axis=1)
+        valid = jnp.concatenate([prompt_valid, out["mask"]], axis=1)
+        logits = GPT(policy_config).apply({"params": params["reference"]}, tokens, valid=valid)
+        ref = token_logprobs(logits[:, -r - 1 : -1], out["response"], ppo.temperature)
+        out["kl"] = jnp.where(out["mask"], out["sampler_logprobs"] - ref, 0.0).sum(1)
+    return out

@@ -18,7 +18,7 @@ from jaxaigc.objectives.sft import left_pad
 from jaxaigc.train.loop import default_train_config, train
 from jaxaigc.train.optim import make_optimizer
 from jaxaigc.train.ppo import make_ppo_task
-from jaxaigc.train.rollout import sample_scores
+from jaxaigc.train.rollout import make_sampler, score_samples
 from jaxaigc.train.state import create_sharded_state
 from jaxaigc.train.step import jit_train_step
 from tests.helpers import assert_one_step_matches_one_device, assert_trees_equal
@@ -78,25 +78,62 @@ def _fives(prompt, prompt_valid, response, mask):
     return ((response == 5) & mask).sum(1).astype(np.float32) / response.shape[1]
 
 
+def test_sampled_kl_is_the_penalty_a_rollout_counts():
+    """score_samples' KL to the reference (from the sampler's log-probs) equals PPO's per-token
+    penalty summed over the same rollout (log-probs recomputed by full forward passes)."""
+    ppo = PPOConfig(response_length=7, eos_id=1)
+    models = {
+        name: nn.meta.unbox(GPT(config).init(jax.random.key(seed), jnp.zeros((1, 16), jnp.int32)))[
+            "params"
+        ]
+        for name, config, seed in (
+            ("policy", POLICY, 0),
+            ("reference", POLICY, 1),
+            ("reward", REWARD, 2),
+        )
+    }
+    batch, key = _batch(), jax.random.key(3)
+    scored = score_samples(
+        POLICY, REWARD, ppo, params=models, prompt=batch["prompt"],
+        prompt_valid=batch["prompt_valid"], rng=key,
+    )  # fmt: skip
+    sample = make_sampler(POLICY, REWARD, ppo, None)
+    rows = jax.random.split(key, len(batch["prompt"]))
+    rollout = sample(
+        {**models, "value": models["reward"]}, batch["prompt"], batch["prompt_valid"], rows,
+        evaluate=True,
+    )  # fmt: skip
+    np.testing.assert_array_equal(scored["response"], rollout["response"])
+    penalty = jnp.where(rollout["mask"], rollout["logprobs"] - rollout["ref_logprobs"], 0).sum(1)
+    assert float(jnp.abs(penalty).min()) > 0.1  # two different models: the check could fail
+    np.testing.assert_allclose(scored["kl"], penalty, atol=1e-5)
+    np.testing.assert_allclose(scored["raw_score"], rollout["raw_score"], rtol=1e-6, atol=1e-6)
+    itself = score_samples(
+        POLICY, REWARD, ppo, params={**models, "reference": models["policy"]},
+        prompt=batch["prompt"], prompt_valid=batch["prompt_valid"], rng=key,
+    )  # fmt: skip
+    assert float(jnp.abs(itself["kl"]).max()) < 1e-5
+
+
 def test_the_first_iteration_starts_at_the_sft_policy(mesh_1):
     """KL 0, ratio 1, old log-probs equal to the sampler's, the score normalised on these very
     samples of the SFT policy, and the policy's and the value's gradient norms apart."""
     ppo = PPOConfig(response_length=7, eos_id=1, epochs=1, minibatches=1, kl_coef=0.1)
     batch = _batch()
     # The rollout's row keys (``make_step`` splits its key in 3; the second, folded with the
-    # step, draws the rollout): sample_scores draws the same responses.
+    # step, draws the rollout): score_samples draws the same responses.
     rollout_key = jax.random.fold_in(jax.random.split(jax.random.key(1), 3)[1], 0)
     sft = nn.meta.unbox(make_ppo_task(POLICY, REWARD, ppo).init(jax.random.key(0)))
-    raw = sample_scores(
+    raw = score_samples(
         POLICY,
         REWARD,
         ppo,
-        policy_params=sft["params"]["policy"],
+        params={"policy": sft["params"]["policy"]},
         prompt=batch["prompt"],
         prompt_valid=batch["prompt_valid"],
         rng=rollout_key,
         reward_fn=_fives,
-    )
+    )["raw_score"]
     gain, bias = fit_reward_normalizer(raw)
     state, step, batch = _run(
         mesh_1, parallel.make_rules(), ppo, _fives, reward_gain=gain, reward_bias=bias
@@ -277,16 +314,16 @@ def test_ppo_beats_its_start_on_held_out_prompts_by_a_margin_a_broken_update_mis
     held_out = _Rows(256, seed=1)  # prompts no iteration saw
 
     def reward(policy_params):  # the mean over one sample per prompt at the rollout temperature
-        scores = sample_scores(
+        scores = score_samples(
             POLICY,
             REWARD,
             ppo,
-            policy_params=policy_params,
+            params={"policy": policy_params},
             prompt=held_out.prompt,
             prompt_valid=held_out.valid,
             rng=jax.random.key(7),
             reward_fn=_fives,
-        )
+        )["raw_score"]
         return float(scores.mean())
 
     start, end = reward(state.model_state["frozen"]["reference"]), reward(state.params["policy"])
