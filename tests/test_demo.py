@@ -125,17 +125,26 @@ def test_the_clip_stage_reports_every_measure_beside_chance(demo):
 
 
 def test_the_dalle_stage_judges_its_reranked_samples(demo):
+    from jaxaigc.evaluate.judge import GROUPS
+    from jaxaigc.pipelines.dalle import RULES
+
     report, config = stage_report(demo, "dalle")
     assert report["final"]["loss"] < report["first_logged"]["loss"]
     assert report["final"]["step"] == config.train.steps
     assert report["candidates"] == config.sample.candidates
     assert report["all"]["captions"] == config.eval.captions
     assert report["seen"]["captions"] + report["held_out"]["captions"] == config.eval.captions
-    for group in ("all", "seen", "held_out"):
-        r = report[group]
+    binding = report["binding_set"]
+    assert binding["all"]["captions"] == config.eval.binding_captions
+    for r in [report[group] for group in GROUPS] + [binding[group] for group in GROUPS]:
         assert r["single_sample_accuracy"] <= r["any_of_n_accuracy"]
-        assert r["best_of_n_accuracy"] <= r["any_of_n_accuracy"]
-    assert len(report["figures"]) == 7
+        assert set(r["best_of_n_accuracy_by_rule"]) == set(RULES)
+        for accuracy in r["best_of_n_accuracy_by_rule"].values():
+            assert accuracy <= r["any_of_n_accuracy"]
+        assert r["best_of_n_accuracy"] == r["best_of_n_accuracy_by_rule"][config.sample.rerank]
+    # The test captions' best of n, single sample, ceiling, held-out pairs, binding, swaps; the
+    # binding set's best of n, ceiling, binding, swaps; each other rule's best of n on both; NLL.
+    assert len(report["figures"]) == 6 + 4 + 2 * (len(RULES) - 1) + 1
     for figure in report["figures"]:
         assert figure["baseline"] is not None and figure["baseline_name"], figure
-    assert [image["key"] for image in report["images"]][0] == "text_to_image"
+    assert [image["key"] for image in report["images"]][:2] == ["text_to_image", "binding"]

@@ -30,11 +30,21 @@ def get_config(*, quick: bool = False) -> ml_collections.ConfigDict:
     config.train.update(dict(batch_size=64, steps=1200, log_every=50, checkpoint_every=400))
     # Temperature 0.7: at 800 updates CLIP's best of 16 was right for 46% of test captions at
     # temperature 1, 57.5% at 0.7 and 55.5% at 0.4 (BUILD_NOTES, DALL-E experiment).
+    # rerank: a rule of jaxaigc.pipelines.dalle.RULES.
     config.sample = ml_collections.ConfigDict(
-        dict(candidates=16, temperature=0.7, top_k=0, top_p=1.0)
+        dict(candidates=16, temperature=0.7, top_k=0, top_p=1.0, rerank="clip")
     )
+    # binding_captions: two-object captions whose objects differ in colour and shape, drawn from
+    # the test split's stream for binding_seed (the test captions come from the seed 0 stream).
     config.eval = ml_collections.ConfigDict(
-        dict(captions=100, batch_captions=50, grid_captions=12, grid_candidates=8)
+        dict(
+            captions=100,
+            batch_captions=50,
+            grid_captions=12,
+            grid_candidates=8,
+            binding_captions=100,
+            binding_seed=1,
+        )
     )
     if quick:
         config.model.update(dict(width=32, layers=2, heads=2))
@@ -42,5 +52,13 @@ def get_config(*, quick: bool = False) -> ml_collections.ConfigDict:
         config.optim.warmup_steps = 5
         config.train.update(dict(steps=40, batch_size=16, log_every=5, checkpoint_every=40))
         config.sample.candidates = 4
-        config.eval.update(dict(captions=16, batch_captions=16, grid_captions=4, grid_candidates=4))
+        config.eval.update(
+            dict(
+                captions=16,
+                batch_captions=16,
+                grid_captions=4,
+                grid_candidates=4,
+                binding_captions=8,
+            )
+        )
     return config

@@ -1,18 +1,23 @@
 """DALL-E's evaluation: text -> image on test-split captions the model never trained on, half of
 them naming a (colour, shape) pair that never occurs in training, judged by the scene parser
-(:mod:`jaxaigc.evaluate.judge`).
+(:mod:`jaxaigc.evaluate.judge`); and apart, on the binding set: two-object test captions whose
+objects differ in both colour and shape (:func:`jaxaigc.data.shapes.generate_binding`), the only
+captions where a sample can bind either attribute to the wrong object.
 
 For each caption ``config.sample.candidates`` images are drawn; the judge scores a single sample
-(the mean over all candidates), CLIP's best of N, and whether any candidate is right (the
-ceiling of reranking); attribute binding on two-object captions: both (colour, shape) objects
-present, and how often the two colours come out swapped. The baselines: the same rates of each
-caption against another test scene's true image (chance). ``samples.png`` shows each grid
-caption's candidates, CLIP's choice first.
+(the mean over all candidates: a random choice), the best of N by each reranking rule
+(:data:`jaxaigc.pipelines.dalle.RULES`: CLIP's, the transformer's own likelihood and its
+rebinding classifier, alone and with CLIP's), and whether any candidate is right (the ceiling of
+reranking); attribute binding on two-object captions: both (colour, shape) objects present, and
+how often the two colours come out swapped. The baselines: the same rates of each caption
+against another scene's true image (chance). ``samples.png`` shows each grid caption's
+candidates in the order of the recipe's rule (``config.sample.rerank``), its choice first.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -29,6 +34,104 @@ from jaxaigc.pipelines.clip import ClipFeatures, load_clip
 from jaxaigc.train.metrics import read_metrics
 
 GRID = "samples.png"
+BINDING_GRID = "binding_samples.png"
+
+
+def judge_candidates(
+    images: np.ndarray,
+    scores: dict[str, np.ndarray],
+    captions: Sequence[str],
+    reranker: dalle.Reranker,
+    *,
+    held_out,
+) -> dict:
+    """The judged rates of k candidates of each caption, per group of :data:`judge.GROUPS`.
+
+    Args:
+      images: uint8 [n, k, H, W, 3]; scores: :meth:`Reranker.scores` of the same candidates.
+
+    Returns:
+      ``{group: {"captions", "single_sample_accuracy" (a random choice), "best_of_n_accuracy"
+      (by the reranker's rule), "any_of_n_accuracy", binding and swap rates of the best and of
+      a single sample, "best_of_n_accuracy_by_rule" and "two_object_binding_best_of_n_by_rule"
+      ({rule: rate} for every rule of :data:`dalle.RULES`)}}``.
+    """
+    samples = judge.rates(images, captions, held_out=held_out)
+    rows = np.arange(len(images))
+    best = {
+        rule: judge.rates(
+            images[rows, np.argmax(reranker.rank_key(scores, rule), axis=1)],
+            captions,
+            held_out=held_out,
+        )
+        for rule in dalle.RULES
+    }
+    own = best[reranker.rule]
+    return {
+        group: {
+            "captions": samples[group]["captions"],
+            "single_sample_accuracy": samples[group]["accuracy"],
+            "best_of_n_accuracy": own[group]["accuracy"],
+            "any_of_n_accuracy": samples[group]["any_accuracy"],
+            "two_object_binding_best_of_n": own[group]["binding"],
+            "two_object_swapped_best_of_n": own[group]["swapped"],
+            "two_object_binding_single_sample": samples[group]["binding"],
+            "two_object_swapped_single_sample": samples[group]["swapped"],
+            "best_of_n_accuracy_by_rule": {r: best[r][group]["accuracy"] for r in best},
+            "two_object_binding_best_of_n_by_rule": {r: best[r][group]["binding"] for r in best},
+        }
+        for group in judge.GROUPS
+    }
+
+
+def reranker_of(
+    model: DALLEConfig,
+    params,
+    pairs: image_tokens.TokenPairs,
+    clip: ClipFeatures,
+    config: ml_collections.ConfigDict,
+) -> dalle.Reranker:
+    """The reranker of ``config.sample.rerank`` with every score: CLIP's and the transformer's."""
+    return dalle.Reranker(
+        config.sample.rerank, clip=clip, model=model, params=params, tokenizer=pairs.tokenizer
+    )
+
+
+def draw_candidates(
+    model: DALLEConfig,
+    params,
+    text: np.ndarray,
+    captions: Sequence[str],
+    dvae: tuple,
+    reranker: dalle.Reranker,
+    config: ml_collections.ConfigDict,
+    *,
+    seed: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``config.sample.candidates`` images of each caption, best first by the reranker's rule,
+    and every score of them; drawn ``config.eval.batch_captions`` captions at a time from keys
+    ``fold_in(key(seed), first caption)``."""
+    ev, sc = config.eval, config.sample
+    images, scores = [], []
+    for start in range(0, len(captions), ev.batch_captions):
+        stop = start + ev.batch_captions
+        out = dalle.generate(
+            model,
+            params,
+            text[start:stop],
+            captions[start:stop],
+            dvae=dvae,
+            reranker=reranker,
+            candidates=sc.candidates,
+            rng=jax.random.fold_in(jax.random.key(seed), start),
+            temperature=sc.temperature,
+            top_k=sc.top_k,
+            top_p=sc.top_p,
+        )
+        images.append(out.pop("images"))
+        scores.append(out)
+    scores = {name: np.concatenate([s[name] for s in scores]) for name in scores[0]}
+    return np.concatenate(images), scores
 
 
 def judge_samples(
@@ -36,56 +139,61 @@ def judge_samples(
     params,
     pairs: image_tokens.TokenPairs,
     dvae: tuple,
-    reranker: ClipFeatures,
+    clip: ClipFeatures,
     config: ml_collections.ConfigDict,
 ) -> tuple[dict, np.ndarray, list[str]]:
-    """The judged figures of ``config.sample.candidates`` samples for each of the first
-    ``config.eval.captions`` test captions, drawn ``config.eval.batch_captions`` captions at a
-    time from keys ``fold_in(key(config.seed), first caption)`` and reranked by ``reranker``.
+    """The judged figures (:func:`judge_candidates`) of ``config.sample.candidates`` samples for
+    each of the first ``config.eval.captions`` test captions, reranked by ``clip`` and the
+    transformer as ``config.sample.rerank`` says (keys from ``config.seed``).
 
     Returns:
-      The report (``"all"``, ``"seen"``, ``"held_out"`` captions: the rates of the module
-      docstring; ``"candidates"``), the images uint8 [grid_captions, grid_candidates, H, W, 3]
-      of the first ``config.eval.grid_captions`` captions (CLIP's choice first) and those captions.
+      The report (``"all"``, ``"seen"``, ``"held_out"`` captions; ``"candidates"``), the images
+      uint8 [grid_captions, grid_candidates, H, W, 3] of the first ``config.eval.grid_captions``
+      captions (the rule's choice first) and those captions.
     """
-    ev, sc = config.eval, config.sample
-    test = pairs.splits["test"]
+    ev, test = config.eval, pairs.splits["test"]
     records = [test[i] for i in range(min(ev.captions, len(test)))]
     captions = [str(r["caption"]) for r in records]
-    images = []
-    for start in range(0, len(records), ev.batch_captions):
-        batch = records[start : start + ev.batch_captions]
-        out = dalle.generate(
-            model,
-            params,
-            np.stack([r["text"] for r in batch]),
-            captions[start : start + len(batch)],
-            dvae=dvae,
-            reranker=reranker,
-            candidates=sc.candidates,
-            rng=jax.random.fold_in(jax.random.key(config.seed), start),
-            temperature=sc.temperature,
-            top_k=sc.top_k,
-            top_p=sc.top_p,
-        )
-        images.append(out["images"])
-    images = np.concatenate(images)  # (n, candidates, H, W, 3), CLIP's choice first
-    samples = judge.rates(images, captions, held_out=pairs.config.held_out)
-    best = judge.rates(images[:, 0], captions, held_out=pairs.config.held_out)
-    report = {
-        group: {
-            "captions": samples[group]["captions"],
-            "single_sample_accuracy": samples[group]["accuracy"],
-            "best_of_n_accuracy": best[group]["accuracy"],
-            "any_of_n_accuracy": samples[group]["any_accuracy"],
-            "two_object_binding_best_of_n": best[group]["binding"],
-            "two_object_swapped_best_of_n": best[group]["swapped"],
-            "two_object_binding_single_sample": samples[group]["binding"],
-            "two_object_swapped_single_sample": samples[group]["swapped"],
-        }
-        for group in judge.GROUPS
-    }
-    report["candidates"] = sc.candidates
+    reranker = reranker_of(model, params, pairs, clip, config)
+    images, scores = draw_candidates(
+        model,
+        params,
+        np.stack([r["text"] for r in records]),
+        captions,
+        dvae,
+        reranker,
+        config,
+        seed=config.seed,
+    )
+    report = judge_candidates(images, scores, captions, reranker, held_out=pairs.config.held_out)
+    report["candidates"] = config.sample.candidates
+    grid = images[: ev.grid_captions, : ev.grid_candidates]
+    return report, grid, captions[: ev.grid_captions]
+
+
+def judge_binding_set(
+    model: DALLEConfig,
+    params,
+    pairs: image_tokens.TokenPairs,
+    dvae: tuple,
+    clip: ClipFeatures,
+    config: ml_collections.ConfigDict,
+) -> tuple[dict, np.ndarray, list[str]]:
+    """:func:`judge_samples` on the binding set: the first ``config.eval.binding_captions``
+    scenes of :func:`shapes.generate_binding` (test split, ``config.eval.binding_seed``; a stream
+    neither training nor the test captions draw from), with its chance (``"chance"``: each
+    caption against the next scene's true image)."""
+    cfg, ev = pairs.config, config.eval
+    true_images, captions, _ = shapes.generate_binding(
+        ev.binding_captions, cfg.resolution, seed=ev.binding_seed, held_out=cfg.held_out
+    )
+    reranker = reranker_of(model, params, pairs, clip, config)
+    text = pairs.tokenizer.encode(captions, length=model.text_len, eos=True)
+    images, scores = draw_candidates(
+        model, params, text, captions, dvae, reranker, config, seed=ev.binding_seed
+    )
+    report = judge_candidates(images, scores, captions, reranker, held_out=cfg.held_out)
+    report["chance"] = judge.rates(np.roll(true_images, 1, axis=0), captions, held_out=cfg.held_out)
     grid = images[: ev.grid_captions, : ev.grid_candidates]
     return report, grid, captions[: ev.grid_captions]
 
@@ -103,90 +211,114 @@ def another_scene(pairs: image_tokens.TokenPairs, n: int) -> dict:
     return judge.rates(np.roll(images, 1, axis=0), captions, held_out=cfg.held_out)
 
 
+RULE_NAMES = {
+    "clip": "CLIP",
+    "likelihood": "DALL-E's likelihood",
+    "rebinding": "DALL-E's rebinding classifier",
+    "rebinding+clip": "DALL-E's rebinding classifier with CLIP",
+}
+
+
 def evaluate(workdir: Path, config: ml_collections.ConfigDict) -> dict:
-    """Judged text -> image figures of the run in ``workdir``, reranked by its ``clip`` stage."""
+    """Judged text -> image figures of the run in ``workdir``, reranked with its ``clip`` stage
+    and its transformer; writes ``samples.png`` and ``binding_samples.png``."""
     workdir = Path(workdir)
     model, params, pairs, dvae, _ = dalle.load_trained(workdir)
     # One call per sample batch, as the candidates are scored when generating.
-    reranker = load_clip(stages.trained_run(config, workdir, "clip"), batch_size=None)
-    scores, images, grid_captions = judge_samples(
-        model.config, params, pairs, dvae, reranker, config
+    clip = load_clip(stages.trained_run(config, workdir, "clip"), batch_size=None)
+    scores, images, grid_captions = judge_samples(model.config, params, pairs, dvae, clip, config)
+    binding, binding_images, binding_captions = judge_binding_set(
+        model.config, params, pairs, dvae, clip, config
     )
     chance = another_scene(pairs, scores["all"]["captions"])
+    rule = config.sample.rerank
     if jax.process_index() == 0:
-        write_grid(
-            workdir / GRID,
-            images,
-            captions=grid_captions,
-            column_titles=[f"CLIP's #{j + 1}" for j in range(images.shape[1])],
-            scale=3,
-        )
+        for name, grid, captions in (
+            (GRID, images, grid_captions),
+            (BINDING_GRID, binding_images, binding_captions),
+        ):
+            write_grid(
+                workdir / name,
+                grid,
+                captions=captions,
+                column_titles=[f"#{j + 1}" for j in range(grid.shape[1])],
+                scale=3,
+            )
 
     records = [r for r in read_metrics(workdir) if "train/loss" in r]
     first, last = records[0], records[-1]
     n, k, a, h = scores["all"]["captions"], scores["candidates"], scores["all"], chance["all"]
+    b, bc = binding["all"], binding["chance"]["all"]
+
+    def figure(name, value, baseline, baseline_name, unit="%"):
+        return dict(
+            name=name, value=value, baseline=baseline, baseline_name=baseline_name, unit=unit
+        )
+
+    others = [r for r in dalle.RULES if r != rule]
     figures = [
-        {
-            "name": f"judge accepts CLIP's best of {k}, {n} test captions",
-            "value": a["best_of_n_accuracy"],
-            "baseline": a["single_sample_accuracy"],
-            "baseline_name": "single sample",
-            "unit": "%",
-        },
-        {
-            "name": "judge accepts a single sample",
-            "value": a["single_sample_accuracy"],
-            "baseline": h["accuracy"],
-            "baseline_name": "chance",
-            "unit": "%",
-        },
-        {
-            "name": f"judge accepts one of the {k} (the reranking ceiling)",
-            "value": a["any_of_n_accuracy"],
-            "baseline": a["best_of_n_accuracy"],
-            "baseline_name": "CLIP's choice",
-            "unit": "%",
-        },
-        {
-            "name": f"held-out colour-shape pairs: judge accepts CLIP's best of {k} "
+        figure(
+            f"judge accepts the best of {k} by {RULE_NAMES[rule]}, {n} test captions",
+            a["best_of_n_accuracy"], a["single_sample_accuracy"], "a random choice",
+        ),
+        figure("judge accepts a single sample", a["single_sample_accuracy"], h["accuracy"],
+               "chance"),
+        figure(
+            f"judge accepts one of the {k} (the reranking ceiling)", a["any_of_n_accuracy"],
+            a["best_of_n_accuracy"], RULE_NAMES[rule],
+        ),
+        *[
+            figure(f"judge accepts the best of {k} by {RULE_NAMES[r]}",
+                   a["best_of_n_accuracy_by_rule"][r], a["single_sample_accuracy"],
+                   "a random choice")
+            for r in others
+        ],
+        figure(
+            f"held-out colour-shape pairs: judge accepts the best of {k} "
             f"({scores['held_out']['captions']} captions)",
-            "value": scores["held_out"]["best_of_n_accuracy"],
-            "baseline": chance["held_out"]["accuracy"],
-            "baseline_name": "chance",
-            "unit": "%",
-        },
-        {
-            "name": f"two objects: both (colour, shape) drawn, CLIP's best of {k}",
-            "value": a["two_object_binding_best_of_n"],
-            "baseline": h["binding"],
-            "baseline_name": "chance",
-            "unit": "%",
-        },
-        {
-            "name": f"two objects: colours swapped, CLIP's best of {k}",
-            "value": a["two_object_swapped_best_of_n"],
-            "baseline": h["swapped"],
-            "baseline_name": "chance",
-            "unit": "%",
-        },
-        {
-            "name": f"image NLL at step {last['step']} (nats/token)",
-            "value": last["train/image_nll"],
-            "baseline": math.log(model.config.image_vocab),
-            "baseline_name": "uniform",
-            "unit": "",
-        },
-    ]
+            scores["held_out"]["best_of_n_accuracy"], chance["held_out"]["accuracy"], "chance",
+        ),
+        figure(f"two objects: both (colour, shape) drawn, best of {k}",
+               a["two_object_binding_best_of_n"], h["binding"], "chance"),
+        figure(f"two objects: colours swapped, best of {k}", a["two_object_swapped_best_of_n"],
+               h["swapped"], "chance"),
+        figure(
+            f"binding set ({b['captions']} two-object captions, colours and shapes differ): "
+            f"judge accepts the best of {k} by {RULE_NAMES[rule]}",
+            b["best_of_n_accuracy"], b["single_sample_accuracy"], "a random choice",
+        ),
+        figure(f"binding set: judge accepts one of the {k} (the reranking ceiling)",
+               b["any_of_n_accuracy"], b["single_sample_accuracy"], "a random choice"),
+        *[
+            figure(f"binding set: judge accepts the best of {k} by {RULE_NAMES[r]}",
+                   b["best_of_n_accuracy_by_rule"][r], b["single_sample_accuracy"],
+                   "a random choice")
+            for r in others
+        ],
+        figure(f"binding set: both (colour, shape) drawn, best of {k}",
+               b["two_object_binding_best_of_n"], bc["binding"], "chance"),
+        figure(f"binding set: colours swapped, best of {k}", b["two_object_swapped_best_of_n"],
+               bc["swapped"], "chance"),
+        figure(f"image NLL at step {last['step']} (nats/token)", last["train/image_nll"],
+               math.log(model.config.image_vocab), "uniform", unit=""),
+    ]  # fmt: skip
+    order = f"in the order of {RULE_NAMES[rule]} (its choice first)"
     return {
-        "title": "DALL-E on shapes scenes: text -> image, reranked by CLIP",
+        "title": f"DALL-E on shapes scenes: text -> image, reranked by {RULE_NAMES[rule]}",
         "figures": figures,
         "images": [
             {
                 "path": GRID,
                 "caption": f"the first {len(images)} test captions, {images.shape[1]} of their "
-                f"{k} samples each in CLIP's order (its choice first)",
+                f"{k} samples each {order}",
                 "key": "text_to_image",
-            }
+            },
+            {
+                "path": BINDING_GRID,
+                "caption": f"the first {len(binding_images)} captions of the binding set, "
+                f"{binding_images.shape[1]} of their {k} samples each {order}",
+                "key": "binding",
+            },
         ],
         "first_logged": {"step": first["step"], "loss": first["train/loss"]},
         "final": {
@@ -196,5 +328,7 @@ def evaluate(workdir: Path, config: ml_collections.ConfigDict) -> dict:
             "text_nll": last["train/text_nll"],
         },
         **scores,
+        "rerank": rule,
+        "binding_set": binding,
         "chance": chance,
     }

@@ -1,5 +1,5 @@
 """The DALL-E recipe's training at toy size: pairs from the dvae stage's checkpoint, the loss falls
-through the generic loop, the run reloads from its checkpoint, generation returns CLIP-ordered
+through the generic loop, the run reloads from its checkpoint, generation returns reranked
 decoded samples; mismatches and a missing stage are named."""
 
 import dataclasses
@@ -82,7 +82,14 @@ def test_loss_falls_and_generation_is_reranked(dvae_workdir, tmp_path):
     clip = CLIP(clip_config)
     example = (jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 24), jnp.int32))
     clip_shapes = nn.meta.unbox(jax.eval_shape(clip.init, jax.random.key(0), *example))
-    reranker = ClipFeatures(clip, _random(clip_shapes, 1, 0.05), batch_size=None)
+    clip_features = ClipFeatures(clip, _random(clip_shapes, 1, 0.05), batch_size=None)
+    reranker = dalle_pipeline.Reranker(
+        "rebinding+clip",
+        clip=clip_features,
+        model=model.config,
+        params=state.params,
+        tokenizer=pairs.tokenizer,
+    )
     test = pairs.splits["test"]
     captions = [str(test[i]["caption"]) for i in range(3)]
     text = np.stack([test[i]["text"] for i in range(3)])
@@ -98,10 +105,14 @@ def test_loss_falls_and_generation_is_reranked(dvae_workdir, tmp_path):
     )
     assert out["images"].shape == (3, 4, 32, 32, 3) and out["images"].dtype == np.uint8
     assert (np.diff(out["scores"], axis=1) <= 0).all()  # best first
-    # Images, tokens and scores stay aligned through the reordering.
+    # Images, tokens and every score stay aligned through the reordering.
     decoded = image_tokens.decode_images(*dvae_model, out["tokens"].reshape(12, -1))
     np.testing.assert_array_equal(decoded.reshape(out["images"].shape), out["images"])
-    np.testing.assert_allclose(reranker.scores(out["images"], captions), out["scores"], rtol=1e-5)
+    again = reranker.scores(out["images"], out["tokens"], captions)
+    assert set(again) == {"clip", "likelihood", "rebinding"}
+    for name, scores in again.items():
+        np.testing.assert_allclose(scores, out[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reranker.rank_key(again), out["scores"], rtol=1e-5, atol=1e-6)
 
 
 def test_mismatched_tokenizer_and_vocabulary_is_named(dvae_workdir, tmp_path):
