@@ -17,6 +17,9 @@ from jaxaigc.train.loop import default_train_config
 
 # Shapes captions are at most 19 CLIP tokens with SOT and EOT.
 TEXT_LEN = 24
+# The decoder's caption encoder reads the CLIP tokenizer's ids (the captions as the CLIP stage
+# tokenises them).
+CLIP_VOCAB = 49408
 # The model fields that only the CLIP decides. get_config leaves them unset, and the stages fill
 # them in from the CLIP features (so they follow the CLIP run, whatever its size); a value set by
 # hand is checked against the features instead.
@@ -40,15 +43,19 @@ def get_config(*, quick: bool = False) -> ml_collections.ConfigDict:
     config.prior = prior
 
     decoder = default_train_config()
-    # No caption pathway: the paper found it "offers little help" with binding, and the image
-    # embedding alone keeps the tiny decoder cheap. Attention only at 8 px: at 16 px (256 tokens)
-    # it made a CPU train step 1.7x slower (1.25 -> 0.75 s at batch 32, loaded 2-core machine),
-    # and 8 px already sees the whole 32 px scene. v prediction: after 600 updates the round trip
-    # cos(CLIP(decode(z_i)), z_i) was 0.77-0.81 against eps's 0.09-0.28, with black backgrounds
-    # and the scene's colours where eps left noise (BUILD_NOTES, "Diffusion and unCLIP").
+    # No caption pathway: the paper found it "offers little help" with binding, and here GLIDE's
+    # text transformer (text_layers=2 on the captions' CLIP token ids, text_drop 0.5) drew the
+    # same blobs after the demo's 500 updates, judge 17% (20% without it, on another run of the
+    # demo's CLIP; BUILD_NOTES, "unCLIP"). text_len and text_vocab are set, so that
+    # --config.decoder.model.text_layers=N alone turns it on. Attention only at 8 px: at 16 px
+    # (256 tokens) it made a CPU train step 1.7x slower (1.25 -> 0.75 s at batch 32, loaded
+    # 2-core machine), and 8 px already sees the whole 32 px scene. v prediction: after 600
+    # updates the round trip cos(CLIP(decode(z_i)), z_i) was 0.77-0.81 against eps's 0.09-0.28,
+    # with black backgrounds and the scene's colours where eps left noise (BUILD_NOTES,
+    # "Diffusion and unCLIP").
     decoder.model = fields.preset_section(
-        DecoderConfig, "tiny", attention_resolutions=(8,), text_layers=0, text_len=0,
-        text_vocab=0, prediction="v",
+        DecoderConfig, "tiny", attention_resolutions=(8,), text_layers=0, text_len=TEXT_LEN,
+        text_vocab=CLIP_VOCAB, prediction="v",
     )  # fmt: skip
     fields.leave_unset(decoder.model, CLIP_FIELDS["decoder"], int)
     # The loss's timestep weighting (objectives.diffusion.loss_weights): "none" or "min_snr".

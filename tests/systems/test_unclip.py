@@ -171,3 +171,27 @@ def test_the_decoder_loss_takes_the_configs_weighting(clip):
     config.decoder.loss.weighting = "snr"
     with pytest.raises(ValueError, match="unknown weighting 'snr'"):
         system.build_decoder(config, None, features=features)
+
+
+def test_a_caption_reading_decoder_gets_the_clip_captions(clip):
+    """The recipe's decoder with GLIDE's text transformer turned on (text_layers, the only field
+    to set): its batches carry the CLIP token ids of each scene's caption, its sampler refuses to
+    run without them, and a caption vocabulary too small for CLIP's ids is named before any
+    compile."""
+    features = system.encode_scenes(clip, 8, split="train", seed=0)
+    config = _config()
+    config.decoder.model.text_layers = 1
+    model, _, batches = system.build_decoder(config, None, features=features)
+    spec = system.decoder_batch_spec(config)
+    assert spec["text_tokens"] == ((model.config.text_len,), jnp.int32)
+    batch = next(batches)
+    # Each row's caption tokens are its own scene's (found by its embedding).
+    scene = np.argmax(batch["image_embedding"] @ features.image_embedding.T, axis=1)
+    np.testing.assert_array_equal(batch["text_tokens"], features.tokens[scene])
+    assert sorted(scene) == list(range(8))
+    with pytest.raises(ValueError, match="reads captions .* give text"):
+        unclip.decode((model, None), features.image_embedding, jax.random.key(0), steps=2)
+    config = _config()
+    config.decoder.model.update(dict(text_layers=1, text_vocab=1000))
+    with pytest.raises(ValueError, match="caption encoder takes 24 tokens of 1000 ids"):
+        system.build_decoder(config, None, features=features)
