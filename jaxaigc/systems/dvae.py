@@ -1,7 +1,8 @@
 """DALL-E's discrete VAE (Ramesh et al. 2021) trained on 32 px shapes scenes and Noto emoji.
 
 The objective and optimiser follow the paper's App. A.2, with the beta and temperature schedules
-shortened to fit a run of a few thousand updates (:mod:`jaxaigc.configs.dvae`).
+shortened to fit a run of 25,000 updates, a floor on the logit-Laplace's scale and a Gaussian
+warm-up of its NLL (:mod:`jaxaigc.objectives.dvae`, :mod:`jaxaigc.configs.dvae`).
 """
 
 from __future__ import annotations
