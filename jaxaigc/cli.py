@@ -203,7 +203,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> None:
     result = pipe(args.captions, n=args.n, seed=args.seed)
     write_grid(out, result.images, captions=args.captions, scale=args.scale)
     for caption, scores in zip(args.captions, result.scores, strict=True):
-        print(f"{caption!r}: CLIP scores, best first: {np.round(scores, 3).tolist()}")
+        print(f"{caption!r}: reranking scores, best first: {np.round(scores, 3).tolist()}")
     print(out)
 
 

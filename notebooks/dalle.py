@@ -153,9 +153,10 @@ plt.show()
 #
 # `pipelines.load(run_directory)` is a run's inference object; a DALL-E run's is a text-to-image
 # pipeline: for each caption it samples `n` grids of dVAE image tokens with its transformer, the
-# dVAE decodes them, and CLIP sorts the images best first (`out.images` uint8 [captions, n, h, w,
-# 3], `out.scores` CLIP's cosine similarities). `write_grid` draws the grid `jaxaigc generate`
-# writes, a row per caption.
+# dVAE decodes them, and the run's reranker (`config.sample.rerank`, CLIP by default) sorts the
+# images best first (`out.images` uint8 [captions, n, h, w, 3], `out.scores` its scores, CLIP's
+# cosine similarities by default). `write_grid` draws the grid `jaxaigc generate` writes, a row
+# per caption.
 
 # %%
 from IPython.display import Image

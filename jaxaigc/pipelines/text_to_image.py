@@ -12,7 +12,8 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class Generated:
     """``images`` uint8 [captions, n, h, w, 3], best first; ``scores`` float32 [captions, n]:
-    CLIP's cosine similarity of each image to its caption, descending."""
+    the reranker's score of each image, descending (CLIP's cosine similarity to the caption for
+    unCLIP; for DALL-E, its run's rule, :func:`jaxaigc.pipelines.dalle.rank_key`)."""
 
     images: np.ndarray
     scores: np.ndarray
