@@ -189,7 +189,9 @@ def test_generate_pairs_the_prior_and_decoder_runs_on_their_mesh(data, runs, tmp
     cli.main(["generate", str(decoder_dir), *captions, "--n", "2", "--out", str(grid)])
     printed = capsys.readouterr().out
     for caption, scores in zip(captions, out.scores, strict=True):
-        assert f"{caption!r}: CLIP scores, best first: {np.round(scores, 3).tolist()}" in printed
+        assert (
+            f"{caption!r}: reranking scores, best first: {np.round(scores, 3).tolist()}" in printed
+        )
     assert np.asarray(Image.open(grid)).shape[1] >= 2 * 3 * 16  # 2 images, 3x upscaled
 
 
