@@ -303,12 +303,14 @@ class DalleTextToImage(TextToImage):
     def __init__(self, workdir: str | Path):
         self.model, self.params, pairs, self.dvae, config = load_trained(workdir)
         self.tokenizer, self.text_len = pairs.tokenizer, config.data.text_len
+        rule = config.sample.rerank
+        # The transformer's scores only where the rule reads them: they need captions of the
+        # shapes grammar (their rebindings), and CLIP's rule takes any caption.
+        transformer = {} if rule == "clip" else {
+            "model": self.model.config, "params": self.params, "tokenizer": self.tokenizer
+        }  # fmt: skip
         self.reranker = Reranker(
-            config.sample.rerank,
-            clip=load_clip(stages.trained_run(config, workdir, "clip")),
-            model=self.model.config,
-            params=self.params,
-            tokenizer=self.tokenizer,
+            rule, clip=load_clip(stages.trained_run(config, workdir, "clip")), **transformer
         )
         self.sample = config.sample
 
