@@ -134,6 +134,28 @@ def draw_candidates(
     return np.concatenate(images), scores
 
 
+def _judged_candidates(
+    model: DALLEConfig,
+    params,
+    pairs: image_tokens.TokenPairs,
+    dvae: tuple,
+    clip: ClipFeatures,
+    config: ml_collections.ConfigDict,
+    text: np.ndarray,
+    captions: Sequence[str],
+    *,
+    seed: int,
+) -> tuple[dict, np.ndarray]:
+    """:func:`judge_candidates` of ``captions``' candidates (:func:`draw_candidates`), and the
+    images [grid_captions, grid_candidates, H, W, 3] of the first captions, best first."""
+    reranker = reranker_of(model, params, pairs, clip, config)
+    images, scores = draw_candidates(
+        model, params, text, captions, dvae, reranker, config, seed=seed
+    )
+    report = judge_candidates(images, scores, captions, reranker, held_out=pairs.config.held_out)
+    return report, images[: config.eval.grid_captions, : config.eval.grid_candidates]
+
+
 def judge_samples(
     model: DALLEConfig,
     params,
@@ -151,24 +173,15 @@ def judge_samples(
       uint8 [grid_captions, grid_candidates, H, W, 3] of the first ``config.eval.grid_captions``
       captions (the rule's choice first) and those captions.
     """
-    ev, test = config.eval, pairs.splits["test"]
-    records = [test[i] for i in range(min(ev.captions, len(test)))]
+    test = pairs.splits["test"]
+    records = [test[i] for i in range(min(config.eval.captions, len(test)))]
     captions = [str(r["caption"]) for r in records]
-    reranker = reranker_of(model, params, pairs, clip, config)
-    images, scores = draw_candidates(
-        model,
-        params,
-        np.stack([r["text"] for r in records]),
-        captions,
-        dvae,
-        reranker,
-        config,
-        seed=config.seed,
+    text = np.stack([r["text"] for r in records])
+    report, grid = _judged_candidates(
+        model, params, pairs, dvae, clip, config, text, captions, seed=config.seed
     )
-    report = judge_candidates(images, scores, captions, reranker, held_out=pairs.config.held_out)
     report["candidates"] = config.sample.candidates
-    grid = images[: ev.grid_captions, : ev.grid_candidates]
-    return report, grid, captions[: ev.grid_captions]
+    return report, grid, captions[: config.eval.grid_captions]
 
 
 def judge_binding_set(
@@ -187,14 +200,11 @@ def judge_binding_set(
     true_images, captions, _ = shapes.generate_binding(
         ev.binding_captions, cfg.resolution, seed=ev.binding_seed, held_out=cfg.held_out
     )
-    reranker = reranker_of(model, params, pairs, clip, config)
     text = pairs.tokenizer.encode(captions, length=model.text_len, eos=True)
-    images, scores = draw_candidates(
-        model, params, text, captions, dvae, reranker, config, seed=ev.binding_seed
+    report, grid = _judged_candidates(
+        model, params, pairs, dvae, clip, config, text, captions, seed=ev.binding_seed
     )
-    report = judge_candidates(images, scores, captions, reranker, held_out=cfg.held_out)
     report["chance"] = judge.rates(np.roll(true_images, 1, axis=0), captions, held_out=cfg.held_out)
-    grid = images[: ev.grid_captions, : ev.grid_candidates]
     return report, grid, captions[: ev.grid_captions]
 
 
