@@ -19,10 +19,7 @@ after the models.
 
 import argparse
 import contextlib
-import importlib.metadata
-import importlib.util
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +30,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxaigc import parallel
 from jaxaigc.benchmark import (
     add_allocator_flag,
+    clip_inputs,
     huge_page_megabytes,
     matmul_ceiling,
     median_times,
+    openai_clip_module,
     use_retaining_malloc,
 )
 from jaxaigc.compile_options import jit_inference
@@ -44,34 +43,6 @@ from jaxaigc.models.clip import CLIP, CLIPConfig, clamp_logit_scale
 from jaxaigc.objectives.contrastive import clip_loss_fn
 from jaxaigc.train.state import init_state
 from jaxaigc.train.step import jit_train_step, make_train_step
-
-
-def openai_clip_module():
-    """OpenAI's ``clip/model.py``, imported by path from the installed ``openai-clip`` distribution
-    (``clip/__init__`` needs torchvision, and ``import clip`` finds this script's own clip.py)."""
-    try:
-        distribution = importlib.metadata.distribution("openai-clip")
-    except importlib.metadata.PackageNotFoundError:
-        raise SystemExit(
-            "openai-clip is not installed: pip install --no-deps openai-clip==1.0.1"
-        ) from None
-    path = Path(distribution.locate_file("clip/model.py"))
-    module_spec = importlib.util.spec_from_file_location("openai_clip_model", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-def inputs(config: CLIPConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised-looking NHWC images and token rows ending in EOT (the largest id)."""
-    rng = np.random.default_rng(0)
-    r = config.image_resolution
-    images = rng.normal(size=(batch, r, r, 3)).astype(np.float32)
-    tokens = rng.integers(1, config.vocab_size - 2, (batch, config.context_length))
-    lengths = rng.integers(5, config.context_length, batch)
-    tokens[np.arange(batch), lengths] = config.vocab_size - 1
-    tokens[np.arange(config.context_length)[None, :] > lengths[:, None]] = 0
-    return images, tokens.astype(np.int32)
 
 
 def cpu_flops(fn, *args) -> float:
@@ -95,7 +66,7 @@ def bench(name: str, batch: int, repeats: int, dtype: str, settle: float, openai
     _, variables = clip_from_torch(t_model.state_dict())
     t_model.to(device)
     model = CLIP(config)
-    images, tokens = inputs(config, batch)
+    images, tokens = clip_inputs(config, batch)
     t_images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
     t_tokens = torch.from_numpy(tokens.astype(np.int64)).to(device)
     variables, images, tokens = jax.device_put((variables, images, tokens))

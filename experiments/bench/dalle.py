@@ -32,18 +32,20 @@ shapes and cost, so it is timed on ``--recompute-steps`` steps and extrapolated 
 
 import argparse
 import functools
-import importlib.util
 import os
-import sys
 import time
-import types
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaigc.benchmark import add_allocator_flag, matmul_ceiling, median_times, use_retaining_malloc
+from jaxaigc.benchmark import (
+    add_allocator_flag,
+    dalle_pytorch_attention,
+    matmul_ceiling,
+    median_times,
+    use_retaining_malloc,
+)
 from jaxaigc.compile_options import CPU_TRAINING_OPTIONS
 from jaxaigc.models.dalle import DALLE, DALLEConfig
 from jaxaigc.nn.attention import MultiHeadAttention
@@ -143,36 +145,6 @@ def attention_rows(
                 flush=True,
             )
     return rows
-
-
-def dalle_pytorch_attention():
-    """DALLE-pytorch's ``attention.py``, loaded by path: its package ``__init__`` imports the whole
-    model (and dependencies not installed here). The file imports ``apply_rotary_emb`` at the
-    top, used only with rotary embeddings, which this benchmark does not pass: a stub stands in.
-    """
-    spec = importlib.util.find_spec("dalle_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("dalle-pytorch is not installed: pip install --no-deps dalle-pytorch")
-    if importlib.util.find_spec("rotary_embedding_torch") is None:
-        stub = types.ModuleType("rotary_embedding_torch")
-        stub.apply_rotary_emb = None
-        sys.modules["rotary_embedding_torch"] = stub
-    path = Path(spec.submodule_search_locations[0]) / "attention.py"
-    module_spec = importlib.util.spec_from_file_location("dalle_pytorch_attention", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    # Its forward scales q in place (``q *= self.scale``) on a view of ``to_qkv(x).chunk(3)``,
-    # which PyTorch's autograd rejects ("a view ... of a function that returns multiple views"):
-    # as released, the layer runs forward only. Copying the three heads-split projections (3 x 5
-    # MiB here) makes them views of nothing; the layer's arithmetic is unchanged.
-    rearrange = module.rearrange
-
-    def rearrange_copying_qkv(tensor, pattern, **axes):
-        out = rearrange(tensor, pattern, **axes)
-        return out.clone() if pattern == "b n (h d) -> (b h) n d" else out
-
-    module.rearrange = rearrange_copying_qkv
-    return module
 
 
 def layer_rows(repeats: int, settle: float, ceiling: float) -> list[dict]:
