@@ -28,7 +28,11 @@ from jaxaigc.sample.decode import generate, token_logprobs
 from jaxaigc.systems import instructgpt_pod as pod
 
 LABELS = {"sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
-BATCH = 64  # sequences per sampling or scoring call
+BATCH = pod.SCORE_BATCH
+NORMALIZED_ON = {  # the reward model's mean 0, by config.rm.normalize_on
+    "sft_samples": "SFT's samples of training prompts, on which the reward model is normalised",
+    "demonstrations": "demonstrations, on which the reward model is centred",
+}
 
 
 def rm_accuracy(config, tokenizer, rm_params, comparisons) -> dict:
@@ -111,7 +115,7 @@ def evaluate(workdir: Path, config: ml_collections.ConfigDict) -> dict:
     workdir = Path(workdir)
     config, tokenizer = pod.resolve(config, workdir)
     data = pod.read_data(config)
-    rm = pod.load_reward_model(config, workdir, tokenizer, data.demonstrations)
+    rm = pod.load_reward_model(config, workdir)
     policies = {
         name: load_policy_params(stage_dir(config, workdir, name), ppo=name in pod.PPO_STAGES)
         for name in ("sft", *pod.ppo_stages(config))
@@ -147,6 +151,7 @@ def evaluate(workdir: Path, config: ml_collections.ConfigDict) -> dict:
         ),
         "held_out_prompts": len(prompts),
         "temperature": config.ppo.algorithm.temperature,
+        "reward_normalized_on": config.rm.normalize_on,
         "rm_score": {name: float(s.mean()) for name, s in scores.items()},
         "win_rate_over_sft": wins,  # by the reward model; ties count half
         "tie_rate_with_sft": ties,
@@ -182,7 +187,7 @@ def _figures(report: dict) -> list[dict]:
     what = f"{n} held-out prompts, sampled at T={t:g}"
     figures.append(
         _figure(f"SFT mean reward-model score, {what}", score["sft"], 0.0,
-                "demonstrations, on which the reward model is centred")
+                NORMALIZED_ON[report["reward_normalized_on"]])
     )  # fmt: skip
     for name, wins in report["win_rate_over_sft"].items():
         label, ties = LABELS[name], report["tie_rate_with_sft"][name]

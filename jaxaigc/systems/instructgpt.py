@@ -54,7 +54,7 @@ from jaxaigc.pipelines.instructgpt import (
     response_text,
 )
 from jaxaigc.train import checkpoint, loop
-from jaxaigc.train.ppo import load_params, make_ppo_task
+from jaxaigc.train.ppo import load_params, make_ppo_task, saved_score_head
 from jaxaigc.train.rollout import score_samples
 
 SECTIONS = ("pretrain", "sft", "rm", "ppo")  # the config sections of the stages' schedules
@@ -403,7 +403,7 @@ def ppo_batch_spec(config: ml_collections.ConfigDict) -> dict:
 
 
 def ppo_task(config, sft_params=None, rm_params=None, *, reward_fn=None) -> loop.Task:
-    """The PPO iteration's task from the SFT policy and the centred reward model (None: freshly
+    """The PPO iteration's task from the SFT policy and the normalised reward model (None: freshly
     initialised, to size the step); ``reward_fn`` replaces the reward model's score."""
     return make_ppo_task(
         policy_config(config),
@@ -416,7 +416,7 @@ def ppo_task(config, sft_params=None, rm_params=None, *, reward_fn=None) -> loop
 
 
 def build_ppo(config, sft_params, rm_params) -> tuple[loop.Task, BatchIterator]:
-    """PPO (``gamma_ptx`` 0) or PPO-ptx from the SFT policy and the centred reward model, whose
+    """PPO (``gamma_ptx`` 0) or PPO-ptx from the SFT policy and the normalised reward model, whose
     score of the rollouts the gold scorer replaces with ``ppo.reward="gold"``."""
     if config.ppo.reward not in ("model", "gold"):
         raise ValueError(f"ppo.reward must be 'model' or 'gold'; got {config.ppo.reward!r}")
@@ -549,20 +549,13 @@ NORMALIZER = "reward_normalizer.json"
 
 
 def reward_model_for_ppo(config, rm_params, sft_params, rm_dir: Path):
-    """The normalised reward model (:func:`normalized_reward_params`); its score head is kept in
-    ``rm_dir / NORMALIZER`` the first time, so that a resumed run and the evaluation use the
-    same gain and bias without sampling again."""
-    path = rm_dir / NORMALIZER
-    if not path.exists():
-        head = normalized_reward_params(config, rm_params, sft_params)["score"]
-        if jax.process_index() == 0:
-            text = json.dumps({k: np.asarray(v).tolist() for k, v in head.items()})
-            path.with_suffix(".tmp").write_text(text)
-            path.with_suffix(".tmp").replace(path)  # atomic: never half a head
-        multihost_utils.sync_global_devices("reward normalizer written")
-    head = json.loads(path.read_text())
-    score = {k: jnp.asarray(head[k], jnp.float32) for k in ("kernel", "bias")}
-    return {**rm_params, "score": score}
+    """The normalised reward model (:func:`normalized_reward_params`), its score head kept in
+    ``rm_dir / NORMALIZER`` (:func:`~jaxaigc.train.ppo.saved_score_head`)."""
+    return saved_score_head(
+        rm_dir / NORMALIZER,
+        rm_params,
+        lambda: normalized_reward_params(config, rm_params, sft_params),
+    )
 
 
 def load_reward_model(config: ml_collections.ConfigDict, workdir: Path):
@@ -575,9 +568,7 @@ def load_reward_model(config: ml_collections.ConfigDict, workdir: Path):
 
     rm_dir = stage_dir(config, workdir, "rm")
     _, variables, _ = checkpoint.load_trained(rm_dir, init_fn)
-    if not (rm_dir / NORMALIZER).exists():
-        raise FileNotFoundError(f"{rm_dir / NORMALIZER} is missing: PPO has not started yet")
-    return reward_model_for_ppo(config, variables["params"], None, rm_dir)
+    return saved_score_head(rm_dir / NORMALIZER, variables["params"])
 
 
 def load_policies(config: ml_collections.ConfigDict, workdir: Path) -> dict:

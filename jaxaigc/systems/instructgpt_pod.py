@@ -9,8 +9,9 @@ sequence is the prompt's ids, the response's, then EOS (the rows:
 
 Each stage is a :func:`jaxaigc.train.loop.train` run in its directory of ``config.stages``
 (checkpointed, resumable) from the previous stage's parameters: sft from the base; rm from sft,
-a scalar head in place of the unembedding, then centred on demonstrations; ppo and ppo_ptx from
-sft and the centred rm (:mod:`jaxaigc.train.ppo`). Every file is read and every size checked
+a scalar head in place of the unembedding, then normalised on the SFT policy's samples (Ziegler
+et al.; or centred on demonstrations, the paper's section 3.5); ppo and ppo_ptx from sft and the
+normalised rm (:mod:`jaxaigc.train.ppo`). Every file is read and every size checked
 before anything compiles. The evaluation: :mod:`jaxaigc.evaluate.instructgpt_pod`.
 """
 
@@ -37,13 +38,22 @@ from jaxaigc.data.pipeline import ArrayRecords, BatchIterator
 from jaxaigc.data.preference_tokens import Encoder
 from jaxaigc.data.tokenizers import Gpt2Tokenizer
 from jaxaigc.models.gpt import GPT, GPTConfig
-from jaxaigc.objectives.ppo import PPOConfig
-from jaxaigc.objectives.reward import center_rewards, last_index, reward_loss_fn, sequence_scores
+from jaxaigc.objectives.ppo import PPOConfig, fit_reward_normalizer
+from jaxaigc.objectives.reward import (
+    center_rewards,
+    last_index,
+    normalize_rewards,
+    reward_loss_fn,
+    sequence_scores,
+)
 from jaxaigc.objectives.sft import sft_loss_fn
 from jaxaigc.train import checkpoint, loop
-from jaxaigc.train.ppo import load_params, make_ppo_task
+from jaxaigc.train.ppo import load_params, make_ppo_task, saved_score_head
+from jaxaigc.train.rollout import score_samples
 
 PPO_STAGES = ("ppo", "ppo_ptx")
+NORMALIZE_ON = ("sft_samples", "demonstrations")  # config.rm.normalize_on
+NORMALIZER = "reward_normalizer.json"  # the normalised score head, in the rm run
 # The fields of config.model the base's weights fix.
 ARCHITECTURE = ("vocab_size", "context_length", "width", "layers", "heads", "mlp_ratio",
                 "activation", "ln_eps", "tie_embeddings")  # fmt: skip
@@ -98,6 +108,10 @@ def resolve(
 
 def policy_config(config: ml_collections.ConfigDict | dict) -> GPTConfig:
     return fields.to_dataclass(GPTConfig, config["model"])
+
+
+def ppo_config(config: ml_collections.ConfigDict) -> PPOConfig:
+    return fields.to_dataclass(PPOConfig, config.ppo.algorithm)
 
 
 def reward_config(config: ml_collections.ConfigDict | dict) -> GPTConfig:
@@ -272,11 +286,11 @@ def make_rm_task(config, sft_params=None) -> tuple[GPT, loop.Task]:
 
 def ppo_task(config, sft_params=None, rm_params=None) -> loop.Task:
     """A PPO iteration (:func:`~jaxaigc.train.ppo.make_ppo_task`) from the SFT policy and the
-    centred reward model (None: random inits, to size the step)."""
+    normalised reward model (None: random inits, to size the step)."""
     return make_ppo_task(
         policy_config(config),
         reward_config(config),
-        fields.to_dataclass(PPOConfig, config.ppo.algorithm),
+        ppo_config(config),
         policy_params=sft_params,
         reward_params=rm_params,
     )
@@ -342,7 +356,10 @@ def _scorer(model_config: GPTConfig):
     return jax.jit(functools.partial(sequence_scores, GPT(model_config)))
 
 
-def reward_scores(config, rm_params, tokens, valid, response_mask, *, batch: int = 64):
+SCORE_BATCH = 64  # sequences per sampling or scoring call
+
+
+def reward_scores(config, rm_params, tokens, valid, response_mask, *, batch: int = SCORE_BATCH):
     """The reward model's scores [n] of sequences [n, t] at their last response token (EOS)."""
     score = _scorer(reward_config(config))
     return np.concatenate([
@@ -356,17 +373,38 @@ def right_padded_valid(response_mask: np.ndarray) -> np.ndarray:
     return np.arange(response_mask.shape[-1]) <= np.asarray(last_index(response_mask))[..., None]
 
 
-def centred_reward_params(config, tokenizer, rm_params, demonstrations):
-    """The reward model with its bias set so that the first ``rm.center_examples``
-    demonstrations score mean 0 (section 3.5)."""
-    arrays = encoder(config, tokenizer).demonstrations(demonstrations[: config.rm.center_examples])
-    mask = arrays["response_mask"]
-    scores = reward_scores(config, rm_params, arrays["tokens"], right_padded_valid(mask), mask)
-    return center_rewards(rm_params, jnp.asarray(scores))
+def normalized_reward_params(config, tokenizer, rm_params, sft_params, data: Data):
+    """The reward model with its score head set as ``config.rm.normalize_on`` says, from the
+    first ``rm.normalize_examples`` of its data: ``"sft_samples"``, Ziegler et al.'s gain and
+    bias giving mean 0 and standard deviation 1 on the SFT policy's samples of training prompts
+    (drawn as the rollouts are), so that beta weighs the KL against a score of unit scale;
+    ``"demonstrations"``, the paper's bias alone giving demonstrations mean 0 (section 3.5)."""
+    n, encode = config.rm.normalize_examples, encoder(config, tokenizer)
+    if config.rm.normalize_on == "demonstrations":
+        arrays = encode.demonstrations(data.demonstrations[:n])
+        mask = arrays["response_mask"]
+        scores = reward_scores(config, rm_params, arrays["tokens"], right_padded_valid(mask), mask)
+        return center_rewards(rm_params, jnp.asarray(scores))
+    prompt, valid = encode.prompts(data.prompts[:n])
+    models = (policy_config(config), reward_config(config), ppo_config(config))
+    params = {"policy": sft_params, "reward": rm_params}
+    key = jax.random.key(config.seed)
+    scores = [
+        score_samples(*models, params=params, prompt=prompt[i : i + SCORE_BATCH],
+                      prompt_valid=valid[i : i + SCORE_BATCH],
+                      rng=jax.random.fold_in(key, i))["raw_score"]
+        for i in range(0, len(prompt), SCORE_BATCH)
+    ]  # fmt: skip
+    return normalize_rewards(rm_params, *fit_reward_normalizer(np.concatenate(scores)))
 
 
 def _check_sizes(config, data: Data) -> dict[str, ml_collections.ConfigDict]:
-    """Each stage's config; raises ``ValueError`` for a data set smaller than its batch."""
+    """Each stage's config; raises ``ValueError`` for a data set smaller than its batch or an
+    unknown ``rm.normalize_on``."""
+    if config.rm.normalize_on not in NORMALIZE_ON:
+        raise ValueError(
+            f"config.rm.normalize_on={config.rm.normalize_on!r}; use one of {NORMALIZE_ON}"
+        )
     counts = {"sft": len(data.demonstrations), "rm": len(data.comparisons)}
     for stage, count, what in (
         ("sft", counts["sft"], "demonstrations"),
@@ -405,18 +443,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     base = load_base_params(config, workdir)
     sft = run("sft", build_sft, tokenizer, data, base)
     rm = run("rm", build_rm, tokenizer, data, sft)
-    rm = centred_reward_params(configs["rm"], tokenizer, rm, data.demonstrations)
+    rm = saved_score_head(
+        stage_dir(config, workdir, "rm") / NORMALIZER,
+        rm,
+        lambda: normalized_reward_params(configs["rm"], tokenizer, rm, sft, data),
+    )
     for stage in ppo_stages(config):
         run(stage, build_ppo, tokenizer, data, sft, rm)
 
 
-def load_reward_model(config, workdir: str | Path, tokenizer, demonstrations):
-    """The reward model trained in ``workdir``, centred as PPO used it."""
+def load_reward_model(config, workdir: str | Path):
+    """The reward model trained in ``workdir``, normalised as PPO used it."""
 
     def init_fn(run_config: dict):
         model = GPT(reward_config(run_config))
         return lambda rng: model.init(rng, jnp.zeros((1, 1), jnp.int32))
 
-    run_config, variables, _ = checkpoint.load_trained(stage_dir(config, workdir, "rm"), init_fn)
-    run_config = ml_collections.ConfigDict(run_config)
-    return centred_reward_params(run_config, tokenizer, variables["params"], demonstrations)
+    rm_dir = stage_dir(config, workdir, "rm")
+    _, variables, _ = checkpoint.load_trained(rm_dir, init_fn)
+    return saved_score_head(rm_dir / NORMALIZER, variables["params"])

@@ -16,12 +16,16 @@ checkpoints, resume, SIGTERM, metrics and sharding are the loop's; ``state.step`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxaigc.models.gpt import GPT, GPTConfig
 from jaxaigc.objectives.ppo import (
@@ -60,6 +64,26 @@ def load_params(boxed: Any, params: Any | None, name: str) -> Any:
         params,
         is_leaf=lambda x: isinstance(x, nn.Partitioned),
     )
+
+
+def saved_score_head(path: Path, reward_params: Any, fit: Callable[[], Any] | None = None) -> Any:
+    """``reward_params`` with the score head kept in ``path`` (JSON ``kernel`` and ``bias``),
+    which ``fit()`` (the normalised reward model's parameters) writes the first time: a resumed
+    run and the evaluation then use the same normaliser without sampling again. Without ``fit``
+    the file must exist."""
+    if not path.exists():
+        if fit is None:
+            raise FileNotFoundError(f"{path} is missing: PPO has not started yet")
+        head = fit()["score"]
+        if jax.process_index() == 0:
+            text = json.dumps({k: np.asarray(v).tolist() for k, v in head.items()})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".tmp").write_text(text)
+            path.with_suffix(".tmp").replace(path)  # atomic: never half a head
+        multihost_utils.sync_global_devices(f"score head written to {path}")
+    head = json.loads(path.read_text())
+    score = {k: jnp.asarray(head[k], jnp.float32) for k in ("kernel", "bias")}
+    return {**reward_params, "score": score}
 
 
 def make_ppo_task(

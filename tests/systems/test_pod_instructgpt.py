@@ -20,6 +20,7 @@ from jaxaigc.pipelines.language_model import LanguageModel
 from jaxaigc.systems import instructgpt_pod as pod
 from jaxaigc.train import checkpoint, loop
 from jaxaigc.train.metrics import read_metrics
+from jaxaigc.train.rollout import score_samples
 from jaxaigc.train.state import init_state
 from tests.helpers import assert_trees_equal, tiny_gpt2_bpe
 
@@ -155,6 +156,26 @@ def test_every_stage_trains_from_the_converted_gpt2(trained, inputs):
                        stacked)  # fmt: skip
     moved = stacked["token_embedding"] - inputs["base_params"]["token_embedding"]
     assert 0 < float(np.abs(moved).max()) < 0.1  # fine-tuned from the base, not re-initialised
+
+
+@pytest.mark.slow
+def test_the_reward_model_ppo_used_is_normalised_on_sft_samples(trained):
+    workdir, _, config = trained
+    config, tokenizer = pod.resolve(config, workdir)
+    n = config.rm.normalize_examples
+    prompt, valid = pod.encoder(config, tokenizer).prompts(pod.read_data(config).prompts[:n])
+    _, sft, _ = checkpoint.load_trained(
+        workdir / "sft", lambda c: pod.make_sft_task(ml_collections.ConfigDict(c))[1].init
+    )
+    params = {"policy": sft["params"], "reward": pod.load_reward_model(config, workdir)}
+    models = (pod.policy_config(config), pod.reward_config(config), pod.ppo_config(config))
+    # The samples the normaliser was fitted on: the same prompts and row keys (one batch).
+    rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+    scores = score_samples(*models, params=params, prompt=prompt, prompt_valid=valid, rng=rng)
+    scores = np.asarray(scores["raw_score"], np.float64)
+    assert len(scores) == n == 8
+    # To bf16's rounding of the folded head (other samples' mean would be ~N(0, 0.35)).
+    np.testing.assert_allclose([scores.mean(), scores.std()], [0.0, 1.0], atol=0.05)
 
 
 @pytest.mark.slow
@@ -306,6 +327,10 @@ BAD_INPUTS = {
     "too long": (
         lambda c, tmp: c.data.update(prompt_length=60),
         ValueError, r"prompt_length 60 \+ the response length 16 .* context of 64 tokens",
+    ),
+    "an unknown normaliser": (
+        lambda c, tmp: c.rm.update(normalize_on="policy"),
+        ValueError, r"config.rm.normalize_on='policy'; use one of \('sft_samples'",
     ),
     "too few prompts": (
         lambda c, tmp: c.ppo.update(batch_size=64),

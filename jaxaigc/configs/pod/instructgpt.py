@@ -64,7 +64,10 @@ def get_config(*, quick: bool = False) -> ml_collections.ConfigDict:
         )
     )
     # C.2: one epoch (more overfit), 9e-6 cosine to 10%, 64 prompts per batch with all their
-    # C(K, 2) pairs. The bias then centres the scores of center_examples demonstrations at 0.
+    # C(K, 2) pairs. Then the score head is normalised on normalize_examples of its data:
+    # "sft_samples", Ziegler et al.'s gain and bias (mean 0, std 1 on the SFT policy's samples of
+    # training prompts), so that beta weighs the KL against a unit-scale score; "demonstrations",
+    # the paper's bias alone (demonstrations score mean 0, section 3.5).
     config.rm = ml_collections.ConfigDict(
         dict(
             epochs=1,
@@ -73,7 +76,8 @@ def get_config(*, quick: bool = False) -> ml_collections.ConfigDict:
             peak_lr=9e-6,
             warmup_steps=0,
             end_lr_ratio=0.1,
-            center_examples=1024,
+            normalize_on="sft_samples",
+            normalize_examples=1024,
         )
     )
     # C.4: 256k episodes of 512 prompts (500 iterations), 8 minibatches of 64, one inner epoch;
@@ -115,7 +119,7 @@ def get_config(*, quick: bool = False) -> ml_collections.ConfigDict:
         config.ppo.algorithm.update(response_length=16, minibatches=2, eos_id=0, pad_id=0)
         # Batches divide over 8 devices (the tests' emulated mesh), PPO's minibatches too.
         config.sft.update(steps=2, batch_size=8)
-        config.rm.update(steps=2, batch_size=8, center_examples=8)
+        config.rm.update(steps=2, batch_size=8, normalize_examples=8)
         config.ppo.update(episodes=32, batch_size=16, warmup_steps=0)
         config.train.log_every = 1
         config.eval.update(prompts=8, comparisons=8, samples=2)
