@@ -312,7 +312,7 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> None:
     if args.name not in names:
         raise UsageError(f"unknown benchmark {args.name!r}; known: {', '.join(names)}")
     # The benchmarks are scripts (they set allocator variables before jax starts): run, not import.
-    status = subprocess.call([sys.executable, str(BENCH_DIR / f"{args.name}.py"), *extra])
+    status = subprocess.call([sys.executable, str(BENCH_DIR / f"{args.name}.py"), *args.args])
     raise SystemExit(status)
 
 
@@ -418,8 +418,9 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_plan)
 
     p = sub.add_parser("bench", help="run a benchmark of experiments/bench/ with its arguments")
-    p.add_argument("name")
-    p.set_defaults(run=cmd_bench, extra=True)
+    p.add_argument("name", help="suite (every system, one table), clip, dalle, rlhf, ...")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="its own (jaxaigc bench NAME --help)")
+    p.set_defaults(run=cmd_bench)
     return top
 
 

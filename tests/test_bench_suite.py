@@ -92,6 +92,11 @@ def suite(*args, timeout=900) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def test_jaxaigc_bench_passes_help_to_the_suite():
+    result = suite("--help", timeout=120)
+    assert result.returncode == 0 and "usage: jaxaigc bench suite [-h] [--parts" in result.stdout
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -701,7 +701,8 @@ def parse_timeouts(text: str, parts: list[str]) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    description = __doc__.splitlines()[0]
+    parser = argparse.ArgumentParser(prog="jaxaigc bench suite", description=description)
     names = [name for name in PARTS if name != "ceiling"]
     parser.add_argument("--parts", default=",".join(names), help="comma-separated, in order")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
