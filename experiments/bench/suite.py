@@ -419,15 +419,15 @@ def part_dalle_layer(size: Size) -> None:
     params = jax.jit(layer.init)(jax.random.key(2), x[:, :8])["params"]
     params = nn.meta.unbox(params)
 
-    def grads(params, x):
+    def grads(params, x, g):  # of sum(layer(x) * g): the backward pass from cotangent g
         loss = lambda params, x: jnp.sum(layer.apply({"params": params}, x) * g)  # noqa: E731
         return jax.grad(loss, argnums=(0, 1))(params, x)
 
     # Compiled with a train step's XLA options (compile_options.training_options).
     options = training_options(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
     jitted = jax.jit(grads, compiler_options=options)
-    compile = lambda: jitted.lower(params, x).compile()  # noqa: E731
-    measure(size, row, grads, (params, x), params, compile=compile)
+    compile = lambda: jitted.lower(params, x, g).compile()  # noqa: E731
+    measure(size, row, grads, (params, x, g), params, compile=compile)
 
     def torch_layer():
         torch, device, sync, autocast = torch_peer("dalle_pytorch")
@@ -436,8 +436,8 @@ def part_dalle_layer(size: Size) -> None:
             dim=width, seq_len=n - 1, image_size=config.image_side, axis=0, heads=heads,
             dim_head=width // heads,
         ).to(device)  # fmt: skip
-        t_x = torch.from_numpy(np.asarray(x)).to(device).requires_grad_(True)
-        t_g = torch.from_numpy(np.asarray(g)).to(device)
+        t_x = torch.from_numpy(np.array(x)).to(device).requires_grad_(True)
+        t_g = torch.from_numpy(np.array(g)).to(device)
 
         def call():
             t_layer.zero_grad(set_to_none=True)
