@@ -24,6 +24,7 @@ from jaxaigc.nn import (
     layer_norm,
     partitioned,
 )
+from jaxaigc.nn.attention import check_attention_impl
 from jaxaigc.nn.resnet import BLURS, AttentionPool2d, Bottleneck, batch_norm, blur_pool, conv
 
 # name: (embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
@@ -84,6 +85,7 @@ class CLIPConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     scan_layers: bool = False  # scan identical layers: Transformer blocks, a ResNet stage's rest
     remat_policy: str = "none"  # for Transformer layers and ResNet Bottlenecks
+    attention_impl: str = "auto"  # jaxaigc.nn.attention.ATTENTION_IMPLS: cuDNN on GPU where it can
     blur: str = "avg"  # ResNet downsampling: "avg" (OpenAI's weights) or "binomial" (BlurPool)
     # SigLIP's learned logit bias (paper init -10, with logit_scale ln 10); None: none (OpenAI).
     logit_bias_init: float | None = None
@@ -109,6 +111,7 @@ class CLIPConfig:
         if self.blur not in BLURS:
             raise ValueError(f"unknown blur {self.blur!r}; known: {BLURS}")
         check_remat_policy(self.remat_policy)
+        check_attention_impl(self.attention_impl)
         low, high = LOGIT_SCALE_RANGE
         if not low <= self.logit_scale_init <= high:
             raise ValueError(
@@ -203,6 +206,7 @@ class VisionTransformer(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -242,6 +246,7 @@ class VisionTransformer(nn.Module):
             scan_layers=self.scan_layers,
             remat_policy=self.remat_policy,
             dtype=self.dtype,
+            attention_impl=self.attention_impl,
             name="transformer",
         )(x)
         x = layer_norm(dtype=self.dtype, name="ln_post")(x[:, 0])
@@ -290,6 +295,7 @@ class CLIP(nn.Module):
                 scan_layers=cfg.scan_layers,
                 remat_policy=cfg.remat_policy,
                 dtype=dtype,
+                attention_impl=cfg.attention_impl,
             )
         width = cfg.transformer_width
         self.token_embedding = self.param(
@@ -310,6 +316,7 @@ class CLIP(nn.Module):
             scan_layers=cfg.scan_layers,
             remat_policy=cfg.remat_policy,
             dtype=dtype,
+            attention_impl=cfg.attention_impl,
             residual_init_scale=(2 * cfg.transformer_layers) ** -0.5,
         )
         self.ln_final = layer_norm(dtype=dtype)

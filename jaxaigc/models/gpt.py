@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxaigc.nn import Transformer, causal_mask, dense, layer_norm, partitioned
-from jaxaigc.nn.attention import decode_positions
+from jaxaigc.nn.attention import check_attention_impl, decode_positions
 
 # name: (vocab_size, context_length, width, layers, heads). GPT-2 (Radford et al. 2019) and the
 # GPT-3 sizes of Brown et al. 2020, Table 2.1 (dense attention here: GPT-3 alternates dense and
@@ -60,12 +60,14 @@ class GPTConfig:
     # KV-cache mode for sampling: config.replace(decode=True). Decoding past context_length is the
     # caller's to prevent (jaxaigc.sample.decode checks it): positions beyond it give NaN logits.
     decode: bool = False
+    attention_impl: str = "auto"  # jaxaigc.nn.attention.ATTENTION_IMPLS: cuDNN on GPU where it can
 
     def __post_init__(self):
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; use one of {HEADS}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        check_attention_impl(self.attention_impl)
 
     @classmethod
     def from_name(cls, name: str, **changes) -> GPTConfig:
@@ -174,6 +176,7 @@ class GPT(nn.Module):
             scan_layers=cfg.scan_layers,
             remat_policy=cfg.remat_policy,
             dtype=dtype,
+            attention_impl=cfg.attention_impl,
             name="transformer",
         )(x, mask)
         x = layer_norm(eps=cfg.ln_eps, dtype=dtype, name="ln_final")(x)

@@ -52,6 +52,7 @@ from jaxaigc.nn import (
     layer_norm,
     partitioned,
 )
+from jaxaigc.nn.attention import check_attention_impl
 from jaxaigc.nn.unet import timestep_embedding
 
 # name: (embed_dim, text_len, text_width, width, layers, heads)
@@ -103,6 +104,7 @@ class PriorConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention_impl: str = "auto"  # jaxaigc.nn.attention.ATTENTION_IMPLS: cuDNN on GPU where it can
 
     def __post_init__(self):
         for name in ("embed_dim", "text_len", "text_width", "width", "layers", "heads"):
@@ -126,6 +128,7 @@ class PriorConfig:
                 "drop captions in the data (the empty caption) and set text_drop 0"
             )
         check_remat_policy(self.remat_policy)
+        check_attention_impl(self.attention_impl)
 
     @property
     def embedding_scale(self) -> float:
@@ -279,6 +282,7 @@ class Prior(nn.Module):
             remat_policy=cfg.remat_policy,
             dtype=dtype,
             residual_init_scale=(2 * cfg.layers) ** -0.5,
+            attention_impl=cfg.attention_impl,
             name="transformer",
         )(h, attention_mask)
         h = layer_norm(dtype=dtype, name="ln_final")(h[:, -1])

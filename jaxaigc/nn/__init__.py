@@ -1,6 +1,12 @@
 """Reusable layers shared by every model; each parameter carries logical axis names."""
 
-from jaxaigc.nn.attention import MultiHeadAttention, causal_mask, combine_masks
+from jaxaigc.nn.attention import (
+    MultiHeadAttention,
+    SeqLengths,
+    causal_mask,
+    combine_masks,
+    select_attention,
+)
 from jaxaigc.nn.layers import ACTIVATIONS, MLP, activation, dense, layer_norm, partitioned
 from jaxaigc.nn.sparse import dalle_mask, dalle_mask_fn, layer_masks, sparse_attention
 from jaxaigc.nn.transformer import (
@@ -18,6 +24,7 @@ __all__ = [
     "AttentionBlock",
     "MultiHeadAttention",
     "ResBlock",
+    "SeqLengths",
     "Transformer",
     "TransformerBlock",
     "UNet",
@@ -32,6 +39,7 @@ __all__ = [
     "layer_masks",
     "layer_norm",
     "partitioned",
+    "select_attention",
     "sparse_attention",
     "timestep_embedding",
 ]

@@ -6,15 +6,21 @@ Masks are boolean (True = may attend) and come in two kinds that combine with a 
   at the cache positions, so one definition serves training and sampling;
 - a data-dependent ``mask`` array broadcastable to ``[b, heads, q, k]`` (padding), a call argument.
 
-An ``attention_fn(q, k, v)`` may replace the dense computation on the non-decode path: a kernel
-that skips what ``mask_fn`` masks (``jaxaigc.nn.sparse``). Several mask builders (and matching
-kernels) may be given as alternatives, one chosen per call by an index: DALL-E's per-layer masks
-inside one scanned block.
+Padding may also be given as lengths (:class:`SeqLengths`): the form cuDNN's fused attention
+takes. An ``attention_fn(q, k, v)`` may replace the dense computation on the non-decode path: a
+kernel that skips what ``mask_fn`` masks (``jaxaigc.nn.sparse``). Several mask builders (and
+matching kernels) may be given as alternatives, one chosen per call by an index: DALL-E's
+per-layer masks inside one scanned block.
+
+:func:`select_attention` picks ``jax.nn.dot_product_attention``'s implementation: cuDNN's flash
+attention on a CUDA GPU when the mask is causal and / or lengths and the dtype half precision,
+XLA's otherwise (CPU, TPU, an arbitrary mask, float32).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -24,6 +30,159 @@ from jaxaigc.nn.layers import linear, partitioned
 
 MaskFn = Callable[[jax.Array, jax.Array], jax.Array]
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# cuDNN's flash attention takes half-precision inputs and head sizes that are multiples of 8, up
+# to 128 before Hopper and 256 from it (jax._src.cudnn.fused_attention_stablehlo); 128 is the
+# bound every CUDA GPU that runs it accepts.
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_CUDNN_MAX_HEAD_DIM = 128
+
+
+class SeqLengths(NamedTuple):
+    """Right padding as lengths, the form cuDNN takes: row i's first ``query[i]`` queries and
+    ``key[i]`` keys are real (int32 [b] each; None: all). Padded queries' outputs are zeros."""
+
+    query: jax.Array | None = None
+    key: jax.Array | None = None
+
+    def as_mask(self, q_len: int, k_len: int) -> jax.Array:
+        """The same padding as a bool mask [b, 1, q, k] (True = may attend)."""
+        lengths = [x for x in (self.query, self.key) if x is not None]
+        if not lengths:
+            raise ValueError("SeqLengths needs query or key lengths")
+        ones = jnp.ones((lengths[0].shape[0], 1), bool)
+        real_q = ones if self.query is None else jnp.arange(q_len) < self.query[:, None]
+        real_k = ones if self.key is None else jnp.arange(k_len) < self.key[:, None]
+        return (real_q[:, :, None] & real_k[:, None, :])[:, None]
+
+
+def check_attention_impl(impl: str) -> None:
+    """Raises ValueError naming ``impl`` unless it is in ``ATTENTION_IMPLS``."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; known: {ATTENTION_IMPLS}")
+
+
+def cudnn_refusal(
+    *, platform: str, dtype, head_dim: int, q_len: int, k_len: int, causal: bool, masked: bool
+) -> str | None:
+    """Why cuDNN's fused attention cannot compute this attention, or None if it can.
+
+    ``platform``: ``jax.default_backend()``; ``masked``: an arbitrary bool mask is given (cuDNN
+    would take it only as a materialised [b, h, q, k] bias, losing what it skips).
+    """
+    if platform not in ("gpu", "cuda"):
+        return f"cuDNN runs on a CUDA GPU, not on {platform!r}"
+    if jnp.dtype(dtype) not in _CUDNN_DTYPES:
+        return f"cuDNN takes bfloat16 or float16 inputs, not {jnp.dtype(dtype).name}"
+    if head_dim % 8 or head_dim > _CUDNN_MAX_HEAD_DIM:
+        return f"head size {head_dim} is not a multiple of 8 up to {_CUDNN_MAX_HEAD_DIM}"
+    if masked:
+        return "the mask is neither causal nor lengths"
+    if causal and q_len != k_len:
+        return f"a causal mask over {q_len} queries and {k_len} keys is not square"
+    return None
+
+
+def select_attention(impl: str, **case) -> str:
+    """``"xla"`` or ``"cudnn"``: the implementation of ``jax.nn.dot_product_attention`` for
+    ``impl`` (one of ``ATTENTION_IMPLS``) and the attention ``case`` (the keywords of
+    :func:`cudnn_refusal`). ``"auto"`` takes cuDNN where it can; ``"cudnn"`` where it cannot
+    raises ValueError saying why."""
+    check_attention_impl(impl)
+    if impl == "xla":
+        return "xla"
+    refusal = cudnn_refusal(**case)
+    if refusal is None:
+        return "cudnn"
+    if impl == "cudnn":
+        raise ValueError(f"attention_impl 'cudnn' cannot compute this attention: {refusal}")
+    return "xla"
+
+
+@jax.custom_vjp
+def _half_precision_scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """Scores float32 [b, h, q, k] of half-precision q [b, q, h, d], k [b, k, h, d]. The backward
+    pass casts the scores' gradient to q's dtype first: differentiated as it is, a float32
+    gradient meets half-precision operands and both of its matmuls run in float32."""
+    return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+
+
+def _half_precision_scores_forward(q, k):
+    return _half_precision_scores(q, k), (q, k)
+
+
+def _half_precision_scores_backward(residuals, d_scores):
+    q, k = residuals
+    d_scores = d_scores.astype(q.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", d_scores, k), jnp.einsum("bhqk,bqhd->bkhd", d_scores, q)
+
+
+_half_precision_scores.defvjp(_half_precision_scores_forward, _half_precision_scores_backward)
+
+
+def _half_precision_attention(q, k, v, mask, causal: bool, lengths: SeqLengths) -> jax.Array:
+    """XLA's attention as ``jax.nn.dot_product_attention`` computes it (float32 scores and
+    softmax, probabilities cast to v's dtype), with every matmul of the backward pass in q's
+    dtype (:func:`_half_precision_scores`)."""
+    q_len, k_len = q.shape[1], k.shape[1]
+    scores = _half_precision_scores(q, k) * jnp.float32(q.shape[-1] ** -0.5)
+    keep = combine_masks(
+        mask,
+        causal_mask(jnp.arange(q_len), jnp.arange(k_len))[None, None] if causal else None,
+        None if lengths.query is None and lengths.key is None else lengths.as_mask(q_len, k_len),
+    )
+    if keep is not None:
+        scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    if lengths.query is not None:  # padded queries give zeros, as with cuDNN
+        out = jnp.where((jnp.arange(q_len) < lengths.query[:, None])[:, :, None, None], out, 0)
+    return out
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    causal: bool = False,
+    lengths: SeqLengths | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+    """``jax.nn.dot_product_attention`` with the implementation :func:`select_attention` picks;
+    XLA's in half precision as :func:`_half_precision_attention`.
+
+    Args: q [b, q, h, d], k and v [b, k, h, d]; ``mask`` bool broadcastable to [b, h, q, k];
+    ``causal``: keys at or before each query's position; ``lengths`` as :class:`SeqLengths`; the
+    three combine with a logical AND. Returns [b, q, h, d].
+    """
+    implementation = select_attention(
+        impl,
+        platform=jax.default_backend(),
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        q_len=q.shape[1],
+        k_len=k.shape[1],
+        causal=causal,
+        masked=mask is not None,
+    )
+    lengths = lengths or SeqLengths()
+    query_lengths, key_lengths = (None if x is None else jnp.asarray(x, jnp.int32) for x in lengths)
+    if implementation == "xla" and jnp.dtype(q.dtype) in _CUDNN_DTYPES:
+        padding = SeqLengths(query_lengths, key_lengths)
+        return _half_precision_attention(q, k, v, mask, causal, padding)
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        is_causal=causal,
+        query_seq_lengths=query_lengths,
+        key_value_seq_lengths=key_lengths,
+        implementation=implementation,
+    )
 
 
 def choose(fns: tuple[Callable, ...], index: int | jax.Array, *args):
@@ -136,6 +295,10 @@ class MultiHeadAttention(nn.Module):
     ``mask`` argument. The decode path always evaluates ``mask_fn`` at the cache positions.
     ``mask_fn`` and ``attention_fn`` may be tuples of alternatives (``attention_fn[i]`` matching
     ``mask_fn[i]``), chosen by the call's ``pattern`` index.
+
+    ``attention_impl`` (one of ``ATTENTION_IMPLS``) chooses the dense path's implementation
+    (:func:`select_attention`): a ``mask_fn`` that is :func:`causal_mask` goes as ``is_causal``
+    and a :class:`SeqLengths` mask as lengths, which cuDNN takes; any other mask goes to XLA.
     """
 
     num_heads: int
@@ -148,18 +311,20 @@ class MultiHeadAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     out_features: int | None = None
     out_init_scale: float = 1.0
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(
         self,
         x: jax.Array,
         context: jax.Array | None = None,
-        mask: jax.Array | None = None,
+        mask: jax.Array | SeqLengths | None = None,
         *,
         pattern: int | jax.Array = 0,
     ) -> jax.Array:
-        """Args: x [b, q, d]; context [b, k, d] for cross-attention (default x); mask as above;
-        pattern: which of several ``mask_fn`` / ``attention_fn`` alternatives (int, maybe traced).
+        """Args: x [b, q, d]; context [b, k, d] for cross-attention (default x); mask as above, or
+        :class:`SeqLengths` (not in decode mode); pattern: which of several ``mask_fn`` /
+        ``attention_fn`` alternatives (int, maybe traced).
         """
         mask_fns, attention_fns = _as_tuple(self.mask_fn), _as_tuple(self.attention_fn)
         if attention_fns and len(attention_fns) != len(mask_fns):
@@ -188,19 +353,28 @@ class MultiHeadAttention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
         q_len, k_len = q.shape[1], k.shape[1]
+        lengths = mask if isinstance(mask, SeqLengths) else None
+        if lengths is not None:
+            if self.decode:
+                raise ValueError("SeqLengths padding is not for decode mode; pass a bool mask")
+            mask = None if q_len > 1 else lengths.as_mask(q_len, k_len)
         q_pos, k_pos = jnp.arange(q_len), jnp.arange(k_len)
         if self.decode:
             k, v, q_pos, k_pos, filled = self._update_cache(k, v)
             mask = combine_masks(mask, filled[None, None, None, :])
-        if mask_fns and not use_kernel:
+        # A square causal mask goes as is_causal, which cuDNN takes without materialising it.
+        causal = mask_fns == (causal_mask,) and not self.decode and q_len == k_len > 1
+        if mask_fns and not use_kernel and not causal:
             mask = combine_masks(mask, choose(mask_fns, pattern, q_pos, k_pos)[None, None])
 
         if use_kernel:
             out = choose(attention_fns, pattern, q, k, v)
         elif q_len == 1:
             out = single_query_attention(q, k, v, mask)
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (b, q, h, k)
+        else:  # (b, q, h, k)
+            out = dot_product_attention(
+                q, k, v, mask=mask, causal=causal, lengths=lengths, impl=self.attention_impl
+            )
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         out = HeadsDense(
             (self.out_features or width,),

@@ -36,7 +36,8 @@ class TransformerBlock(nn.Module):
     ``residual_init_scale`` multiplies the initial standard deviation of the two projections that
     write into the residual stream (attention out, mlp.c_proj); GPT-2 and CLIP use
     ``(2 * num_layers) ** -0.5`` so the stream's variance does not grow with depth.
-    ``mask_fn`` / ``attention_fn`` and the call's ``pattern``: see :class:`MultiHeadAttention`.
+    ``mask_fn`` / ``attention_fn``, ``attention_impl`` and the call's ``pattern``: see
+    :class:`MultiHeadAttention`.
     """
 
     num_heads: int
@@ -50,6 +51,7 @@ class TransformerBlock(nn.Module):
     decode: bool = False
     dtype: jnp.dtype = jnp.float32
     residual_init_scale: float = 1.0
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(
@@ -67,6 +69,7 @@ class TransformerBlock(nn.Module):
             decode=self.decode,
             dtype=self.dtype,
             out_init_scale=self.residual_init_scale,
+            attention_impl=self.attention_impl,
             name="attn",
         )(h, mask=mask, pattern=pattern)
         x = x + h
@@ -122,6 +125,7 @@ class Transformer(nn.Module):
     remat_policy: str = "none"
     dtype: jnp.dtype = jnp.float32
     residual_init_scale: float = 1.0
+    attention_impl: str = "auto"  # see MultiHeadAttention
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -141,6 +145,7 @@ class Transformer(nn.Module):
             decode=self.decode,
             dtype=self.dtype,
             residual_init_scale=self.residual_init_scale,
+            attention_impl=self.attention_impl,
         )
         block_cls = _ScannedBlock if self.scan_layers else TransformerBlock
         if self.remat_policy != "none":

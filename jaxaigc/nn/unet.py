@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxaigc.nn.attention import HeadsDense
+from jaxaigc.nn.attention import HeadsDense, dot_product_attention
 from jaxaigc.nn.conv import Conv2d, upsample_nearest2d
 from jaxaigc.nn.layers import dense, partitioned
 from jaxaigc.nn.transformer import REMAT_POLICIES, check_remat_policy
@@ -162,7 +162,7 @@ class AttentionBlock(nn.Module):
                 keys = jnp.pad(context_mask, ((0, 0), (0, height * width)), constant_values=True)
                 mask = keys[:, None, None, :]  # (b, 1, 1, n + hw)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (b, hw, h, k)
+        out = dot_product_attention(q, k, v, mask=mask)  # (b, hw, h, k); cuDNN without a mask
         out = HeadsDense((c,), "out", dtype=self.dtype, init_scale=0.0, name="out")(out)
         return x + out.reshape(b, height, width, c)
 
