@@ -29,9 +29,11 @@ import numpy as np
 from jaxaigc.nn import Transformer, check_remat_policy, dense, layer_norm, partitioned
 from jaxaigc.nn.attention import decode_positions
 from jaxaigc.nn.layers import ACTIVATIONS
-from jaxaigc.nn.sparse import KINDS, DALLEMask, layer_masks, sparse_attention, splash_attention
+from jaxaigc.nn.sparse import KINDS, SPARSE_KERNELS, DALLEMask, block_sparse_attention, layer_masks
 
-ATTENTION_PATHS = ("sparse", "dense", "splash")
+# "sparse": the platform's block-sparse kernel (splash on TPU, Triton on GPU, portable on CPU);
+# "dense": the masked dense attention; or one of the kernels by name.
+ATTENTION_PATHS = ("sparse", "dense", *SPARSE_KERNELS)
 
 # name: (text_len, text_vocab, image_side, image_vocab, width, layers, heads)
 PRESETS: dict[str, tuple] = {
@@ -61,8 +63,8 @@ class DALLEConfig:
     pad_id: int = 0  # text padding id (its token embedding is never used)
     conv_kernel: int = 11  # side of the convolutional mask's neighbourhood
     layer_kinds: tuple[str, ...] | None = None  # mask kind per layer; None: the paper's schedule
-    attention: str = "sparse"  # "sparse" (portable, block-sparse), "dense" or "splash" (TPU)
-    block_size: int = 128  # query tokens per block of the sparse path (whole grid rows)
+    attention: str = "sparse"  # one of ATTENTION_PATHS
+    block_size: int = 128  # query tokens per block of the portable path (whole grid rows)
     dtype: str = "float32"  # compute dtype; parameters stay float32
     scan_layers: bool = False  # one compiled block for any depth; lax.switch picks each mask
     remat_policy: str = "none"
@@ -135,10 +137,13 @@ def _attention_alternatives(cfg: DALLEConfig):
     masks = tuple(DALLEMask(kind, **geometry) for kind in distinct)
     if cfg.attention == "dense":
         return patterns, masks, None
-    if cfg.attention == "sparse":
-        kernel = functools.partial(sparse_attention, block_size=cfg.block_size, **geometry)
-    else:
-        kernel = functools.partial(splash_attention, **geometry)
+    implementation = None if cfg.attention == "sparse" else cfg.attention
+    kernel = functools.partial(
+        block_sparse_attention,
+        block_size=cfg.block_size,
+        implementation=implementation,
+        **geometry,
+    )
     return patterns, masks, tuple(functools.partial(kernel, kind=kind) for kind in distinct)
 
 

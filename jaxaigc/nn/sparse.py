@@ -14,8 +14,10 @@ query attends to all text; image -> image follows the layer's kind:
   raster-offset form and this keeps it a band of raster offsets;
 - ``dense``: causal.
 
-Three paths compute the same function: ``jax.nn.dot_product_attention`` with the mask (dense),
-:func:`sparse_attention` (portable, block-sparse) and :func:`splash_attention` (Pallas TPU kernel).
+Four paths compute the same function: ``jax.nn.dot_product_attention`` with the mask (dense),
+:func:`sparse_attention` (portable, block-sparse), :func:`splash_attention` (Pallas TPU kernel)
+and :func:`jaxaigc.nn.sparse_triton.triton_sparse_attention` (Pallas GPU kernel);
+:func:`block_sparse_attention` picks the platform's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 KINDS = ("row", "column", "conv", "dense")
+SPARSE_KERNELS = ("portable", "splash", "triton")
 
 
 def layer_masks(n_layers: int) -> list[str]:
@@ -353,3 +356,38 @@ def splash_attention(
     if kind == "column":
         out = out[:, np.argsort(order)]
     return out[:, :n]
+
+
+def platform_kernel(platform: str) -> str:
+    """The block-sparse kernel for ``platform`` (``jax.default_backend()``): splash on TPU,
+    Triton on GPU, the portable path elsewhere."""
+    return {"tpu": "splash", "gpu": "triton", "cuda": "triton"}.get(platform, "portable")
+
+
+def block_sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    kind: str,
+    text_len: int,
+    image_side: int,
+    kernel: int = 11,
+    block_size: int = 128,
+    implementation: str | None = None,
+) -> jax.Array:
+    """DALL-E's masked attention through ``implementation`` (one of ``SPARSE_KERNELS``; default
+    :func:`platform_kernel` of the default backend). ``block_size`` sizes the portable path's
+    query blocks; the kernels keep their own tiles. Args and returns as :func:`sparse_attention`.
+    """
+    implementation = implementation or platform_kernel(jax.default_backend())
+    geometry = dict(kind=kind, text_len=text_len, image_side=image_side, kernel=kernel)
+    if implementation == "portable":
+        return sparse_attention(q, k, v, block_size=block_size, **geometry)
+    if implementation == "splash":
+        return splash_attention(q, k, v, **geometry)
+    if implementation == "triton":
+        from jaxaigc.nn.sparse_triton import triton_sparse_attention  # imports Pallas' Triton API
+
+        return triton_sparse_attention(q, k, v, **geometry)
+    raise ValueError(f"unknown sparse kernel {implementation!r}; known: {SPARSE_KERNELS}")

@@ -140,14 +140,16 @@ def test_sparse_path_equals_the_dense_path_with_gradients(tiny_params):
     assert max_relative_difference(results[0], results[1]) < 1e-5
 
 
-def test_splash_path_equals_the_dense_path(tiny_params):
-    """The Pallas kernel in interpret mode (CPU), 80 tokens padded to one 128-block."""
+@pytest.mark.parametrize("kernel", ["splash", "triton"])
+def test_pallas_kernels_equal_the_dense_path(tiny_params, kernel):
+    """The Pallas TPU and GPU kernels in interpret mode (CPU), 80 tokens padded to one 128-block
+    (splash) or two 64-blocks (Triton)."""
     text, image = inputs(TINY)
     outputs = [
         jax.jit(DALLE(TINY.replace(attention=attention)).apply)(
             {"params": tiny_params}, text, image
         )
-        for attention in ("splash", "dense")
+        for attention in (kernel, "dense")
     ]
     assert max_relative_difference(outputs[0], outputs[1]) < 1e-5
 
