@@ -1,10 +1,21 @@
-"""Inference compiled with ``jit_inference``'s XLA:CPU options gives XLA's default results."""
+"""Inference compiled with ``jit_inference``'s XLA:CPU options gives XLA's default results; each
+platform's training options."""
+
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxaigc.compile_options import apply_in_batches, inference_options, jit_inference
+from jaxaigc.compile_options import (
+    CPU_TRAINING_OPTIONS,
+    GPU_TRAINING_OPTIONS,
+    apply_in_batches,
+    inference_options,
+    jit_inference,
+    training_options,
+)
 from jaxaigc.models.clip import CLIP, CLIPConfig
 
 
@@ -49,3 +60,16 @@ def test_apply_in_batches_equals_one_call_and_compiles_one_shape():
     np.testing.assert_array_equal(apply_in_batches(encode, inputs, 10), inputs * 2)
     assert shapes == [(10, 3)] * 3  # the last 3 rows padded to 10
     np.testing.assert_array_equal(apply_in_batches(encode, inputs[:4], 10), inputs[:4] * 2)
+
+
+def test_training_options_by_platform_are_xla_options():
+    def mesh_on(platform):  # only the first device's platform is read
+        device = types.SimpleNamespace(platform=platform)
+        return types.SimpleNamespace(devices=np.array([device], dtype=object))
+
+    assert training_options(mesh_on("cpu")) == CPU_TRAINING_OPTIONS
+    assert training_options(mesh_on("gpu")) == GPU_TRAINING_OPTIONS
+    assert training_options(mesh_on("tpu")) == {}
+    # XLA rejects an unknown option name at compile time, on any backend.
+    double = jax.jit(lambda x: 2 * x, compiler_options=GPU_TRAINING_OPTIONS)
+    np.testing.assert_array_equal(double.lower(jnp.ones(3)).compile()(jnp.ones(3)), 2)
