@@ -154,13 +154,16 @@ def dot_product_attention(
     """``jax.nn.dot_product_attention`` with the implementation :func:`select_attention` picks;
     XLA's in half precision as :func:`_half_precision_attention`.
 
+    On a GPU host ``"auto"`` stages the choice out (``lax.platform_dependent``): cuDNN where the
+    program is lowered for CUDA, XLA where it is lowered for the CPU (a FLOP count on abstract CPU
+    arguments). Both branches are traced; where a scan saves residuals (no full remat) it saves
+    slots for the larger branch's.
+
     Args: q [b, q, h, d], k and v [b, k, h, d]; ``mask`` bool broadcastable to [b, h, q, k];
     ``causal``: keys at or before each query's position; ``lengths`` as :class:`SeqLengths`; the
     three combine with a logical AND. Returns [b, q, h, d].
     """
-    implementation = select_attention(
-        impl,
-        platform=jax.default_backend(),
+    case = dict(
         dtype=q.dtype,
         head_dim=q.shape[-1],
         q_len=q.shape[1],
@@ -168,19 +171,28 @@ def dot_product_attention(
         causal=causal,
         masked=mask is not None,
     )
-    lengths = lengths or SeqLengths()
-    query_lengths, key_lengths = (None if x is None else jnp.asarray(x, jnp.int32) for x in lengths)
+    lengths = SeqLengths(*(None if x is None else jnp.asarray(x, jnp.int32) for x in lengths or ()))
+
+    def attend(implementation: str):
+        return lambda q, k, v: _attend(q, k, v, mask, causal, lengths, implementation)
+
+    platform = jax.default_backend()
+    if impl == "auto" and platform == "gpu" and cudnn_refusal(platform="gpu", **case) is None:
+        return jax.lax.platform_dependent(q, k, v, cuda=attend("cudnn"), default=attend("xla"))
+    return attend(select_attention(impl, platform=platform, **case))(q, k, v)
+
+
+def _attend(q, k, v, mask, causal: bool, lengths: SeqLengths, implementation: str) -> jax.Array:
     if implementation == "xla" and jnp.dtype(q.dtype) in _CUDNN_DTYPES:
-        padding = SeqLengths(query_lengths, key_lengths)
-        return _half_precision_attention(q, k, v, mask, causal, padding)
+        return _half_precision_attention(q, k, v, mask, causal, lengths)
     return jax.nn.dot_product_attention(
         q,
         k,
         v,
         mask=mask,
         is_causal=causal,
-        query_seq_lengths=query_lengths,
-        key_value_seq_lengths=key_lengths,
+        query_seq_lengths=lengths.query,
+        key_value_seq_lengths=lengths.key,
         implementation=implementation,
     )
 

@@ -376,18 +376,32 @@ def block_sparse_attention(
     block_size: int = 128,
     implementation: str | None = None,
 ) -> jax.Array:
-    """DALL-E's masked attention through ``implementation`` (one of ``SPARSE_KERNELS``; default
-    :func:`platform_kernel` of the default backend). ``block_size`` sizes the portable path's
-    query blocks; the kernels keep their own tiles. Args and returns as :func:`sparse_attention`.
+    """DALL-E's masked attention through ``implementation`` (one of ``SPARSE_KERNELS``). By
+    default, on a GPU or TPU host the choice is staged out (``lax.platform_dependent``): that
+    accelerator's kernel where the program is lowered for it, the portable path where it is
+    lowered for the CPU (a FLOP count on abstract CPU arguments); elsewhere the portable path.
+    ``block_size`` sizes the portable path's query blocks; the kernels keep their own tiles. Args
+    and returns as :func:`sparse_attention`.
     """
-    implementation = implementation or platform_kernel(jax.default_backend())
     geometry = dict(kind=kind, text_len=text_len, image_side=image_side, kernel=kernel)
-    if implementation == "portable":
-        return sparse_attention(q, k, v, block_size=block_size, **geometry)
-    if implementation == "splash":
-        return splash_attention(q, k, v, **geometry)
-    if implementation == "triton":
-        from jaxaigc.nn.sparse_triton import triton_sparse_attention  # imports Pallas' Triton API
 
-        return triton_sparse_attention(q, k, v, **geometry)
-    raise ValueError(f"unknown sparse kernel {implementation!r}; known: {SPARSE_KERNELS}")
+    def attend(name: str):
+        if name == "portable":
+            return functools.partial(sparse_attention, block_size=block_size, **geometry)
+        if name == "splash":
+            return functools.partial(splash_attention, **geometry)
+        if name == "triton":
+            from jaxaigc.nn.sparse_triton import triton_sparse_attention  # Pallas' Triton API
+
+            return functools.partial(triton_sparse_attention, **geometry)
+        raise ValueError(f"unknown sparse kernel {name!r}; known: {SPARSE_KERNELS}")
+
+    if implementation is not None:
+        return attend(implementation)(q, k, v)
+    platform = jax.default_backend()
+    accelerated = platform_kernel(platform)
+    if accelerated == "portable":
+        return attend("portable")(q, k, v)
+    lowering_platforms = ("tpu",) if accelerated == "splash" else ("cuda", "rocm")
+    branches = {name: attend(accelerated) for name in lowering_platforms}
+    return jax.lax.platform_dependent(q, k, v, **branches, default=attend("portable"))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxaigc.nn import MultiHeadAttention, SeqLengths, attention, causal_mask, select_attention
+from jaxaigc.nn import MultiHeadAttention, SeqLengths, causal_mask, select_attention
 from jaxaigc.nn.attention import dot_product_attention
 from jaxaigc.nn.sparse import DALLEMask
 
@@ -50,56 +50,49 @@ def test_unknown_implementation_is_named():
 
 @pytest.fixture
 def on_a_mocked_gpu(monkeypatch):
-    """``jax.default_backend()`` says "gpu"; records each choice of :func:`select_attention`
-    (its case and result) and the keywords of each ``jax.nn.dot_product_attention`` call, which
-    computes with XLA (a CPU cannot run cuDNN)."""
-    choices, calls = [], []
-    select, xla = attention.select_attention, jax.nn.dot_product_attention
+    """``jax.default_backend()`` says "gpu"; ``jax.nn.dot_product_attention`` records its
+    keywords and computes with XLA (a CPU has no cuDNN to trace)."""
+    calls = []
+    xla = jax.nn.dot_product_attention
 
-    def recording_select(impl, **case):
-        choices.append((select(impl, **case), case["causal"], case["masked"]))
-        return choices[-1][0]
-
-    def recording_xla(q, k, v, **kwargs):
+    def recording(q, k, v, **kwargs):
         calls.append(kwargs)
         return xla(q, k, v, **{**kwargs, "implementation": "xla"})
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(attention, "select_attention", recording_select)
-    monkeypatch.setattr(jax.nn, "dot_product_attention", recording_xla)
-    return choices, calls
-
-
-def _attend(mask_fn, mask=None, dtype=jnp.bfloat16, heads=2):
-    x = jax.random.normal(jax.random.key(0), (2, 8, 32), dtype)
-    module = MultiHeadAttention(num_heads=heads, mask_fn=mask_fn, dtype=dtype)
-    params = module.init(jax.random.key(1), x)["params"]
-    return module.apply({"params": params}, x, mask=mask)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    return calls
 
 
 def test_multi_head_attention_hands_cudnn_what_it_takes(on_a_mocked_gpu):
-    choices, calls = on_a_mocked_gpu
+    """Where cuDNN can compute it, a cuDNN call is staged out beside XLA's and the choice made
+    when the program is lowered (here for the CPU: XLA's, equal to the float32 reference)."""
+    calls = on_a_mocked_gpu
     lengths = jnp.array([5, 8], jnp.int32)
     padding = (jnp.arange(8) < lengths[:, None])[:, None, None, :]
-    _attend(causal_mask)  # GPT's and CLIP's text tower
-    _attend(causal_mask, SeqLengths(lengths, lengths))  # right padding as lengths
-    _attend(causal_mask, padding)  # the same padding as a mask
-    _attend(DALLEMask("row", 4, 2))  # DALL-E's dense path
-    _attend(causal_mask, dtype=jnp.float32)
-    _attend(causal_mask, heads=8)  # 4-wide heads
-    assert choices[1::2] == [  # each init, then each apply
-        ("cudnn", True, False),
-        ("cudnn", True, False),
-        ("xla", True, True),
-        ("xla", False, True),
-        ("xla", True, False),
-        ("xla", True, False),
+    cases = [  # mask_fn, mask, dtype, heads; cuDNN?
+        (causal_mask, None, jnp.bfloat16, 2, True),  # GPT's and CLIP's text tower
+        (causal_mask, SeqLengths(lengths, lengths), jnp.bfloat16, 2, True),  # right padding
+        (causal_mask, padding, jnp.bfloat16, 2, False),  # the same padding as a mask
+        (DALLEMask("row", 4, 2), None, jnp.bfloat16, 2, False),  # DALL-E's dense path
+        (causal_mask, None, jnp.float32, 2, False),
+        (causal_mask, None, jnp.bfloat16, 8, False),  # 4-wide heads
     ]
-    # cuDNN's calls and float32's go to jax.nn.dot_product_attention; bfloat16's XLA ones do not.
-    applied = calls[1::2]
-    got = [(c["implementation"], c["is_causal"], c["mask"] is not None) for c in applied]
-    assert got == [("cudnn", True, False), ("cudnn", True, False), ("xla", True, False)]
-    np.testing.assert_array_equal(applied[1]["key_value_seq_lengths"], lengths)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+    for mask_fn, mask, dtype, heads, cudnn in cases:
+        module = MultiHeadAttention(num_heads=heads, mask_fn=mask_fn, dtype=dtype)
+        params = module.init(jax.random.key(1), x, mask=mask)["params"]
+        calls.clear()
+        apply = jax.jit(
+            lambda p, x, mask=mask, module=module: module.apply({"params": p}, x, mask=mask)
+        )
+        staged = "platform_index" in str(jax.make_jaxpr(apply)(params, x))
+        cudnn_calls = [c for c in calls if c["implementation"] == "cudnn"]
+        assert (staged, len(cudnn_calls)) == ((True, 1) if cudnn else (False, 0))
+        if cudnn:
+            assert cudnn_calls[0]["is_causal"] and cudnn_calls[0]["mask"] is None
+        reference = module.clone(dtype=jnp.float32).apply({"params": params}, x, mask=mask)
+        np.testing.assert_allclose(apply(params, x), reference, atol=0.05)
 
 
 def test_lengths_equal_the_explicit_padding_mask():

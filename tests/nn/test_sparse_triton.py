@@ -95,3 +95,21 @@ def test_dispatch_by_platform():
         block_sparse_attention(q, k, v, **geometry, implementation="flash")
     with pytest.raises(ValueError, match="block_size 24 must be a power of two"):
         triton_sparse_attention(q, k, v, **geometry, block_size=24)
+
+
+def test_on_a_gpu_host_the_kernel_is_chosen_when_lowering(monkeypatch):
+    """On a GPU host (mocked) the default is staged out: the Triton kernel where the program is
+    lowered for CUDA, the portable path where it is lowered for the CPU, gradients included."""
+    q, k, v = _qkv(4 + 16, heads=2, head_dim=16)
+    geometry = dict(kind="row", text_len=4, image_side=4, kernel=3)
+
+    def attend(q, k, v):
+        return block_sparse_attention(q, k, v, **geometry)
+
+    expected = _value_and_grads(attend, q, k, v)  # a CPU host's: the portable path
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert max_relative_difference(_value_and_grads(attend, q, k, v), expected) < 1e-6
+    grads = jax.jit(jax.grad(lambda q, k, v: attend(q, k, v).sum(), argnums=(0, 1, 2)))
+    for platform, triton_calls in (("cpu", 0), ("cuda", 3)):
+        hlo = grads.trace(q, k, v).lower(lowering_platforms=(platform,)).as_text()
+        assert hlo.count("__gpu$xla.gpu.triton") == triton_calls
