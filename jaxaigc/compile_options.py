@@ -14,7 +14,7 @@ candidate's buffers with random data, refills them between runs and checks every
 reference algorithm (levels 2, 3 and 4). CLIP RN50's training step (batch 256: 53 convolutions,
 each forward and twice backward) was still autotuning after 4 minutes on an H200 (issue 35), and
 those per-candidate passes over batch-sized buffers are the part of autotuning that level 1
-drops. Unmeasured so far: ``experiments/rn50_gpu_compile.py`` times the compile and the step
+drops. Unmeasured so far: ``experiments/bench/rn50_gpu_compile.py`` times the compile and the step
 with XLA's defaults and with this set. Inference and TPUs compile with XLA's defaults.
 """
 

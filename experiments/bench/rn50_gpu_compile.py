@@ -2,8 +2,8 @@
 ``compile_options.GPU_TRAINING_OPTIONS`` (autotune level 1), one set per process so that a compile
 that runs away costs only its own ``timeout``:
 
-    timeout 300 python experiments/rn50_gpu_compile.py --options library
-    timeout 300 python experiments/rn50_gpu_compile.py --options default
+    timeout 300 python experiments/bench/rn50_gpu_compile.py --options library
+    timeout 300 python experiments/bench/rn50_gpu_compile.py --options default
 
 Each prints one JSON line: the options, the seconds to lower and to compile, and the median of
 ``--steps`` steps after one warm-up (bf16 compute, fp32 parameters, AdamW, batch ``--batch``).

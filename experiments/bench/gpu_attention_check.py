@@ -2,8 +2,8 @@
 masks through the block-sparse Pallas (Triton) kernel, and causal and no-mask attention through
 cuDNN (``jaxaigc.nn.attention.dot_product_attention``, ``impl="cudnn"``):
 
-    python experiments/gpu_attention_check.py                # on a GPU: the paper's 256 + 32^2
-    python experiments/gpu_attention_check.py --size cpu     # interpreted, tiny: checks it runs
+    python experiments/bench/gpu_attention_check.py            # on a GPU: the paper's 256 + 32^2
+    python experiments/bench/gpu_attention_check.py --size cpu # interpreted, tiny: checks it runs
 
 One JSON line per row: the path, the largest difference from the dense reference in the output
 and in the gradients (relative to the reference's largest entry), and the median forward +
