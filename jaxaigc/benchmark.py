@@ -126,6 +126,28 @@ def openai_clip_module():
     return _module_from_path("openai_clip_model", Path(distribution.locate_file("clip/model.py")))
 
 
+def openai_clip_step(torch, model, images, tokens, optimizer, autocast, sync) -> Callable[[], None]:
+    """One training step of OpenAI's CLIP ``model`` (torch) on ``images`` and ``tokens``: the
+    symmetric cross-entropy of the library's CLIP loss, the logits in float32 under ``autocast``,
+    then ``sync()`` (a device synchronisation, so that a timer sees the step)."""
+    labels = torch.arange(len(images), device=images.device)
+
+    def step():
+        model.train()
+        with autocast():
+            per_image, per_text = model(images, tokens)
+            loss = (
+                torch.nn.functional.cross_entropy(per_image.float(), labels)
+                + torch.nn.functional.cross_entropy(per_text.float(), labels)
+            ) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sync()
+
+    return step
+
+
 def dalle_pytorch_attention():
     """DALLE-pytorch's ``attention.py``, loaded by path: its package ``__init__`` imports the whole
     model (and dependencies not installed here). The file imports ``apply_rotary_emb`` at the

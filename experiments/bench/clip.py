@@ -35,6 +35,7 @@ from jaxaigc.benchmark import (
     matmul_ceiling,
     median_times,
     openai_clip_module,
+    openai_clip_step,
     use_retaining_malloc,
 )
 from jaxaigc.compile_options import jit_inference
@@ -123,20 +124,7 @@ def bench(name: str, batch: int, repeats: int, dtype: str, settle: float, openai
     optimizer = torch.optim.AdamW(
         t_model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2
     )
-    labels = torch.arange(batch, device=device)
-
-    def torch_step():
-        t_model.train()
-        with autocast():
-            logits_per_image, logits_per_text = t_model(t_images, t_tokens)
-            loss = (
-                torch.nn.functional.cross_entropy(logits_per_image.float(), labels)
-                + torch.nn.functional.cross_entropy(logits_per_text.float(), labels)
-            ) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sync()
+    torch_step = openai_clip_step(torch, t_model, t_images, t_tokens, optimizer, autocast, sync)
 
     encode_rows = {"encode_image": lambda: jax.block_until_ready(tuned_encode(variables, images))}
     step_rows = {"train step": timed_step(None)}

@@ -55,6 +55,7 @@ from jaxaigc.benchmark import (
     matmul_ceiling,
     median_times,
     openai_clip_module,
+    openai_clip_step,
     predicted_seconds,
     report_row,
     run_part,
@@ -307,7 +308,6 @@ def part_clip(size: Size, label: str) -> None:
     t_model = openai.CLIP(*openai_constructor_args(config)).to(device)
     t_images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
     t_tokens = torch.from_numpy(tokens.astype(np.int64)).to(device)
-    labels = torch.arange(b, device=device)
     optimizer = torch.optim.AdamW(t_model.parameters(), lr=1e-4)
 
     def torch_encode():
@@ -320,20 +320,7 @@ def part_clip(size: Size, label: str) -> None:
         return call
 
     def torch_step():
-        def call():
-            t_model.train()
-            with autocast():
-                per_image, per_text = t_model(t_images, t_tokens)
-                loss = (
-                    torch.nn.functional.cross_entropy(per_image.float(), labels)
-                    + torch.nn.functional.cross_entropy(per_text.float(), labels)
-                ) / 2
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sync()
-
-        return call
+        return openai_clip_step(torch, t_model, t_images, t_tokens, optimizer, autocast, sync)
 
     time_peer(size, encode_row, "OpenAI CLIP", torch_encode)
     time_peer(size, step_row, "OpenAI CLIP", torch_step)
