@@ -1,0 +1,87 @@
+"""One InstructGPT stage trained again with other settings from a finished run's earlier stages,
+judged as the evaluation judges it: how the recipe's RM and PPO schedules were chosen.
+
+    python experiments/repro/instructgpt_stage_trial.py rm RUN OUT --config.rm.steps=1800
+    python experiments/repro/instructgpt_stage_trial.py ppo RUN OUT --config.ppo.steps=75 \
+        --config.ppo.peak_lr=2e-4
+    python experiments/repro/instructgpt_stage_trial.py ppo_ptx RUN OUT --config.ppo.steps=75
+
+RUN is an ``instructgpt`` run (``jaxaigc train instructgpt``) whose SFT and RM stages are trained;
+the overrides apply to its saved config. ``rm`` trains a reward model from RUN's SFT policy in OUT
+and prints its pairwise agreement with the gold order on new comparisons of the RL tasks, their
+held-out template and rankings of SFT samples (``eval.comparisons`` prompts each, as the report).
+``ppo`` / ``ppo_ptx`` train from RUN's SFT policy and normalised reward model and print, per split
+of the held-out prompts, the gold of samples and the win-rate over SFT's samples (ties half) with
+the gold difference's 95% interval, KL to SFT, best-of-n beside it, and the pretraining NLL.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from jaxaigc.cli import apply_overrides
+from jaxaigc.configs.saved import load_run
+from jaxaigc.configs.stages import stage_dir
+from jaxaigc.data import instructions
+from jaxaigc.evaluate.instructgpt import rm_accuracy, sampled_figures
+from jaxaigc.systems import instructgpt as ig
+from jaxaigc.train import loop
+
+
+def reward_model_trial(config, run: Path, out: Path) -> dict:
+    sft = ig.load_policy_params(stage_dir(config, run, "sft"), ppo=False)
+    stage = ig.stage_config(config, "rm")
+    task, batches = ig.build_rm(stage, sft)
+    rm = loop.train(task, batches, stage, out).params
+    n, seed, tasks = config.eval.comparisons, config.data.seed + 7, config.data.rl_tasks
+    sets = {
+        "new_pairs": instructions.comparisons(n, seed=seed, tasks=tasks),
+        "held_out_template": instructions.comparisons(n, seed=seed, split="held_out", tasks=tasks),
+        "sft_samples": ig.sft_comparisons(config, sft, n, seed=seed),
+    }
+    return {name: rm_accuracy(config, rm, comparisons) for name, comparisons in sets.items()}
+
+
+def ppo_trial(config, stage_name: str, run: Path, out: Path) -> dict:
+    sft = ig.load_policy_params(stage_dir(config, run, "sft"), ppo=False)
+    rm = ig.load_reward_model(config, run)
+    stage = ig.ppo_stage_config(config, stage_name)
+    task, batches = ig.build_ppo(stage, sft, rm)
+    policy = loop.train(task, batches, stage, out).params["policy"]
+    report = {
+        split: sampled_figures(config, {"sft": sft, stage_name: policy}, sft, rm, prompts)
+        for split, prompts in ig.evaluation_prompts(config).items()
+    }
+    lines = ig.corpus_lines(config, config.eval.corpus, seed=config.data.seed + 13)
+    report["pretraining_nll"] = {
+        name: ig.pretraining_nll(config, params, lines)
+        for name, params in (("sft", sft), (stage_name, policy))
+    }
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=("rm", "ppo", "ppo_ptx"))
+    parser.add_argument("run", type=Path, help="a finished instructgpt run")
+    parser.add_argument("out", type=Path, help="where the trial's stage trains (resumes)")
+    args, overrides = parser.parse_known_args()
+    recipe, saved = load_run(args.run)
+    if recipe != "instructgpt":
+        parser.error(f"{args.run} is a {recipe} run, not an instructgpt one")
+    config = apply_overrides(saved, "config", overrides)
+    start = time.perf_counter()
+    if args.stage == "rm":
+        report = reward_model_trial(config, args.run, args.out)
+    else:
+        report = ppo_trial(config, args.stage, args.run, args.out)
+    report["seconds"] = time.perf_counter() - start
+    report["overrides"] = overrides
+    text = json.dumps(report, indent=1)
+    (args.out / "trial.json").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
