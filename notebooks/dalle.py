@@ -176,4 +176,4 @@ Image(filename=write_grid(RUNS / "dalle_generated.png", out.images, captions=cap
 # - `unclip.ipynb`: the same captions through unCLIP (a diffusion prior and decoder on CLIP's
 #   embeddings), called the same way.
 # - `jaxaigc generate runs/dalle "a red circle" --n 16` from a shell; `jaxaigc demo` trains the
-#   full recipes (about 28 minutes on 2 CPU cores).
+#   full recipes (about 53 minutes on 2 CPU cores).
