@@ -9,7 +9,7 @@ judged as the evaluation judges it: how the recipe's RM and PPO schedules were c
 RUN is an ``instructgpt`` run (``jaxaigc train instructgpt``) whose SFT and RM stages are trained;
 the overrides apply to its saved config. ``rm`` trains a reward model from RUN's SFT policy in OUT
 and prints its pairwise agreement with the gold order on new comparisons of the RL tasks, their
-held-out template and rankings of SFT samples (``eval.comparisons`` prompts each, as the report).
+held-out template, rankings of SFT samples and the hard tasks (as the report).
 ``ppo`` / ``ppo_ptx`` train from RUN's SFT policy and normalised reward model and print, per split
 of the held-out prompts, the gold of samples and the win-rate over SFT's samples (ties half) with
 the gold difference's 95% interval, KL to SFT, best-of-n beside it, and the pretraining NLL.
@@ -23,8 +23,7 @@ from pathlib import Path
 from jaxaigc.cli import apply_overrides
 from jaxaigc.configs.saved import load_run
 from jaxaigc.configs.stages import stage_dir
-from jaxaigc.data import instructions
-from jaxaigc.evaluate.instructgpt import rm_accuracy, sampled_figures
+from jaxaigc.evaluate.instructgpt import reward_model_accuracies, sampled_figures
 from jaxaigc.systems import instructgpt as ig
 from jaxaigc.train import loop
 
@@ -34,13 +33,7 @@ def reward_model_trial(config, run: Path, out: Path) -> dict:
     stage = ig.stage_config(config, "rm")
     task, batches = ig.build_rm(stage, sft)
     rm = loop.train(task, batches, stage, out).params
-    n, seed, tasks = config.eval.comparisons, config.data.seed + 7, config.data.rl_tasks
-    sets = {
-        "new_pairs": instructions.comparisons(n, seed=seed, tasks=tasks),
-        "held_out_template": instructions.comparisons(n, seed=seed, split="held_out", tasks=tasks),
-        "sft_samples": ig.sft_comparisons(config, sft, n, seed=seed),
-    }
-    return {name: rm_accuracy(config, rm, comparisons) for name, comparisons in sets.items()}
+    return reward_model_accuracies(config, rm, sft)
 
 
 def ppo_trial(config, stage_name: str, run: Path, out: Path) -> dict:

@@ -57,6 +57,22 @@ def rm_accuracy(config, rm_params, comparisons: list[instructions.Comparison]) -
     return {"accuracy": right / total if total else math.nan, "pairs": total}
 
 
+def reward_model_accuracies(config, rm_params, sft_params) -> dict[str, dict]:
+    """:func:`rm_accuracy` on ``eval.comparisons`` new prompts of each set: the RL tasks, their
+    held-out template, rankings of the SFT policy's samples of the RL tasks, the hard tasks."""
+    n, seed, rl_tasks = config.eval.comparisons, config.data.seed + 7, config.data.rl_tasks
+    sets = {
+        "new_pairs": instructions.comparisons(n, seed=seed, tasks=rl_tasks),
+        "held_out_template": instructions.comparisons(
+            n, seed=seed, split="held_out", tasks=rl_tasks
+        ),
+        # Where PPO's rollouts start: rankings of SFT samples to new prompts.
+        "sft_samples": ig.sft_comparisons(config, sft_params, n, seed=seed),
+        "hard_tasks": instructions.comparisons(n, seed=seed, tasks=instructions.HARD_TASKS),
+    }
+    return {name: rm_accuracy(config, rm_params, c) for name, c in sets.items()}
+
+
 def paired(values: np.ndarray, baseline: np.ndarray, *, seed: int = 0, rounds: int = 2000) -> dict:
     """``values`` against ``baseline``, both [prompts, samples] of the same prompts: the mean
     difference with a bootstrap 95% interval over prompts, and the win-rate of sample i over the
@@ -186,22 +202,8 @@ def evaluate(workdir: Path, config: ml_collections.ConfigDict) -> dict:
         for name, params in {"pretrained": pretrained, **policies}.items()
     }
     regression = nll["ppo"] - nll["sft"]
-    n, seed = config.eval.comparisons, config.data.seed + 7
-    rl_tasks = config.data.rl_tasks
     report = {
-        "reward_model": {
-            "new_pairs": rm_accuracy(
-                config, rm, instructions.comparisons(n, seed=seed, tasks=rl_tasks)
-            ),
-            "held_out_template": rm_accuracy(
-                config, rm, instructions.comparisons(n, seed=seed, split="held_out", tasks=rl_tasks)
-            ),
-            # Where PPO's rollouts start: rankings of SFT samples to new prompts.
-            "sft_samples": rm_accuracy(config, rm, ig.sft_comparisons(config, sft, n, seed=seed)),
-            "hard_tasks": rm_accuracy(
-                config, rm, instructions.comparisons(n, seed=seed, tasks=instructions.HARD_TASKS)
-            ),
-        },
+        "reward_model": reward_model_accuracies(config, rm, sft),
         "sampled": sampled,  # at the rollout temperature
         "gold_score": greedy,  # greedy responses
         "hard_tasks_gold_score": hard_gold,  # greedy, training templates
