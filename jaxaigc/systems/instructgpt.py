@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import flax.linen as nn
@@ -241,11 +241,32 @@ def sft_comparisons(
     ]
 
 
-def build_rm(config, sft_params) -> tuple[loop.Task, BatchIterator]:
+def build_rm(config, sft_params, *, cache: Path | None = None) -> tuple[loop.Task, BatchIterator]:
     """The reward model: the SFT transformer with a scalar head in place of the unembedding,
     trained on synthetic comparisons of every task, ``data.rl_comparisons`` more of the RL tasks,
-    and ``data.sft_comparisons`` rankings of SFT samples of the RL tasks."""
+    and ``data.sft_comparisons`` rankings of SFT samples of the RL tasks; their arrays kept in
+    ``cache`` (:func:`cached_arrays`), so a resumed run does not sample SFT again."""
     model = GPT(reward_config(config))
+
+    def init(rng: jax.Array):
+        boxed = model.init(rng, jnp.zeros((1, config.model.context_length), jnp.int32))["params"]
+        fresh = nn.meta.unbox(boxed)
+        trunk = {k: v for k, v in sft_params.items() if k != "head"}
+        trunk["score"] = fresh["score"]  # a fresh head
+        # The SFT blocks at the bottom, rm.extra_layers fresh ones above them.
+        trunk["transformer"] = {**fresh["transformer"], **sft_params["transformer"]}
+        return {"params": load_params(boxed, trunk, "SFT")}
+
+    task = loop.Task(init=init, loss_fn=reward_loss_fn(model))
+    build = functools.partial(comparison_data, config, sft_params)
+    # What the arrays depend on: the data, and the model, stages and seed that made SFT.
+    key = {k: config[k].to_dict() for k in ("data", "model", "pretrain", "sft")}
+    arrays = build() if cache is None else cached_arrays(cache, {**key, "seed": config.seed}, build)
+    return task, _iterator(arrays, config, "rm")
+
+
+def comparison_data(config, sft_params) -> dict[str, np.ndarray]:
+    """The reward model's training arrays (:func:`build_rm`)."""
     comparisons = instructions.comparisons(
         config.data.comparisons,
         seed=config.data.seed,
@@ -265,29 +286,35 @@ def build_rm(config, sft_params) -> tuple[loop.Task, BatchIterator]:
         comparisons += sft_comparisons(
             config, sft_params, config.data.sft_comparisons, seed=config.data.seed + 3
         )
+    if not config.data.pack:
+        return comparison_arrays(config, comparisons)
+    return pack_comparisons(
+        [(*_comparison_bytes(config, c), c.ranking) for c in comparisons],
+        length=config.data.comparison_row,
+        context_length=config.model.context_length,
+        eos_id=EOS,
+        pad_id=PAD,
+        vocab_size=VOCAB,
+    )
 
-    def init(rng: jax.Array):
-        boxed = model.init(rng, jnp.zeros((1, config.model.context_length), jnp.int32))["params"]
-        fresh = nn.meta.unbox(boxed)
-        trunk = {k: v for k, v in sft_params.items() if k != "head"}
-        trunk["score"] = fresh["score"]  # a fresh head
-        # The SFT blocks at the bottom, rm.extra_layers fresh ones above them.
-        trunk["transformer"] = {**fresh["transformer"], **sft_params["transformer"]}
-        return {"params": load_params(boxed, trunk, "SFT")}
 
-    task = loop.Task(init=init, loss_fn=reward_loss_fn(model))
-    if config.data.pack:
-        arrays = pack_comparisons(
-            [(*_comparison_bytes(config, c), c.ranking) for c in comparisons],
-            length=config.data.comparison_row,
-            context_length=config.model.context_length,
-            eos_id=EOS,
-            pad_id=PAD,
-            vocab_size=VOCAB,
-        )
-    else:
-        arrays = comparison_arrays(config, comparisons)
-    return task, _iterator(arrays, config, "rm")
+def cached_arrays(
+    path: Path, key: dict, build: Callable[[], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """``build()``'s arrays, written to ``path`` (``.npz``) with ``key``, the settings that made
+    them, and read back while ``key`` is unchanged (a changed key builds and writes them anew)."""
+    key_text = json.dumps(key, sort_keys=True)
+    if path.exists():
+        with np.load(path) as saved:
+            if str(saved["__key__"]) == key_text:
+                return {name: saved[name] for name in saved.files if name != "__key__"}
+    arrays = build()
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".tmp.npz")
+        np.savez(partial, __key__=np.asarray(key_text), **arrays)
+        partial.replace(path)  # atomic: never half a file
+    return arrays
 
 
 def reward_scores(config, rm_params, tokens: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
@@ -537,7 +564,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
     pretrained = _train_stage(stage_config(config, "pretrain"), build_pretrain, run_dir("pretrain"))
     sft = _train_stage(stage_config(config, "sft"), build_sft, run_dir("sft"), pretrained)
-    rm = _train_stage(stage_config(config, "rm"), build_rm, run_dir("rm"), sft)
+    build = functools.partial(build_rm, cache=run_dir("rm") / RM_DATA)
+    rm = _train_stage(stage_config(config, "rm"), build, run_dir("rm"), sft)
     rm = reward_model_for_ppo(config, rm, sft, run_dir("rm"))
     for stage in ppo_stages(config):
         stage_cfg = ppo_stage_config(config, stage)
@@ -546,6 +574,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 
 NORMALIZER = "reward_normalizer.json"
+RM_DATA = "comparisons.npz"  # the reward model's training arrays, kept for a resumed run
 
 
 def reward_model_for_ppo(config, rm_params, sft_params, rm_dir: Path):

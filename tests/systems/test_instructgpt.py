@@ -121,6 +121,32 @@ def test_reward_model_extra_layers_sit_above_the_sft_trunk():
         ig.reward_config(config)
 
 
+def test_the_reward_models_data_is_kept_for_a_resumed_run(tmp_path, monkeypatch):
+    config = get_config()
+    config.model.update(width=32, layers=1, heads=2)
+    config.data.update(comparisons=16, rl_comparisons=0, sft_comparisons=2)
+    config = ig.stage_config(config, "rm")
+    model = GPT(policy_config(config))
+    tokens = jnp.zeros((1, config.model.context_length), jnp.int32)
+    sft = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+    cache = tmp_path / "rm" / ig.RM_DATA
+    _, batches = ig.build_rm(config, sft, cache=cache)
+    built = batches.source.arrays
+    assert cache.exists() and built["tokens"].shape[0] >= config.rm.batch_size
+
+    def sample_again(*args, **kwargs):
+        raise AssertionError("the resumed run sampled SFT again")
+
+    monkeypatch.setattr(ig, "sft_comparisons", sample_again)
+    _, batches = ig.build_rm(config, sft, cache=cache)
+    assert batches.source.arrays.keys() == built.keys()
+    for name, array in built.items():
+        np.testing.assert_array_equal(batches.source.arrays[name], array)
+    config.data.sft_comparisons = 3  # other settings: the arrays are built anew
+    with pytest.raises(AssertionError, match="sampled SFT again"):
+        ig.build_rm(config, sft, cache=cache)
+
+
 def test_sft_comparisons_rank_the_policys_samples():
     config = get_config()
     config.model.update(width=32, layers=1, heads=2)
