@@ -166,11 +166,10 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> None:
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     from jaxaigc import run
-    from jaxaigc.configs.saved import load_run
 
     _recipe_of(args.workdir)
     workdir = Path(args.workdir)
-    _, saved = load_run(workdir)
+    _, saved = run.saved_config(workdir)
     config = apply_overrides(saved, "config", extra) if extra else None
     _join(args)
     _print_report(run.evaluate_run(workdir, config=config), workdir)

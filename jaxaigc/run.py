@@ -20,6 +20,7 @@ import ml_collections
 from jaxaigc.configs import clip as clip_config
 from jaxaigc.configs import dalle as dalle_config
 from jaxaigc.configs import dvae as dvae_config
+from jaxaigc.configs import fields
 from jaxaigc.configs import instructgpt as instructgpt_config
 from jaxaigc.configs import lm as lm_config
 from jaxaigc.configs import unclip as unclip_config
@@ -108,6 +109,15 @@ def get_config(recipe: str, *, quick: bool = False) -> ml_collections.ConfigDict
     """The config of ``recipe``; ``quick``: the same stages at a few steps and tiny sizes."""
     check_recipe(recipe)
     return RECIPES[recipe].get_config(quick=quick)
+
+
+def saved_config(workdir: str | Path) -> tuple[str, ml_collections.ConfigDict]:
+    """The recipe and config a run was trained with (:func:`load_run`), whose unset fields
+    ``--config.x=v`` can set as in the recipe's own config."""
+    recipe, saved = load_run(workdir)
+    if recipe in RECIPES:
+        fields.settable_like(saved, get_config(recipe))
+    return recipe, saved
 
 
 def train_and_evaluate(recipe: str, config: ml_collections.ConfigDict, workdir: str | Path) -> dict:

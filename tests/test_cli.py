@@ -105,6 +105,24 @@ def test_overrides_are_typed_as_the_field():
     assert config.train.steps == 7 and config.optim.peak_lr == 0.5
 
 
+def test_a_saved_runs_unset_fields_stay_settable(tmp_path):
+    from jaxaigc import run
+    from jaxaigc.configs.saved import load_run, save_run
+
+    save_run(tmp_path, "instructgpt", run.get_config("instructgpt").to_dict())
+    _, plain = load_run(tmp_path)
+    assert plain.ppo.algorithm.kl_target is None  # JSON's null: no override could set it
+    with pytest.raises(cli.UsageError, match="kl_target"):
+        cli.apply_overrides(plain, "config", ["--config.ppo.algorithm.kl_target=8"])
+    _, saved = run.saved_config(tmp_path)
+    config = cli.apply_overrides(saved, "config", ["--config.ppo.algorithm.kl_target=8"])
+    assert config.ppo.algorithm.kl_target == 8.0 and isinstance(
+        config.ppo.algorithm.kl_target, float
+    )
+    assert config.to_dict() == {**plain.to_dict(), "ppo": config.ppo.to_dict()}
+    assert run.saved_config(tmp_path)[1].to_dict() == plain.to_dict()  # unset stays None
+
+
 def cli_config():
     from jaxaigc.configs import lm
 

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from jaxaigc.cli import apply_overrides
-from jaxaigc.configs.saved import load_run
 from jaxaigc.configs.stages import stage_dir
 from jaxaigc.evaluate.instructgpt import reward_model_accuracies, sampled_figures
+from jaxaigc.run import saved_config
 from jaxaigc.systems import instructgpt as ig
 from jaxaigc.train import loop
 
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="a finished instructgpt run")
     parser.add_argument("out", type=Path, help="where the trial's stage trains (resumes)")
     args, overrides = parser.parse_known_args()
-    recipe, saved = load_run(args.run)
+    recipe, saved = saved_config(args.run)
     if recipe != "instructgpt":
         parser.error(f"{args.run} is a {recipe} run, not an instructgpt one")
     config = apply_overrides(saved, "config", overrides)

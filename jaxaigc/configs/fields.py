@@ -45,6 +45,25 @@ def leave_unset(fields: ml_collections.ConfigDict, names: tuple[str, ...], kind:
         fields[name] = ml_collections.config_dict.placeholder(kind)
 
 
+def settable_like(
+    saved: ml_collections.ConfigDict, typed: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
+    """``saved`` (read back from JSON, where an unset field is a plain None, which no override
+    can set) with each None field that ``typed`` (its recipe's config) holds as a placeholder
+    made that typed placeholder again, in place; returned for chaining."""
+    for name, value in saved.items():
+        if name not in typed:
+            continue
+        if isinstance(value, ml_collections.ConfigDict):
+            if isinstance(typed[name], ml_collections.ConfigDict):
+                settable_like(value, typed[name])
+        elif value is None and typed[name] is None:
+            kind = typed.get_ref(name).get_type()
+            if kind is not type(None):
+                saved[name] = ml_collections.config_dict.placeholder(kind)
+    return saved
+
+
 def to_dataclass(cls: type[T], fields: ml_collections.ConfigDict | Mapping[str, Any]) -> T:
     """``cls`` built from a config section or its saved JSON (lists back to tuples).
 
