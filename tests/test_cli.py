@@ -109,17 +109,16 @@ def test_a_saved_runs_unset_fields_stay_settable(tmp_path):
     from jaxaigc import run
     from jaxaigc.configs.saved import load_run, save_run
 
-    save_run(tmp_path, "instructgpt", run.get_config("instructgpt").to_dict())
+    save_run(tmp_path, "dvae", run.get_config("dvae").to_dict())
     _, plain = load_run(tmp_path)
-    assert plain.ppo.algorithm.kl_target is None  # JSON's null: no override could set it
-    with pytest.raises(cli.UsageError, match="kl_target"):
-        cli.apply_overrides(plain, "config", ["--config.ppo.algorithm.kl_target=8"])
+    assert plain.data.data_dir is None  # JSON's null: no override could set it
+    override = ["--config.data.data_dir=/data/tfds"]
+    with pytest.raises(cli.UsageError, match="data_dir"):
+        cli.apply_overrides(plain, "config", override)
     _, saved = run.saved_config(tmp_path)
-    config = cli.apply_overrides(saved, "config", ["--config.ppo.algorithm.kl_target=8"])
-    assert config.ppo.algorithm.kl_target == 8.0 and isinstance(
-        config.ppo.algorithm.kl_target, float
-    )
-    assert config.to_dict() == {**plain.to_dict(), "ppo": config.ppo.to_dict()}
+    config = cli.apply_overrides(saved, "config", override)
+    assert config.data.data_dir == "/data/tfds"
+    assert config.to_dict() == {**plain.to_dict(), "data": config.data.to_dict()}
     assert run.saved_config(tmp_path)[1].to_dict() == plain.to_dict()  # unset stays None
 
 

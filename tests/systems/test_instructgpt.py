@@ -208,7 +208,7 @@ def test_kl_target_overrides_from_the_command_line():
     config_flags.DEFINE_config_dict("config", get_config(), flag_values=values, sys_argv=argv)
     values(argv)
     assert ig.ppo_config(values.config).kl_target == 6.0
-    assert ig.ppo_config(get_config()).kl_target is None  # a fixed beta by default
+    assert ig.ppo_config(get_config()).kl_target == 8.0
 
 
 def test_the_reward_model_is_normalised_on_sft_samples(tmp_path):
