@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import sys
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -302,12 +303,17 @@ def cached_arrays(
     path: Path, key: dict, build: Callable[[], dict[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
     """``build()``'s arrays, written to ``path`` (``.npz``) with ``key``, the settings that made
-    them, and read back while ``key`` is unchanged (a changed key builds and writes them anew)."""
+    them, and read back while ``key`` is unchanged (a changed key or an unreadable file builds
+    and writes them anew)."""
     key_text = json.dumps(key, sort_keys=True)
-    if path.exists():
+    try:
         with np.load(path) as saved:
             if str(saved["__key__"]) == key_text:
                 return {name: saved[name] for name in saved.files if name != "__key__"}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        print(f"WARNING: {path} is unreadable ({error}); building its arrays again", flush=True)
     arrays = build()
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -147,6 +147,15 @@ def test_the_reward_models_data_is_kept_for_a_resumed_run(tmp_path, monkeypatch)
         ig.build_rm(config, sft, cache=cache)
 
 
+def test_an_unreadable_cache_is_built_again(tmp_path):
+    path = tmp_path / "arrays.npz"
+    path.write_bytes(b"half a file")
+    arrays = ig.cached_arrays(path, {"steps": 1}, lambda: {"x": np.arange(3)})
+    np.testing.assert_array_equal(arrays["x"], np.arange(3))
+    again = ig.cached_arrays(path, {"steps": 1}, lambda: pytest.fail("built again"))
+    np.testing.assert_array_equal(again["x"], np.arange(3))
+
+
 def test_sft_comparisons_rank_the_policys_samples():
     config = get_config()
     config.model.update(width=32, layers=1, heads=2)
