@@ -22,7 +22,11 @@ from pathlib import Path
 
 from jaxaigc.cli import apply_overrides
 from jaxaigc.configs.stages import stage_dir
-from jaxaigc.evaluate.instructgpt import reward_model_accuracies, sampled_figures
+from jaxaigc.evaluate.instructgpt import (
+    pretraining_nlls,
+    reward_model_accuracies,
+    sampled_figures,
+)
 from jaxaigc.run import saved_config
 from jaxaigc.systems import instructgpt as ig
 from jaxaigc.train import loop
@@ -46,11 +50,7 @@ def ppo_trial(config, stage_name: str, run: Path, out: Path) -> dict:
         split: sampled_figures(config, {"sft": sft, stage_name: policy}, sft, rm, prompts)
         for split, prompts in ig.evaluation_prompts(config).items()
     }
-    lines = ig.corpus_lines(config, config.eval.corpus, seed=config.data.seed + 13)
-    report["pretraining_nll"] = {
-        name: ig.pretraining_nll(config, params, lines)
-        for name, params in (("sft", sft), (stage_name, policy))
-    }
+    report["pretraining_nll"] = pretraining_nlls(config, {"sft": sft, stage_name: policy})
     return report
 
 

@@ -73,6 +73,13 @@ def reward_model_accuracies(config, rm_params, sft_params) -> dict[str, dict]:
     return {name: rm_accuracy(config, rm_params, c) for name, c in sets.items()}
 
 
+def pretraining_nlls(config, policies: dict) -> dict[str, float]:
+    """Each policy's NLL (nats/byte) of ``eval.corpus`` held-out pretraining lines: the
+    alignment tax's measure."""
+    lines = ig.corpus_lines(config, config.eval.corpus, seed=config.data.seed + 13)
+    return {name: ig.pretraining_nll(config, params, lines) for name, params in policies.items()}
+
+
 def paired(values: np.ndarray, baseline: np.ndarray, *, seed: int = 0, rounds: int = 2000) -> dict:
     """``values`` against ``baseline``, both [prompts, samples] of the same prompts: the mean
     difference with a bootstrap 95% interval over prompts, and the win-rate of sample i over the
@@ -196,11 +203,7 @@ def evaluate(workdir: Path, config: ml_collections.ConfigDict) -> dict:
             config, params, hard["train_templates"])).mean())
         for name, params in policies.items()
     }  # fmt: skip
-    lines = ig.corpus_lines(config, config.eval.corpus, seed=config.data.seed + 13)
-    nll = {
-        name: ig.pretraining_nll(config, params, lines)
-        for name, params in {"pretrained": pretrained, **policies}.items()
-    }
+    nll = pretraining_nlls(config, {"pretrained": pretrained, **policies})
     regression = nll["ppo"] - nll["sft"]
     report = {
         "reward_model": reward_model_accuracies(config, rm, sft),

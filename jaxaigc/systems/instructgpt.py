@@ -261,8 +261,9 @@ def build_rm(config, sft_params, *, cache: Path | None = None) -> tuple[loop.Tas
     task = loop.Task(init=init, loss_fn=reward_loss_fn(model))
     build = functools.partial(comparison_data, config, sft_params)
     # What the arrays depend on: the data, and the model, stages and seed that made SFT.
-    key = {k: config[k].to_dict() for k in ("data", "model", "pretrain", "sft")}
-    arrays = build() if cache is None else cached_arrays(cache, {**key, "seed": config.seed}, build)
+    sections = ("data", "model", "pretrain", "sft")
+    key = {"seed": config.seed, **{name: config[name].to_dict() for name in sections}}
+    arrays = build() if cache is None else cached_arrays(cache, key, build)
     return task, _iterator(arrays, config, "rm")
 
 
