@@ -1,8 +1,8 @@
 """The Colab notebooks, one per system: each a jupytext percent-format ``.py`` holding the same
 cells as its ``.ipynb``, committed without outputs, with one install cell and one device cell
 shared by all (the install cell: Colab only, the Makefile's Debian packages), and all run top to
-bottom in fresh kernels of this interpreter on one runs folder (holding the quick demo's runs),
-showing what their text promises."""
+bottom in fresh kernels of this interpreter on one runs folder, showing what their text
+promises."""
 
 import base64
 import html
@@ -10,7 +10,6 @@ import io
 import json
 import os
 import re
-import shutil
 
 import flax.linen as nn
 import jax
@@ -173,14 +172,9 @@ def test_notebooks_pair_py_and_ipynb_without_outputs_and_share_their_first_cells
 
 
 @pytest.mark.slow
-def test_notebooks_run_top_to_bottom_on_one_runs_folder(quick_demo, tmp_path):
+def test_notebooks_run_top_to_bottom_on_one_runs_folder(tmp_path):
     runs = tmp_path / "runs"
     quick = runs / "quick"
-    # The quick demo's runs (trained from scratch by its own test), which the notebooks resume as
-    # finished: each evaluated again on the notebook's one-device mesh, not trained again. The
-    # own-data notebook's run and the converted CLIP are made here.
-    for recipe in ("clip", "dvae", "dalle", "unclip", "instructgpt"):
-        shutil.copytree(quick_demo / recipe, quick / recipe)
 
     # CLIP, trained by its recipe.
     clip = _execute("clip", tmp_path / "clip", runs)

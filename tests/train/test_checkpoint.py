@@ -89,3 +89,24 @@ def test_all_checkpoints_corrupt_is_an_error(saved, mesh_2x2x2):
     _, _, abstract = sharded_state(mesh_2x2x2, materialize=False)
     with pytest.raises(CheckpointError, match=r"none of the checkpoints \[1, 2\]"):
         Checkpointer(directory, save_every=1).restore_latest(abstract)
+
+
+def test_saving_small_replicated_arrays_compiles_nothing(tmp_path, devices):
+    """Orbax's replica-parallel write slices each replicated array per replica with an eagerly
+    compiled program; arrays under the 1 MiB a replica threshold are written whole instead."""
+    state, _, _ = sharded_state(parallel.make_mesh({"data": 8}, devices=devices))
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        checkpointer = Checkpointer(tmp_path / "checkpoints", save_every=1)
+        checkpointer.save(1, state, data_state={}, config={}, force=True)
+        checkpointer.wait()
+        checkpointer.close()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
