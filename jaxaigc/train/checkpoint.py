@@ -30,20 +30,26 @@ log = logging.getLogger(__name__)
 # parallel write, so such an array is written whole by one replica. (Orbax reads its handlers
 # from this process-wide registry; the rest of its default array handler is kept.)
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-_absl_log = logging.getLogger("absl")
-_level = _absl_log.level
-_absl_log.setLevel(logging.ERROR)  # orbax warns of every override, at every command's start
-try:
-    ocp.type_handlers.register_type_handler(
-        jax.Array,
-        ocp.type_handlers.ArrayHandler(
-            array_metadata_store=array_metadata_store.Store(),
-            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
-        ),
-        override=True,
-    )
-finally:
-    _absl_log.setLevel(_level)
+
+
+def _register_array_handler() -> None:
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # orbax warns of every override, at every command's start
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array,
+            ocp.type_handlers.ArrayHandler(
+                array_metadata_store=array_metadata_store.Store(),
+                min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+            ),
+            override=True,
+        )
+    finally:
+        absl_log.setLevel(level)
+
+
+_register_array_handler()
 
 
 class CheckpointError(RuntimeError):
